@@ -1,0 +1,1 @@
+"""Runtime on line hardware. Never imports torch, trainer or deploy."""

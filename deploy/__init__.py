@@ -1,0 +1,1 @@
+"""Operator tooling: push signed models to running agents."""

@@ -1,0 +1,48 @@
+"""Session fixtures: a small sample dataset, a signing key and one trained work folder, built once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Two cores here: keep torch from oversubscribing them when pytest and ONNX Runtime share them.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small deterministic brick dataset (MVTec layout with calibration split and masks)."""
+    from lineguard.trainer.sample_data import SampleDataSpec, make_sample_dataset
+
+    root = tmp_path_factory.mktemp("sample")
+    spec = SampleDataSpec(
+        n_train=16, n_calibration_good=6, n_calibration_defect=6, n_test_good=6, n_test_defect=8, seed=3
+    )
+    make_sample_dataset(root, categories=("brick",), spec=spec)
+    return root / "brick"
+
+
+@pytest.fixture(scope="session")
+def signing_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lineguard.agent.signing import generate_key_pair
+
+    private_path, _ = generate_key_pair(tmp_path_factory.mktemp("keys") / "trainer.pem")
+    return private_path
+
+
+@pytest.fixture(scope="session")
+def trained_work(sample_root: Path, signing_key: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A work folder after a full `lineguard-train run` through the CLI entry point."""
+    from lineguard.trainer.__main__ import main
+
+    out = tmp_path_factory.mktemp("work")
+    code = main(
+        [
+            "run", str(sample_root), "--out", str(out), "--sign-key", str(signing_key),
+            "--bank-size", "1024", "--model-id", "brick-test", "--model-version", "1.0.0",
+        ]
+    )
+    assert code == 0
+    return out

@@ -1,0 +1,1 @@
+"""Offline trainer: dataset to calibrated, evaluated, signed model bundle."""

@@ -1,0 +1,192 @@
+"""`lineguard-train`: dataset to calibrated, evaluated, signed model bundle.
+
+`run` does every step; each step also exists alone and works on the same --out folder.
+Exit codes: 0 success, 2 bad input (the message says what to fix), 1 unexpected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from lineguard import __version__
+from lineguard.agent.bundle import BundleError
+from lineguard.agent.signing import KeyFileError, SignatureError, generate_key_pair
+
+from . import pipeline
+from .backbone import BACKBONES
+from .errors import TrainerError
+
+log = logging.getLogger("lineguard.trainer")
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    """'256' -> (256, 256); '320x256' (width x height) -> (256, 320) as (height, width)."""
+    try:
+        if "x" in text:
+            width, height = (int(part) for part in text.lower().split("x"))
+            return height, width
+        return int(text), int(text)
+    except ValueError as error:
+        msg = f"image size must be N or WIDTHxHEIGHT, e.g. 256 or 320x256, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from error
+
+
+def _stages(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError as error:
+        msg = f"stages must be comma-separated integers, e.g. 3,4; got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from error
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", type=Path, help="MVTec-style dataset folder or CSV manifest")
+    parser.add_argument("--calibration-fraction", type=float, default=0.5, help="share of test used for calibration when the dataset has no calibration split (default 0.5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for derived splits, coreset and sampling (default 0)")
+
+
+def _add_out_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="work folder shared by the steps")
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", choices=pipeline.MODEL_KINDS, default="patchcore")
+    group.add_argument("--backbone", choices=BACKBONES, default="efficientnet-lite0")
+    group.add_argument("--stages", type=_stages, default=(3, 4), help="backbone stages by stride exponent (3 = stride 8), default 3,4")
+    group.add_argument("--image-size", type=_image_size, default=(256, 256), help="model input, N or WIDTHxHEIGHT, multiple of 32 (default 256)")
+    group.add_argument("--channels", choices=("auto", "1", "3"), default="auto", help="1 = grey, 3 = RGB; auto follows the first training image")
+    group.add_argument("--coreset-ratio", type=float, default=0.1, help="share of training patches kept in the bank (default 0.1)")
+    group.add_argument("--bank-size", type=int, default=4096, help="cap on memory-bank patches (default 4096)")
+    group.add_argument("--bank-mb", type=float, default=64.0, help="cap on memory-bank RAM in MiB (default 64)")
+    group.add_argument("--bank-dtype", choices=("float32", "float16"), default="float32", help="memory-bank storage type")
+    group.add_argument("--blur-sigma", type=float, default=4.0, help="Gaussian smoothing of the anomaly map, pixels (default 4)")
+
+
+def _add_threshold_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threshold", default="f1", help="f1 | youden | fpr:<rate> | recall:<rate> | manual:<value> (default f1)")
+
+
+def _add_bundle_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sign-key", type=Path, help="Ed25519 private key (from `keygen`); without it the bundle is unsigned")
+    parser.add_argument("--model-id", help="bundle model id (default: <dataset>-<model>)")
+    parser.add_argument("--model-version", help="bundle model version (default: UTC timestamp)")
+
+
+def _data_options(args: argparse.Namespace) -> pipeline.DataOptions:
+    return pipeline.DataOptions(args.data, calibration_fraction=args.calibration_fraction, seed=args.seed)
+
+
+def _model_config(args: argparse.Namespace) -> pipeline.PatchCoreConfig:
+    channels = int(args.channels) if args.channels != "auto" else pipeline.detect_dataset_channels(_data_options(args))
+    height, width = args.image_size
+    return pipeline.PatchCoreConfig(
+        input_height=height,
+        input_width=width,
+        channels=channels,
+        backbone=args.backbone,
+        stages=args.stages,
+        coreset_ratio=args.coreset_ratio,
+        max_bank_size=args.bank_size,
+        max_bank_mb=args.bank_mb,
+        bank_dtype=args.bank_dtype,
+        blur_sigma=args.blur_sigma,
+        seed=args.seed,
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    work, data = pipeline.Workdir(args.out), _data_options(args)
+    pipeline.fit(data, work, _model_config(args))
+    pipeline.calibrate(data, work, args.threshold)
+    metrics = pipeline.evaluate(data, work)
+    pipeline.export(work)
+    manifest = pipeline.bundle(work, sign_key=args.sign_key, model_id=args.model_id, model_version=args.model_version)
+    index = pipeline.report(work)
+    test = metrics["test"]
+    print(f"bundle   {work.bundle_dir}  ({manifest.model_id} {manifest.model_version}, threshold {manifest.threshold.value:.4g} by {manifest.threshold.method})")
+    print(f"report   {index}")
+    print("test     " + "  ".join(f"{key} {_fmt(test.get(key))}" for key in ("image_auroc", "average_precision", "f1", "pixel_auroc", "aupro")))
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "—" if value is None else str(value)
+
+
+def _cmd_make_sample_data(args: argparse.Namespace) -> None:
+    from .sample_data import SampleDataSpec, make_sample_dataset
+
+    try:
+        spec = SampleDataSpec(image_size=args.image_size, n_train=args.train, seed=args.seed)
+    except ValueError as error:
+        raise TrainerError(str(error)) from error
+    for folder in make_sample_dataset(args.out, categories=args.categories, spec=spec):
+        print(folder)
+
+
+def _cmd_keygen(args: argparse.Namespace) -> None:
+    private_path, public_path = generate_key_pair(args.key, overwrite=args.force)
+    print(f"private key {private_path} (keep secret)\npublic key  {public_path} (give to agents: trusted keys)")
+
+
+COMMANDS: dict[str, tuple[str, Sequence[Callable[[argparse.ArgumentParser], None]], Callable[[argparse.Namespace], None]]] = {
+    "run": ("fit, calibrate, evaluate, export, bundle and report in one go",
+            (_add_data_arguments, _add_out_argument, _add_model_arguments, _add_threshold_argument, _add_bundle_arguments), _cmd_run),
+    "fit": ("fit a model on the train split", (_add_data_arguments, _add_out_argument, _add_model_arguments),
+            lambda a: pipeline.fit(_data_options(a), pipeline.Workdir(a.out), _model_config(a))),
+    "calibrate": ("score the calibration split and choose the threshold", (_add_data_arguments, _add_out_argument, _add_threshold_argument),
+                  lambda a: pipeline.calibrate(_data_options(a), pipeline.Workdir(a.out), a.threshold)),
+    "evaluate": ("score the test split and write metrics.json", (_add_data_arguments, _add_out_argument),
+                 lambda a: pipeline.evaluate(_data_options(a), pipeline.Workdir(a.out))),
+    "export": ("export model.onnx and check parity with torch", (_add_out_argument,), lambda a: pipeline.export(pipeline.Workdir(a.out))),
+    "bundle": ("write (and sign) the model bundle", (_add_out_argument, _add_bundle_arguments),
+               lambda a: pipeline.bundle(pipeline.Workdir(a.out), sign_key=a.sign_key, model_id=a.model_id, model_version=a.model_version)),
+    "report": ("render report/index.html", (_add_out_argument,), lambda a: print(pipeline.report(pipeline.Workdir(a.out)))),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lineguard-train", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"lineguard {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, adders, handler) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        for add in adders:
+            add(sub)
+        sub.set_defaults(handler=handler)
+    sample = commands.add_parser("make-sample-data", help="write MVTec-style sample data from scikit-image textures")
+    sample.add_argument("out", type=Path)
+    sample.add_argument("--categories", nargs="+", default=["brick", "gravel", "grass"])
+    sample.add_argument("--train", type=int, default=60, help="good training images per category (default 60)")
+    sample.add_argument("--image-size", type=int, default=256)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(handler=_cmd_make_sample_data)
+    keygen = commands.add_parser("keygen", help="make an Ed25519 key pair for signing bundles")
+    keygen.add_argument("key", type=Path, help="private key path; the public key goes beside it as .pub")
+    keygen.add_argument("--force", action="store_true", help="overwrite an existing key")
+    keygen.set_defaults(handler=_cmd_keygen)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        args.handler(args)
+    except (TrainerError, BundleError, SignatureError, KeyFileError) as error:
+        print(f"lineguard-train: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Trainer models: each a pure, exportable torch module plus the fitting beside it."""

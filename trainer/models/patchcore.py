@@ -1,0 +1,226 @@
+"""PatchCore (Roth et al. 2022): nearest-neighbour distance to a coreset of normal patch features.
+
+`PatchCore` is the pure, exportable module: raw uint8 frames in, image score and anomaly map
+out, with ImageNet normalisation, the bank search and the smoothing all inside the graph.
+`fit_patchcore` builds one from good images; `save_patchcore`/`load_patchcore` persist it
+without pickle (a JSON config beside a state dict read with `weights_only=True`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..backbone import BACKBONES, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, STAGES, EfficientNetLiteFeatures
+from ..coreset import CoresetSpec, greedy_coreset
+from ..errors import ModelError
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "patchcore.json"
+WEIGHTS_FILE = "patchcore.pt"
+
+
+@dataclass(frozen=True, slots=True)
+class PatchCoreConfig:
+    """Everything that defines a PatchCore model; saved beside its weights and in the bundle."""
+
+    input_height: int = 256
+    input_width: int = 256
+    channels: Literal[1, 3] = 3
+    backbone: str = "efficientnet-lite0"
+    stages: tuple[int, ...] = (3, 4)
+    neighbourhood: int = 3
+    coreset_ratio: float = 0.1
+    max_bank_size: int = 4096
+    max_bank_mb: float = 64.0
+    bank_dtype: Literal["float32", "float16"] = "float32"
+    projection_dim: int = 128
+    blur_sigma: float = 4.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.backbone not in BACKBONES:
+            problems.append(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        if not self.stages or sorted(set(self.stages)) != list(self.stages) or not set(self.stages) <= set(STAGES):
+            problems.append(f"stages must be increasing values from {STAGES}, got {self.stages}")
+        if self.input_height % 32 or self.input_width % 32 or min(self.input_height, self.input_width) < 64:
+            problems.append(f"image size {self.input_height}x{self.input_width} must be >= 64 and a multiple of 32")
+        if self.channels not in (1, 3):
+            problems.append(f"channels must be 1 (grey) or 3 (RGB), got {self.channels}")
+        if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
+            problems.append(f"neighbourhood must be an odd number >= 1, got {self.neighbourhood}")
+        if not 0.0 < self.coreset_ratio <= 1.0:
+            problems.append(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        if self.max_bank_size < 1 or self.max_bank_mb <= 0:
+            problems.append(f"max_bank_size and max_bank_mb must be > 0, got {self.max_bank_size}, {self.max_bank_mb}")
+        if self.bank_dtype not in ("float32", "float16"):
+            problems.append(f"bank_dtype must be float32 or float16, got {self.bank_dtype!r}")
+        if self.blur_sigma < 0:
+            problems.append(f"blur_sigma must be >= 0, got {self.blur_sigma}")
+        if problems:
+            raise ModelError("; ".join(problems))
+
+    def bank_size_for(self, n_patches: int, feature_dim: int) -> int:
+        """Bank size for n_patches training patches: the ratio, capped by count and by RAM."""
+        bytes_per_patch = feature_dim * (2 if self.bank_dtype == "float16" else 4)
+        ram_cap = int(self.max_bank_mb * 2**20 // bytes_per_patch)
+        return max(1, min(n_patches, math.ceil(self.coreset_ratio * n_patches), self.max_bank_size, ram_cap))
+
+
+class PatchEmbedder(nn.Module):
+    """uint8 frames to locally aggregated multi-stage patch features.
+
+    forward(images): (N, H, W, C) uint8 -> (N, D, H / 2**s0, W / 2**s0) float32, s0 = first stage.
+    """
+
+    def __init__(self, config: PatchCoreConfig) -> None:
+        super().__init__()
+        self.features = EfficientNetLiteFeatures(config.backbone, config.stages)
+        self.neighbourhood = config.neighbourhood
+        self.channels = config.channels
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN_RGB).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("inv_std", 1.0 / (torch.tensor(IMAGENET_STD_RGB).view(1, 3, 1, 1) * 255.0))
+
+    @property
+    def feature_dim(self) -> int:
+        return sum(self.features.channels)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float()
+        if self.channels == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = (x - self.mean) * self.inv_std
+        maps = self.features(x)
+        pad = self.neighbourhood // 2
+        pooled = [F.avg_pool2d(m, self.neighbourhood, 1, pad, count_include_pad=False) for m in maps]
+        size = pooled[0].shape[-2:]
+        resized = [pooled[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in pooled[1:]]
+        return torch.cat(resized, dim=1)
+
+
+class PatchCore(nn.Module):
+    """Scores frames against a memory bank of normal patches.
+
+    forward(images): images (N, H, W, C) uint8 at the configured size ->
+    (score (N,) float32 = max patch distance, anomaly_map (N, H, W) float32 smoothed distances).
+    The search is a matrix product and a reduce-min (no gathers), cheap for ONNX and TensorRT.
+    """
+
+    def __init__(self, config: PatchCoreConfig, embedder: PatchEmbedder, memory_bank: torch.Tensor) -> None:
+        super().__init__()
+        if memory_bank.ndim != 2 or memory_bank.shape[1] != embedder.feature_dim:
+            msg = f"memory bank must be (K, {embedder.feature_dim}), got {tuple(memory_bank.shape)}"
+            raise ModelError(msg)
+        self.config = config
+        self.embedder = embedder
+        bank_dtype = torch.float16 if config.bank_dtype == "float16" else torch.float32
+        self.register_buffer("memory_bank", memory_bank.to(bank_dtype).contiguous())
+        self.register_buffer("blur_kernel", _gaussian_kernel(config.blur_sigma))
+        self.eval()
+
+    @property
+    def bank_size(self) -> int:
+        return int(self.memory_bank.shape[0])
+
+    def patch_distances(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, C) uint8 -> (N, 1, h, w) distance of each patch to its nearest bank entry."""
+        features = self.embedder(images)
+        n, d, h, w = features.shape
+        patches = features.permute(0, 2, 3, 1).reshape(n, h * w, d)
+        bank = self.memory_bank.float()
+        squared = (
+            (patches * patches).sum(dim=2, keepdim=True)
+            - 2.0 * torch.matmul(patches, bank.t())
+            + (bank * bank).sum(dim=1).view(1, 1, -1)
+        )
+        nearest = squared.amin(dim=2).clamp(min=0.0).sqrt()
+        return nearest.view(n, 1, h, w)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        distances = self.patch_distances(images)
+        scores = distances.flatten(1).amax(dim=1)
+        size = (self.config.input_height, self.config.input_width)
+        anomaly_map = F.interpolate(distances, size=size, mode="bilinear", align_corners=False)
+        anomaly_map = _blur(anomaly_map, self.blur_kernel)
+        return scores, anomaly_map[:, 0]
+
+
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
+    """1-D Gaussian taps, (K,), K = 2 * ceil(4 sigma) + 1; a single 1.0 when sigma is 0."""
+    if sigma == 0:
+        return torch.ones(1)
+    radius = math.ceil(4 * sigma)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    return kernel / kernel.sum()
+
+
+def _blur(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of (N, 1, H, W) maps with reflected borders."""
+    radius = kernel.shape[0] // 2
+    if radius == 0:
+        return maps
+    maps = F.conv2d(F.pad(maps, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(maps, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+
+
+def fit_patchcore(
+    config: PatchCoreConfig, images: np.ndarray, *, batch_size: int = 16, progress: bool = False
+) -> PatchCore:
+    """Build a PatchCore from good images.
+
+    images: (N, H, W, C) uint8 at the configured size and channel count.
+    """
+    expected = (config.input_height, config.input_width, config.channels)
+    if images.ndim != 4 or images.shape[1:] != expected or images.dtype != np.uint8 or len(images) == 0:
+        msg = f"training images must be (N, {', '.join(map(str, expected))}) uint8, got {images.shape} {images.dtype}"
+        raise ModelError(msg)
+    torch.manual_seed(config.seed)
+    embedder = PatchEmbedder(config)
+    chunks = []
+    with torch.inference_mode():
+        batches = range(0, len(images), batch_size)
+        for start in tqdm(batches, desc="features", unit="batch", disable=not progress):
+            features = embedder(torch.from_numpy(images[start : start + batch_size]))
+            chunks.append(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))
+        patches = torch.cat(chunks)
+        target = config.bank_size_for(patches.shape[0], embedder.feature_dim)
+        spec = CoresetSpec(target_size=target, projection_dim=config.projection_dim, seed=config.seed)
+        indices = greedy_coreset(patches, spec, progress=progress)
+    log.info("memory bank: %d of %d patches (%d dims, %s)", len(indices), len(patches), patches.shape[1], config.bank_dtype)
+    return PatchCore(config, embedder, patches[indices].clone())
+
+
+def save_patchcore(model: PatchCore, directory: Path) -> None:
+    """Write the config as JSON and the buffers as a plain state dict (no pickled objects)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_text(json.dumps(asdict(model.config), indent=2) + "\n")
+    torch.save(model.state_dict(), directory / WEIGHTS_FILE)
+
+
+def load_patchcore(directory: Path) -> PatchCore:
+    """Load a model written by save_patchcore."""
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not config_path.is_file() or not weights_path.is_file():
+        msg = f"no fitted PatchCore in {directory} (expected {CONFIG_FILE} and {WEIGHTS_FILE}); run `lineguard-train fit` first"
+        raise ModelError(msg)
+    raw = json.loads(config_path.read_text())
+    raw["stages"] = tuple(raw["stages"])
+    config = PatchCoreConfig(**raw)
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    embedder = PatchEmbedder(config)
+    model = PatchCore(config, embedder, torch.zeros_like(state["memory_bank"], dtype=torch.float32))
+    model.load_state_dict(state, strict=True)
+    return model.eval()

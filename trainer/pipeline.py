@@ -1,0 +1,273 @@
+"""The trainer's steps and the work folder they share: fit, calibrate, evaluate, report, export, bundle.
+
+Each step reads what earlier steps wrote under OUT and writes its own part, so a step can be
+re-run alone (e.g. a new threshold method without refitting):
+    OUT/model/            fitted model (JSON config + weights-only state dict) and training.json
+    OUT/scores/*.npz      scored calibration and test splits
+    OUT/calibration.json  the chosen threshold and its expected error rates
+    OUT/report/           index.html, metrics.json, assets/
+    OUT/export/           model.onnx and parity.json
+    OUT/bundle/           the signed model bundle
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from lineguard.agent.bundle import DatasetInfo, InputSpec, Manifest, ModelInfo
+
+from . import calibrate as calibration_math
+from .data import Dataset, detect_channels, discover_dataset, load_images, load_masks, read_image
+from .errors import TrainerError
+from .evaluate import split_metrics
+from .export import OPSET, check_parity, export_onnx, write_parity_report
+from .models.patchcore import CONFIG_FILE, PatchCore, PatchCoreConfig, fit_patchcore, load_patchcore, save_patchcore
+from .package import BundleContents, write_bundle
+from .report import ReportInputs, render_report
+from .scoring import SplitScores, load_split_scores, save_split_scores, score_images
+
+log = logging.getLogger(__name__)
+
+MODEL_KINDS = ("patchcore",)
+
+
+@dataclass(frozen=True, slots=True)
+class DataOptions:
+    """Where the data is and how splits are derived when the dataset has no calibration split."""
+
+    path: Path
+    calibration_fraction: float = 0.5
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Workdir:
+    """The OUT folder's layout."""
+
+    root: Path
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def training_file(self) -> Path:
+        return self.model_dir / "training.json"
+
+    def scores_file(self, split: str) -> Path:
+        return self.root / "scores" / f"{split}.npz"
+
+    @property
+    def calibration_file(self) -> Path:
+        return self.root / "calibration.json"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.report_dir / "metrics.json"
+
+    @property
+    def onnx_file(self) -> Path:
+        return self.root / "export" / "model.onnx"
+
+    @property
+    def bundle_dir(self) -> Path:
+        return self.root / "bundle"
+
+    def require(self, path: Path, step: str) -> Path:
+        if not path.exists():
+            msg = f"{path} is missing: run `lineguard-train {step}` for this --out folder first"
+            raise TrainerError(msg)
+        return path
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _write_json(path: Path, data: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def detect_dataset_channels(data: DataOptions) -> int:
+    """1 when the dataset's first training image is grey, else 3."""
+    dataset = discover_dataset(data.path, calibration_fraction=data.calibration_fraction, seed=data.seed)
+    return detect_channels(dataset.train)
+
+
+def fit(data: DataOptions, work: Workdir, config: PatchCoreConfig, *, progress: bool = True) -> PatchCore:
+    """Fit a model on the train split and save it under OUT/model."""
+    dataset = discover_dataset(data.path, calibration_fraction=data.calibration_fraction, seed=data.seed)
+    started = time.perf_counter()
+    source_shape = read_image(dataset.train[0].path).shape[:2]
+    images = load_images(
+        dataset.train,
+        height=config.input_height,
+        width=config.input_width,
+        channels=config.channels,
+        source_size=source_shape,
+    )
+    model = fit_patchcore(config, images, progress=progress)
+    train_seconds = time.perf_counter() - started
+    save_patchcore(model, work.model_dir)
+    _write_json(
+        work.training_file,
+        {
+            "dataset": {"name": dataset.name, "path": str(data.path), "digest": dataset.digest()},
+            "n_train": len(dataset.train),
+            "source_size": list(source_shape),
+            "train_seconds": round(train_seconds, 2),
+            "bank_size": model.bank_size,
+            "notes": list(dataset.notes),
+        },
+    )
+    log.info("fitted %s on %d images in %.1f s", config.backbone, len(dataset.train), train_seconds)
+    return model
+
+
+def _score_split(model: PatchCore, dataset: Dataset, split: str, source_size: tuple[int, int]) -> SplitScores:
+    samples = dataset.split(split)
+    config = model.config
+    images = load_images(
+        samples, height=config.input_height, width=config.input_width, channels=config.channels, source_size=source_size
+    )
+    masks = load_masks(samples, height=config.input_height, width=config.input_width, source_size=source_size)
+    scores, maps = score_images(model, images)
+    return SplitScores(
+        name=split,
+        paths=tuple(str(s.path) for s in samples),
+        images=images,
+        labels=np.array([s.label for s in samples], np.int64),
+        defect_types=tuple(s.defect_type for s in samples),
+        scores=scores,
+        maps=maps,
+        masks=masks,
+    )
+
+
+def calibrate(data: DataOptions, work: Workdir, method_text: str) -> dict[str, object]:
+    """Score the calibration split and choose the threshold; writes OUT/calibration.json."""
+    method = calibration_math.parse_threshold_method(method_text)
+    model = load_patchcore(work.require(work.model_dir, "fit"))
+    training = _read_json(work.require(work.training_file, "fit"))
+    dataset = discover_dataset(data.path, calibration_fraction=data.calibration_fraction, seed=data.seed)
+    _check_same_dataset(dataset, training)
+    split = _score_split(model, dataset, "calibration", tuple(training["source_size"]))
+    save_split_scores(split, work.scores_file("calibration"))
+    result = calibration_math.calibrate(split.scores, split.labels, method).to_dict()
+    _write_json(work.calibration_file, result)
+    log.info("threshold %.4g (%s) on %d calibration images", result["threshold"], method, len(split.paths))
+    return result
+
+
+def _check_same_dataset(dataset: Dataset, training: dict) -> None:
+    if dataset.digest() != training["dataset"]["digest"]:
+        log.warning(
+            "dataset %s differs from the one the model was fitted on (%s); metrics describe this data",
+            dataset.root,
+            training["dataset"]["path"],
+        )
+
+
+def evaluate(data: DataOptions, work: Workdir) -> dict[str, dict[str, object]]:
+    """Score the test split and write OUT/report/metrics.json for calibration and test."""
+    model = load_patchcore(work.require(work.model_dir, "fit"))
+    training = _read_json(work.require(work.training_file, "fit"))
+    threshold = float(_read_json(work.require(work.calibration_file, "calibrate"))["threshold"])
+    dataset = discover_dataset(data.path, calibration_fraction=data.calibration_fraction, seed=data.seed)
+    test = _score_split(model, dataset, "test", tuple(training["source_size"]))
+    save_split_scores(test, work.scores_file("test"))
+    calibration = load_split_scores(work.require(work.scores_file("calibration"), "calibrate"))
+    metrics = {"calibration": split_metrics(calibration, threshold), "test": split_metrics(test, threshold)}
+    _write_json(work.metrics_file, metrics)
+    return metrics
+
+
+def report(work: Workdir, *, title: str | None = None) -> Path:
+    """Render OUT/report/index.html from the saved scores and metrics."""
+    training = _read_json(work.require(work.training_file, "fit"))
+    model_config = _read_json(work.model_dir / CONFIG_FILE)
+    splits = {name: load_split_scores(work.require(work.scores_file(name), "evaluate")) for name in ("calibration", "test")}
+    inputs = ReportInputs(
+        title=title or f"{training['dataset']['name']} — patchcore / {model_config['backbone']}",
+        model={
+            "model": "patchcore",
+            "backbone": model_config["backbone"],
+            "stages": ", ".join(map(str, model_config["stages"])),
+            "input size": f"{model_config['input_width']}x{model_config['input_height']}x{model_config['channels']}",
+            "memory bank": f"{training['bank_size']} patches ({model_config['bank_dtype']})",
+            "train images": training["n_train"],
+            "train time (s)": training["train_seconds"],
+            "dataset digest": training["dataset"]["digest"][:16],
+        },
+        calibration=_read_json(work.require(work.calibration_file, "calibrate")),
+        metrics=_read_json(work.require(work.metrics_file, "evaluate")),
+        splits=splits,
+        notes=tuple(training["notes"]),
+    )
+    return render_report(work.report_dir, inputs)
+
+
+def export(work: Workdir) -> Path:
+    """Export OUT/export/model.onnx and check its parity with torch on the calibration images."""
+    model = load_patchcore(work.require(work.model_dir, "fit"))
+    config = model.config
+    onnx_path = export_onnx(
+        model, work.onnx_file, height=config.input_height, width=config.input_width, channels=config.channels
+    )
+    calibration = load_split_scores(work.require(work.scores_file("calibration"), "calibrate"))
+    parity = check_parity(model, onnx_path, calibration.images)
+    write_parity_report(parity, onnx_path.with_name("parity.json"))
+    log.info(
+        "ONNX parity on %d images: scores %.1e, maps %.1e", parity.n_images, parity.max_score_rel_diff, parity.max_map_rel_diff
+    )
+    return onnx_path
+
+
+def bundle(
+    work: Workdir, *, sign_key: Path | None, model_id: str | None = None, model_version: str | None = None
+) -> Manifest:
+    """Gather model, threshold, metrics and golden images into OUT/bundle, signed when a key is given."""
+    training = _read_json(work.require(work.training_file, "fit"))
+    config_raw = _read_json(work.model_dir / CONFIG_FILE)
+    calibration_split = load_split_scores(work.require(work.scores_file("calibration"), "calibrate"))
+    metrics = _read_json(work.require(work.metrics_file, "evaluate"))
+    contents = BundleContents(
+        model_id=model_id or _safe_id(f"{training['dataset']['name']}-patchcore"),
+        model_version=model_version or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
+        onnx_path=work.require(work.onnx_file, "export"),
+        model_info=ModelInfo(kind="patchcore", backbone=config_raw["backbone"], opset=OPSET, parameters=config_raw),
+        input_spec=InputSpec(
+            height=config_raw["input_height"],
+            width=config_raw["input_width"],
+            channels=config_raw["channels"],
+            pixel_format="mono8" if config_raw["channels"] == 1 else "rgb8",
+        ),
+        dataset=DatasetInfo(
+            name=training["dataset"]["name"],
+            digest=training["dataset"]["digest"],
+            n_train=training["n_train"],
+            n_calibration=len(calibration_split.paths),
+            n_test=int(metrics["test"]["n_good"]) + int(metrics["test"]["n_defect"]),
+        ),
+        calibration=_read_json(work.require(work.calibration_file, "calibrate")),
+        metrics=metrics,
+        calibration_split=calibration_split,
+    )
+    return write_bundle(work.bundle_dir, contents, sign_key=sign_key)
+
+
+def _safe_id(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
