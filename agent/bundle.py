@@ -170,7 +170,9 @@ def verify_bundle(
             raise SignatureError(msg) from error
         verify(manifest_bytes, signature, trusted_keys)
     elif require_signature:
-        msg = f"{bundle_dir} is unsigned ({SIGNATURE_FILE} missing); sign it with `lineguard-train bundle --sign-key KEY`"
+        msg = (
+            f"{bundle_dir} is unsigned ({SIGNATURE_FILE} missing); sign it with `lineguard-train bundle --sign-key KEY`"
+        )
         raise SignatureError(msg)
     else:
         log.warning("bundle %s is unsigned; accepted because signatures are not required", bundle_dir)

@@ -40,8 +40,18 @@ def trained_work(sample_root: Path, signing_key: Path, tmp_path_factory: pytest.
     out = tmp_path_factory.mktemp("work")
     code = main(
         [
-            "run", str(sample_root), "--out", str(out), "--sign-key", str(signing_key),
-            "--bank-size", "1024", "--model-id", "brick-test", "--model-version", "1.0.0",
+            "run",
+            str(sample_root),
+            "--out",
+            str(out),
+            "--sign-key",
+            str(signing_key),
+            "--bank-size",
+            "1024",
+            "--model-id",
+            "brick-test",
+            "--model-version",
+            "1.0.0",
         ]
     )
     assert code == 0

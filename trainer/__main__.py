@@ -12,9 +12,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from lineguard import __version__
 from lineguard.agent.bundle import BundleError
 from lineguard.agent.signing import KeyFileError, SignatureError, generate_key_pair
+
+from lineguard import __version__
 
 from . import pipeline
 from .backbone import BACKBONES
@@ -45,7 +46,12 @@ def _stages(text: str) -> tuple[int, ...]:
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", type=Path, help="MVTec-style dataset folder or CSV manifest")
-    parser.add_argument("--calibration-fraction", type=float, default=0.5, help="share of test used for calibration when the dataset has no calibration split (default 0.5)")
+    parser.add_argument(
+        "--calibration-fraction",
+        type=float,
+        default=0.5,
+        help="share of test used for calibration when the dataset has no calibration split (default 0.5)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for derived splits, coreset and sampling (default 0)")
 
 
@@ -57,22 +63,44 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", choices=pipeline.MODEL_KINDS, default="patchcore")
     group.add_argument("--backbone", choices=BACKBONES, default="efficientnet-lite0")
-    group.add_argument("--stages", type=_stages, default=(3, 4), help="backbone stages by stride exponent (3 = stride 8), default 3,4")
-    group.add_argument("--image-size", type=_image_size, default=(256, 256), help="model input, N or WIDTHxHEIGHT, multiple of 32 (default 256)")
-    group.add_argument("--channels", choices=("auto", "1", "3"), default="auto", help="1 = grey, 3 = RGB; auto follows the first training image")
-    group.add_argument("--coreset-ratio", type=float, default=0.1, help="share of training patches kept in the bank (default 0.1)")
+    group.add_argument(
+        "--stages", type=_stages, default=(3, 4), help="backbone stages by stride exponent (3 = stride 8), default 3,4"
+    )
+    group.add_argument(
+        "--image-size",
+        type=_image_size,
+        default=(256, 256),
+        help="model input, N or WIDTHxHEIGHT, multiple of 32 (default 256)",
+    )
+    group.add_argument(
+        "--channels",
+        choices=("auto", "1", "3"),
+        default="auto",
+        help="1 = grey, 3 = RGB; auto follows the first training image",
+    )
+    group.add_argument(
+        "--coreset-ratio", type=float, default=0.1, help="share of training patches kept in the bank (default 0.1)"
+    )
     group.add_argument("--bank-size", type=int, default=4096, help="cap on memory-bank patches (default 4096)")
     group.add_argument("--bank-mb", type=float, default=64.0, help="cap on memory-bank RAM in MiB (default 64)")
-    group.add_argument("--bank-dtype", choices=("float32", "float16"), default="float32", help="memory-bank storage type")
-    group.add_argument("--blur-sigma", type=float, default=4.0, help="Gaussian smoothing of the anomaly map, pixels (default 4)")
+    group.add_argument(
+        "--bank-dtype", choices=("float32", "float16"), default="float32", help="memory-bank storage type"
+    )
+    group.add_argument(
+        "--blur-sigma", type=float, default=4.0, help="Gaussian smoothing of the anomaly map, pixels (default 4)"
+    )
 
 
 def _add_threshold_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threshold", default="f1", help="f1 | youden | fpr:<rate> | recall:<rate> | manual:<value> (default f1)")
+    parser.add_argument(
+        "--threshold", default="f1", help="f1 | youden | fpr:<rate> | recall:<rate> | manual:<value> (default f1)"
+    )
 
 
 def _add_bundle_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sign-key", type=Path, help="Ed25519 private key (from `keygen`); without it the bundle is unsigned")
+    parser.add_argument(
+        "--sign-key", type=Path, help="Ed25519 private key (from `keygen`); without it the bundle is unsigned"
+    )
     parser.add_argument("--model-id", help="bundle model id (default: <dataset>-<model>)")
     parser.add_argument("--model-version", help="bundle model version (default: UTC timestamp)")
 
@@ -108,9 +136,16 @@ def _cmd_run(args: argparse.Namespace) -> None:
     manifest = pipeline.bundle(work, sign_key=args.sign_key, model_id=args.model_id, model_version=args.model_version)
     index = pipeline.report(work)
     test = metrics["test"]
-    print(f"bundle   {work.bundle_dir}  ({manifest.model_id} {manifest.model_version}, threshold {manifest.threshold.value:.4g} by {manifest.threshold.method})")
+    print(
+        f"bundle   {work.bundle_dir}  ({manifest.model_id} {manifest.model_version}, threshold {manifest.threshold.value:.4g} by {manifest.threshold.method})"
+    )
     print(f"report   {index}")
-    print("test     " + "  ".join(f"{key} {_fmt(test.get(key))}" for key in ("image_auroc", "average_precision", "f1", "pixel_auroc", "aupro")))
+    print(
+        "test     "
+        + "  ".join(
+            f"{key} {_fmt(test.get(key))}" for key in ("image_auroc", "average_precision", "f1", "pixel_auroc", "aupro")
+        )
+    )
 
 
 def _fmt(value: object) -> str:
@@ -133,19 +168,46 @@ def _cmd_keygen(args: argparse.Namespace) -> None:
     print(f"private key {private_path} (keep secret)\npublic key  {public_path} (give to agents: trusted keys)")
 
 
-COMMANDS: dict[str, tuple[str, Sequence[Callable[[argparse.ArgumentParser], None]], Callable[[argparse.Namespace], None]]] = {
-    "run": ("fit, calibrate, evaluate, export, bundle and report in one go",
-            (_add_data_arguments, _add_out_argument, _add_model_arguments, _add_threshold_argument, _add_bundle_arguments), _cmd_run),
-    "fit": ("fit a model on the train split", (_add_data_arguments, _add_out_argument, _add_model_arguments),
-            lambda a: pipeline.fit(_data_options(a), pipeline.Workdir(a.out), _model_config(a))),
-    "calibrate": ("score the calibration split and choose the threshold", (_add_data_arguments, _add_out_argument, _add_threshold_argument),
-                  lambda a: pipeline.calibrate(_data_options(a), pipeline.Workdir(a.out), a.threshold)),
-    "evaluate": ("score the test split and write metrics.json", (_add_data_arguments, _add_out_argument),
-                 lambda a: pipeline.evaluate(_data_options(a), pipeline.Workdir(a.out))),
-    "export": ("export model.onnx and check parity with torch", (_add_out_argument,), lambda a: pipeline.export(pipeline.Workdir(a.out))),
-    "bundle": ("write (and sign) the model bundle", (_add_out_argument, _add_bundle_arguments),
-               lambda a: pipeline.bundle(pipeline.Workdir(a.out), sign_key=a.sign_key, model_id=a.model_id, model_version=a.model_version)),
-    "report": ("render report/index.html", (_add_out_argument,), lambda a: print(pipeline.report(pipeline.Workdir(a.out)))),
+COMMANDS: dict[
+    str, tuple[str, Sequence[Callable[[argparse.ArgumentParser], None]], Callable[[argparse.Namespace], None]]
+] = {
+    "run": (
+        "fit, calibrate, evaluate, export, bundle and report in one go",
+        (_add_data_arguments, _add_out_argument, _add_model_arguments, _add_threshold_argument, _add_bundle_arguments),
+        _cmd_run,
+    ),
+    "fit": (
+        "fit a model on the train split",
+        (_add_data_arguments, _add_out_argument, _add_model_arguments),
+        lambda a: pipeline.fit(_data_options(a), pipeline.Workdir(a.out), _model_config(a)),
+    ),
+    "calibrate": (
+        "score the calibration split and choose the threshold",
+        (_add_data_arguments, _add_out_argument, _add_threshold_argument),
+        lambda a: pipeline.calibrate(_data_options(a), pipeline.Workdir(a.out), a.threshold),
+    ),
+    "evaluate": (
+        "score the test split and write metrics.json",
+        (_add_data_arguments, _add_out_argument),
+        lambda a: pipeline.evaluate(_data_options(a), pipeline.Workdir(a.out)),
+    ),
+    "export": (
+        "export model.onnx and check parity with torch",
+        (_add_out_argument,),
+        lambda a: pipeline.export(pipeline.Workdir(a.out)),
+    ),
+    "bundle": (
+        "write (and sign) the model bundle",
+        (_add_out_argument, _add_bundle_arguments),
+        lambda a: pipeline.bundle(
+            pipeline.Workdir(a.out), sign_key=a.sign_key, model_id=a.model_id, model_version=a.model_version
+        ),
+    ),
+    "report": (
+        "render report/index.html",
+        (_add_out_argument,),
+        lambda a: print(pipeline.report(pipeline.Workdir(a.out))),
+    ),
 }
 
 

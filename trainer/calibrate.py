@@ -132,10 +132,7 @@ def _missing_class(method: ThresholdMethod, n_good: int, n_defect: int) -> str |
             f"{n_good} goods and {n_defect} defects: add the missing images or use fpr:<rate>"
         )
     if kind == "fpr" and n_good == 0:
-        return (
-            f"threshold '{method}' needs good calibration images; the calibration split has 0 goods: "
-            "add good images"
-        )
+        return f"threshold '{method}' needs good calibration images; the calibration split has 0 goods: add good images"
     if kind == "recall" and n_defect == 0:
         return (
             f"threshold '{method}' needs defect calibration images; the calibration split has 0 defects: "
@@ -237,14 +234,10 @@ def calibrate(
             f"0 goods and {len(defect)} defects: add good images"
         )
         raise CalibrationError(msg)
-    false_reject = RateEstimate.from_counts(
-        int(np.count_nonzero(good >= threshold)), len(good), confidence=confidence
-    )
+    false_reject = RateEstimate.from_counts(int(np.count_nonzero(good >= threshold)), len(good), confidence=confidence)
     escape = None
     if len(defect):
-        escape = RateEstimate.from_counts(
-            int(np.count_nonzero(defect < threshold)), len(defect), confidence=confidence
-        )
+        escape = RateEstimate.from_counts(int(np.count_nonzero(defect < threshold)), len(defect), confidence=confidence)
     log.info(
         "threshold %s = %.6g: %d/%d goods rejected, %s defects escaped",
         method,
@@ -253,6 +246,4 @@ def calibrate(
         false_reject.total,
         f"{escape.count}/{escape.total}" if escape else "no",
     )
-    return Calibration(
-        str(method), threshold, len(good), len(defect), false_reject, escape, float(confidence)
-    )
+    return Calibration(str(method), threshold, len(good), len(defect), false_reject, escape, float(confidence))

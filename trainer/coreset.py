@@ -66,7 +66,9 @@ def greedy_coreset(features: torch.Tensor, spec: CoresetSpec, *, progress: bool 
     for i in tqdm(range(1, k), desc="coreset", unit="patch", disable=not progress, mininterval=1.0):
         farthest = int(torch.argmax(min_sq_dist))
         selected[i] = farthest
-        torch.minimum(min_sq_dist, _squared_distances_to(points, squared_norms, farthest, out=candidate), out=min_sq_dist)
+        torch.minimum(
+            min_sq_dist, _squared_distances_to(points, squared_norms, farthest, out=candidate), out=min_sq_dist
+        )
         min_sq_dist[farthest] = -1.0  # never chosen twice, even when rounding leaves it a hair above 0
     return selected
 

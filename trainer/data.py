@@ -136,9 +136,7 @@ def _read_labelled_folder(root: Path, split_name: str) -> tuple[Sample, ...]:
 def _images_in(folder: Path) -> list[Path]:
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
-        msg = (
-            f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): add images or remove the empty folder"
-        )
+        msg = f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): add images or remove the empty folder"
         raise DatasetError(msg)
     return images
 
@@ -210,10 +208,10 @@ def _read_csv_manifest(csv_path: Path, calibration_fraction: float, seed: int) -
     if has_split and not by_split["calibration"]:
         calibration, test = stratified_split(tuple(by_split["test"]), calibration_fraction, seed)
         by_split["calibration"], by_split["test"] = list(calibration), list(test)
-        notes = [f"No calibration rows: calibration is a seeded stratified {calibration_fraction:.0%} of the test rows."]
-    return Dataset(
-        csv_path.stem, base, *(tuple(by_split[name]) for name in SPLITS), notes=tuple(notes)
-    )
+        notes = [
+            f"No calibration rows: calibration is a seeded stratified {calibration_fraction:.0%} of the test rows."
+        ]
+    return Dataset(csv_path.stem, base, *(tuple(by_split[name]) for name in SPLITS), notes=tuple(notes))
 
 
 def _read_csv_rows(csv_path: Path) -> list[tuple[int, dict[str, str]]]:

@@ -12,12 +12,16 @@ import logging
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .errors import ExportError
 from .scoring import score_images
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +73,7 @@ def export_onnx(model: torch.nn.Module, path: Path, *, height: int, width: int, 
     return path
 
 
-def cpu_session(path: Path):  # noqa: ANN201 - onnxruntime is imported lazily
+def cpu_session(path: Path) -> ort.InferenceSession:
     """An ONNX Runtime CPU session for the exported graph."""
     import onnxruntime as ort
 
@@ -78,7 +82,9 @@ def cpu_session(path: Path):  # noqa: ANN201 - onnxruntime is imported lazily
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def run_onnx(session, images: np.ndarray, *, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+def run_onnx(
+    session: ort.InferenceSession, images: np.ndarray, *, batch_size: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
     """(scores (N,), maps (N, H, W)) from an ONNX Runtime session."""
     scores, maps = [], []
     for start in range(0, len(images), batch_size):

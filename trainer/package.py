@@ -16,8 +16,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
-from lineguard import __version__
 from lineguard.agent.bundle import (
     MANIFEST_FILE,
     SIGNATURE_FILE,
@@ -32,7 +30,9 @@ from lineguard.agent.bundle import (
 )
 from lineguard.agent.signing import load_private_key, sign
 
-from .export import OPSET, cpu_session, run_onnx
+from lineguard import __version__
+
+from .export import cpu_session, run_onnx
 from .scoring import SplitScores
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,7 @@ def write_bundle(bundle_dir: Path, contents: BundleContents, *, sign_key: Path |
     (bundle_dir / "golden").mkdir(parents=True)
     shutil.copyfile(contents.onnx_path, bundle_dir / contents.model_info.onnx_file)
     golden = _write_golden_images(bundle_dir, contents.calibration_split, bundle_dir / contents.model_info.onnx_file)
-    files = {
-        p.relative_to(bundle_dir).as_posix(): file_sha256(p) for p in sorted(bundle_dir.rglob("*")) if p.is_file()
-    }
+    files = {p.relative_to(bundle_dir).as_posix(): file_sha256(p) for p in sorted(bundle_dir.rglob("*")) if p.is_file()}
     manifest = Manifest(
         model_id=contents.model_id,
         model_version=contents.model_version,
@@ -86,7 +84,9 @@ def write_bundle(bundle_dir: Path, contents: BundleContents, *, sign_key: Path |
         (bundle_dir / SIGNATURE_FILE).write_text(json.dumps(record, indent=2) + "\n")
         log.info("bundle %s signed by key %s", bundle_dir, record["key_id"])
     else:
-        log.warning("bundle %s is UNSIGNED: agents refuse it unless signatures are disabled; pass --sign-key", bundle_dir)
+        log.warning(
+            "bundle %s is UNSIGNED: agents refuse it unless signatures are disabled; pass --sign-key", bundle_dir
+        )
     return manifest
 
 

@@ -21,7 +21,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-
 from lineguard.agent.bundle import DatasetInfo, InputSpec, Manifest, ModelInfo
 
 from . import calibrate as calibration_math
@@ -29,7 +28,14 @@ from .data import Dataset, detect_channels, discover_dataset, load_images, load_
 from .errors import TrainerError
 from .evaluate import split_metrics
 from .export import OPSET, check_parity, export_onnx, write_parity_report
-from .models.patchcore import CONFIG_FILE, PatchCore, PatchCoreConfig, fit_patchcore, load_patchcore, save_patchcore
+from .models.patchcore import (
+    CONFIG_FILE,
+    PatchCore,
+    PatchCoreConfig,
+    fit_patchcore,
+    load_patchcore,
+    save_patchcore,
+)
 from .package import BundleContents, write_bundle
 from .report import ReportInputs, render_report
 from .scoring import SplitScores, load_split_scores, save_split_scores, score_images
@@ -199,7 +205,9 @@ def report(work: Workdir, *, title: str | None = None) -> Path:
     """Render OUT/report/index.html from the saved scores and metrics."""
     training = _read_json(work.require(work.training_file, "fit"))
     model_config = _read_json(work.model_dir / CONFIG_FILE)
-    splits = {name: load_split_scores(work.require(work.scores_file(name), "evaluate")) for name in ("calibration", "test")}
+    splits = {
+        name: load_split_scores(work.require(work.scores_file(name), "evaluate")) for name in ("calibration", "test")
+    }
     inputs = ReportInputs(
         title=title or f"{training['dataset']['name']} — patchcore / {model_config['backbone']}",
         model={
@@ -231,7 +239,10 @@ def export(work: Workdir) -> Path:
     parity = check_parity(model, onnx_path, calibration.images)
     write_parity_report(parity, onnx_path.with_name("parity.json"))
     log.info(
-        "ONNX parity on %d images: scores %.1e, maps %.1e", parity.n_images, parity.max_score_rel_diff, parity.max_map_rel_diff
+        "ONNX parity on %d images: scores %.1e, maps %.1e",
+        parity.n_images,
+        parity.max_score_rel_diff,
+        parity.max_map_rel_diff,
     )
     return onnx_path
 

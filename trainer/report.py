@@ -266,9 +266,7 @@ def _gallery(stem: str, split: SplitScores, ctx: _Context) -> tuple[_Group, ...]
         ("reject", rejects, goods_high_first),
     ):
         shown = (errors if errors.size else ranked)[: ctx.gallery_size]
-        tiles = tuple(
-            _write_tile(split, int(i), f"{stem}_{kind}_{n:02d}", ctx) for n, i in enumerate(shown, 1)
-        )
+        tiles = tuple(_write_tile(split, int(i), f"{stem}_{kind}_{n:02d}", ctx) for n, i in enumerate(shown, 1))
         groups.append(_Group(kind, int(errors.size), int(ranked.size), tiles))
     return tuple(groups)
 
@@ -400,9 +398,7 @@ def _metric_rows(metrics: dict[str, dict[str, object]]) -> list[tuple[str, list[
 def _confusions(metrics: dict[str, dict[str, object]]) -> list[dict[str, str] | None]:
     """Each split's confusion counts formatted, or None when the split has none."""
     cells = [split.get("confusion") for split in metrics.values()]
-    return [
-        {k: _fmt(c.get(k)) for k in ("tn", "fp", "fn", "tp")} if isinstance(c, dict) else None for c in cells
-    ]
+    return [{k: _fmt(c.get(k)) for k in ("tn", "fp", "fn", "tp")} if isinstance(c, dict) else None for c in cells]
 
 
 def _page(inputs: ReportInputs, views: list[_SplitView], ctx: _Context) -> str:

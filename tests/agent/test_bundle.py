@@ -5,7 +5,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from lineguard.agent.bundle import MANIFEST_FILE, SIGNATURE_FILE, BundleError, verify_bundle
 from lineguard.agent.signing import SignatureError, generate_key_pair, load_public_key, public_key_path
 
@@ -34,7 +33,7 @@ def test_a_signed_bundle_verifies_and_carries_its_threshold_and_input_spec(bundl
 def test_a_tampered_model_file_is_refused(bundle_copy, trusted):
     with (bundle_copy / "model.onnx").open("ab") as handle:
         handle.write(b"\0")
-    with pytest.raises(BundleError, match="model.onnx .* was altered"):
+    with pytest.raises(BundleError, match=r"model\.onnx .* was altered"):
         verify_bundle(bundle_copy, trusted)
 
 
@@ -72,12 +71,12 @@ def test_an_extra_or_missing_file_is_refused(bundle_copy, trusted):
         verify_bundle(bundle_copy, trusted)
     (bundle_copy / "golden" / "extra.png").unlink()
     (bundle_copy / "model.onnx").unlink()
-    with pytest.raises(BundleError, match="lacks files its manifest lists: model.onnx"):
+    with pytest.raises(BundleError, match=r"lacks files its manifest lists: model\.onnx"):
         verify_bundle(bundle_copy, trusted)
 
 
 def test_a_directory_without_a_manifest_is_not_a_bundle(tmp_path, trusted):
-    with pytest.raises(BundleError, match="manifest.json is missing"):
+    with pytest.raises(BundleError, match=r"manifest\.json is missing"):
         verify_bundle(tmp_path, trusted)
 
 

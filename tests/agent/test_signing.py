@@ -1,5 +1,4 @@
 import pytest
-
 from lineguard.agent.signing import (
     KeyFileError,
     SignatureError,

@@ -49,9 +49,7 @@ def test_parse_reads_every_valid_form(text, expected):
     assert parse_threshold_method(text) == expected
 
 
-@pytest.mark.parametrize(
-    "text", ["f1", "youden", "fpr:0.01", "fpr:0.0", "recall:0.99", "recall:1.0", "manual:3.25"]
-)
+@pytest.mark.parametrize("text", ["f1", "youden", "fpr:0.01", "fpr:0.0", "recall:0.99", "recall:1.0", "manual:3.25"])
 def test_str_round_trips_through_parse(text):
     method = parse_threshold_method(text)
     assert str(method) == text
@@ -383,7 +381,4 @@ def test_calibration_to_dict_is_json_ready_with_nested_estimates():
 
 def test_calibrate_without_defects_serialises_escape_as_null():
     scores, labels = scores_labels([0.1, 0.2], [])
-    assert (
-        json.loads(json.dumps(calibrate(scores, labels, ThresholdMethod("fpr", 0.0)).to_dict()))["escape"]
-        is None
-    )
+    assert json.loads(json.dumps(calibrate(scores, labels, ThresholdMethod("fpr", 0.0)).to_dict()))["escape"] is None

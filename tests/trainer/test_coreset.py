@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from lineguard.trainer.coreset import CoresetSpec, greedy_coreset
 
 

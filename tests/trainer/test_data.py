@@ -3,7 +3,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from lineguard.trainer.data import (
     discover_dataset,
     load_images,
@@ -107,7 +106,7 @@ def test_an_empty_class_folder_is_named(tmp_path):
 def test_a_mask_without_its_image_is_named(tmp_path):
     root = make_mvtec(tmp_path / "part")
     cv2.imwrite(str(root / "ground_truth" / "scratch" / "099_mask.png"), np.zeros((40, 48), np.uint8))
-    with pytest.raises(DatasetError, match="099_mask.png has no image"):
+    with pytest.raises(DatasetError, match=r"099_mask\.png has no image"):
         discover_dataset(root)
 
 
@@ -151,9 +150,13 @@ def test_a_csv_manifest_with_splits_and_masks_is_read(tmp_path):
         tmp_path / "parts.csv",
         [
             "path,label,mask,split",
-            "img/g0.png,ok,,train", "img/g1.png,ok,,train", "img/g2.png,OK,,train",
-            "img/c0.png,ok,,calibration", "img/d0.png,nok,img/d0_mask.png,calibration",
-            "img/t0.png,ok,,test", "img/d1.png,nok,,test",
+            "img/g0.png,ok,,train",
+            "img/g1.png,ok,,train",
+            "img/g2.png,OK,,train",
+            "img/c0.png,ok,,calibration",
+            "img/d0.png,nok,img/d0_mask.png,calibration",
+            "img/t0.png,ok,,test",
+            "img/d1.png,nok,,test",
         ],
     )
     dataset = discover_dataset(manifest)

@@ -5,12 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from skimage import data as skdata
-
 from lineguard.trainer.errors import ExportError, ModelError
 from lineguard.trainer.export import OUTPUT_NAMES, check_parity, compare_outputs, cpu_session, export_onnx
 from lineguard.trainer.models.patchcore import PatchCoreConfig, fit_patchcore, load_patchcore, save_patchcore
 from lineguard.trainer.scoring import score_images
+from skimage import data as skdata
 
 
 def crops(channels: int, n: int, size: int = 64, seed: int = 0) -> np.ndarray:
@@ -112,7 +111,9 @@ def test_onnx_export_matches_torch_and_takes_raw_uint8_frames(tmp_path: Path, ch
 
 def test_parity_fails_loudly_when_the_graph_is_not_the_model(grey_model, tmp_path):
     onnx_path = export_onnx(grey_model, tmp_path / "m.onnx", height=64, width=64, channels=1)
-    other = fit_patchcore(PatchCoreConfig(input_height=64, input_width=64, channels=1, max_bank_size=64), crops(1, 2, seed=7))
+    other = fit_patchcore(
+        PatchCoreConfig(input_height=64, input_width=64, channels=1, max_bank_size=64), crops(1, 2, seed=7)
+    )
     with pytest.raises(ExportError, match="ONNX parity failed"):
         check_parity(other, onnx_path, crops(1, 3))
 

@@ -28,9 +28,7 @@ def make_split(name: str, scores: list[float], labels: list[int], *, channels: i
             maps[i, 10:20, 12:22] = scores[i]
     return SplitScores(
         name=name,
-        paths=tuple(
-            f"/data/{name}/{'defect' if label else 'good'}/{i:03d}.png" for i, label in enumerate(labels)
-        ),
+        paths=tuple(f"/data/{name}/{'defect' if label else 'good'}/{i:03d}.png" for i, label in enumerate(labels)),
         images=images,
         labels=np.array(labels, np.int64),
         defect_types=tuple("scratch" if label else "good" for label in labels),

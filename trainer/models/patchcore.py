@@ -50,6 +50,11 @@ class PatchCoreConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        problems = [*self._architecture_problems(), *self._bank_problems()]
+        if problems:
+            raise ModelError("; ".join(problems))
+
+    def _architecture_problems(self) -> list[str]:
         problems = []
         if self.backbone not in BACKBONES:
             problems.append(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
@@ -61,16 +66,19 @@ class PatchCoreConfig:
             problems.append(f"channels must be 1 (grey) or 3 (RGB), got {self.channels}")
         if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
             problems.append(f"neighbourhood must be an odd number >= 1, got {self.neighbourhood}")
+        if self.blur_sigma < 0:
+            problems.append(f"blur_sigma must be >= 0, got {self.blur_sigma}")
+        return problems
+
+    def _bank_problems(self) -> list[str]:
+        problems = []
         if not 0.0 < self.coreset_ratio <= 1.0:
             problems.append(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         if self.max_bank_size < 1 or self.max_bank_mb <= 0:
             problems.append(f"max_bank_size and max_bank_mb must be > 0, got {self.max_bank_size}, {self.max_bank_mb}")
         if self.bank_dtype not in ("float32", "float16"):
             problems.append(f"bank_dtype must be float32 or float16, got {self.bank_dtype!r}")
-        if self.blur_sigma < 0:
-            problems.append(f"blur_sigma must be >= 0, got {self.blur_sigma}")
-        if problems:
-            raise ModelError("; ".join(problems))
+        return problems
 
     def bank_size_for(self, n_patches: int, feature_dim: int) -> int:
         """Bank size for n_patches training patches: the ratio, capped by count and by RAM."""
@@ -199,7 +207,9 @@ def fit_patchcore(
         target = config.bank_size_for(patches.shape[0], embedder.feature_dim)
         spec = CoresetSpec(target_size=target, projection_dim=config.projection_dim, seed=config.seed)
         indices = greedy_coreset(patches, spec, progress=progress)
-    log.info("memory bank: %d of %d patches (%d dims, %s)", len(indices), len(patches), patches.shape[1], config.bank_dtype)
+    log.info(
+        "memory bank: %d of %d patches (%d dims, %s)", len(indices), len(patches), patches.shape[1], config.bank_dtype
+    )
     return PatchCore(config, embedder, patches[indices].clone())
 
 
