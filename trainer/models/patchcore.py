@@ -112,7 +112,10 @@ class PatchEmbedder(nn.Module):
         x = (x - self.mean) * self.inv_std
         maps = self.features(x)
         pad = self.neighbourhood // 2
-        pooled = [F.avg_pool2d(m, self.neighbourhood, 1, pad, count_include_pad=False) for m in maps]
+        # Zero padding counts (as in PatchCore's unfold): border patches stay distinguishable by how many
+        # neighbours they have, so they match border patches; averaging only the valid neighbours makes
+        # them look like unusual interior patches, and the borders then dominate the image score.
+        pooled = [F.avg_pool2d(m, self.neighbourhood, 1, pad, count_include_pad=True) for m in maps]
         size = pooled[0].shape[-2:]
         resized = [pooled[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in pooled[1:]]
         return torch.cat(resized, dim=1)
