@@ -124,3 +124,8 @@ def verify(data: bytes, signature: dict[str, str], trusted_keys: Iterable[Ed2551
         msg = f"signature by key {wanted} does not match the manifest: the bundle was altered after signing"
         raise SignatureError(msg) from error
     return wanted
+
+
+def load_trusted_keys(paths: Iterable[Path]) -> list[Ed25519PublicKey]:
+    """Read every trusted public key; a bad file is an error, not a silently smaller trust set."""
+    return [load_public_key(path) for path in paths]

@@ -1,0 +1,130 @@
+"""`lineguard-agent`: run the inspection pipeline, or check a configuration.
+
+    lineguard-agent run --config agent.toml
+    lineguard-agent check-config --config agent.toml
+Exit codes: 0 clean stop, 1 a process kept failing, 2 bad configuration or bundle (message says the fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from .bundle import BundleError, Manifest, verify_bundle
+from .config import AgentConfig, ConfigError, load_config
+from .signing import KeyFileError, SignatureError, load_trusted_keys
+
+log = logging.getLogger("lineguard.agent")
+
+
+def preflight(config: AgentConfig) -> Manifest:
+    """Checks that need I/O, before any process starts: the bundle verifies and fits the cameras."""
+    manifest = verify_bundle(
+        config.engine.bundle,
+        load_trusted_keys(config.engine.trusted_keys),
+        require_signature=config.engine.require_signature,
+    )
+    for camera in config.cameras:
+        if manifest.input.channels == 3 and camera.pixel_format == "mono8":
+            msg = (
+                f"bundle {manifest.model_id} expects colour frames but camera {camera.name} is mono8: "
+                "set pixel_format = 'rgb8' or deploy a grey model"
+            )
+            raise BundleError(msg)
+    return manifest
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .supervisor import Supervisor
+
+    config = load_config(args.config)
+    manifest = preflight(config)
+    log.info("agent %s on line %s: model %s@%s", config.agent_id, config.line, manifest.model_id, manifest.model_version)
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    config_json = config.run_dir / "config.json"
+    config_json.write_text(config.model_dump_json())
+    supervisor = Supervisor(config, config_json)
+    _stop_on_signals(supervisor.stop_event)
+    return supervisor.run()
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    manifest = preflight(config)
+    print(f"configuration OK: {len(config.cameras)} camera(s), model {manifest.model_id}@{manifest.model_version}")
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    """One pipeline process, started by the supervisor."""
+    from .supervisor import EXIT_FATAL
+
+    config = AgentConfig.model_validate_json(args.config_json.read_text())
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    try:
+        if args.role == "capture":
+            from .capture.process import run as run_capture
+
+            return run_capture(config, args.camera, stop)
+        if args.role == "engine":
+            from .engine.process import run as run_engine
+
+            return run_engine(config, stop)
+        from .decision.process import run as run_decision
+
+        return run_decision(config, stop)
+    except (BundleError, SignatureError, KeyFileError, ConfigError) as error:
+        log.error("%s cannot start: %s", args.role, error)
+        return EXIT_FATAL
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lineguard-agent", description="Lineguard inspection agent")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, handler, help_text in (
+        ("run", _cmd_run, "run the pipeline until SIGTERM"),
+        ("check-config", _cmd_check_config, "validate the configuration and the bundle, then exit"),
+    ):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--config", type=Path, help="agent.toml (LINEGUARD_* environment variables override it)")
+        sub.set_defaults(handler=handler)
+    worker = commands.add_parser("worker", help=argparse.SUPPRESS)
+    worker.add_argument("role", choices=("capture", "engine", "decision"))
+    worker.add_argument("camera", nargs="?", default="")
+    worker.add_argument("--config-json", type=Path, required=True)
+    worker.set_defaults(handler=_cmd_worker)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s[%(process)d]: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.handler(args)
+    except (ConfigError, BundleError, SignatureError, KeyFileError) as error:
+        print(f"lineguard-agent: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Capture: frame sources (GigE Vision via Aravis, USB/video/RTSP via OpenCV, image folders) feeding the ring."""
+
+from .sources import (
+    CHANNELS,
+    CameraError,
+    CameraUnavailable,
+    FrameInfo,
+    FrameSource,
+    SlotFrame,
+    SlotSource,
+    SourceExhausted,
+    open_source,
+)
+
+__all__ = [
+    "CHANNELS",
+    "CameraError",
+    "CameraUnavailable",
+    "FrameInfo",
+    "FrameSource",
+    "SlotFrame",
+    "SlotSource",
+    "SourceExhausted",
+    "open_source",
+]

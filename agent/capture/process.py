@@ -1,0 +1,181 @@
+"""Capture process: camera -> ring slot -> FrameReady (to engine and decision). One per camera.
+
+Every frame the camera delivers, or says it lost, becomes exactly one message to decision:
+FrameReady when its pixels are in a ring slot, FrameFailed (with the reason) when they are
+not: ring full, broken buffer, frame-id gap. The loop never blocks on a slow consumer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from ..config import AgentConfig, CameraConfig
+from ..ipc import Sender, endpoint
+from ..messages import FrameFailed, FrameReady, Heartbeat
+from ..ring import ShmRing
+from .sources import CameraUnavailable, FrameInfo, FrameSource, SourceExhausted, open_source
+
+log = logging.getLogger(__name__)
+
+SEQ_BLOCK = 256  # sequence numbers reserved on disk at a time, so a restart never reuses one
+HEARTBEAT_S = 1.0
+
+
+def ring_name(agent_id: str, camera: str) -> str:
+    """Name of a camera's frame ring: stable, so a restarted capture replaces its predecessor's ring."""
+    return f"lg-{agent_id}-{camera}"
+
+
+class SequenceCounter:
+    """Per-camera frame sequence that keeps increasing across capture restarts.
+
+    Blocks of SEQ_BLOCK numbers are reserved in a file under run_dir before use, so a restarted
+    capture starts past anything its predecessor may have sent (a visible gap, never a repeat).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        text = path.read_text().strip() if path.exists() else ""
+        self.next_seq = int(text) if text.isdigit() else 1
+        self._reserved_until = self.next_seq
+        self._reserve()
+
+    def _reserve(self) -> None:
+        self._reserved_until = self.next_seq + SEQ_BLOCK
+        temporary = self._path.with_suffix(".tmp")
+        temporary.write_text(str(self._reserved_until))
+        temporary.replace(self._path)
+
+    def take(self) -> int:
+        seq = self.next_seq
+        self.next_seq += 1
+        if self.next_seq >= self._reserved_until:
+            self._reserve()
+        return seq
+
+
+class CaptureLoop:
+    """Moves one camera's frames into its ring and announces them."""
+
+    def __init__(self, config: AgentConfig, camera: CameraConfig, source: FrameSource, context: zmq.Context) -> None:
+        self.config, self.camera, self.source = config, camera, source
+        shape = (source.height, source.width, source.channels)
+        self.ring = ShmRing.create(
+            ring_name(config.agent_id, camera.name), slot_count=config.ring.slots, slot_shape=shape, dtype=np.uint8
+        )
+        self.scratch = np.empty(shape, np.uint8)  # where frames go when the ring is full
+        self.to_engine = Sender(context, endpoint(config.run_dir, "engine"))
+        self.to_decision = Sender(context, endpoint(config.run_dir, "decision"))
+        self.to_supervisor = Sender(context, endpoint(config.run_dir, "supervisor"))
+        self.sequence = SequenceCounter(config.run_dir / f"{camera.name}.seq")
+        self.reclaim_after_ns = int(2 * config.decision.deadline_ms * 1e6)
+        self._slot: int | None = None  # a slot claimed but not yet filled
+        self._slot_seq = 0
+        self._next_heartbeat = 0.0
+
+    def step(self) -> None:
+        """Wait for one frame (or a timeout) and hand it on."""
+        if self._slot is None:
+            self._slot_seq = self.sequence.take()
+            self._slot = self.ring.acquire(self._slot_seq, now_ns=time.monotonic_ns(), reclaim_after_ns=self.reclaim_after_ns)
+        target = self.scratch if self._slot is None else self.ring.array(self._slot)
+        info = self.source.read_into(target, timeout_s=0.2)
+        self._heartbeat()
+        if info is None:
+            return
+        seq, slot = self._report_missed(info), self._slot
+        if slot is None:
+            self._fail(seq, info.t_capture_ns, "ring full: engine or decision cannot keep up")
+        elif not info.ok:
+            self._fail(seq, info.t_capture_ns, info.reason or "camera delivered a broken frame")
+            self._slot_seq = self.sequence.take()  # keep the slot, give the next frame a fresh number
+            self.ring.relabel(slot, seq, self._slot_seq)
+            return
+        else:
+            self.ring.publish(slot, seq, t_capture_ns=info.t_capture_ns)
+            ready = FrameReady(
+                camera=self.camera.name, seq=seq, ring=self.ring.name, slot=slot, t_capture_ns=info.t_capture_ns,
+                height=self.source.height, width=self.source.width, channels=self.source.channels,
+                camera_frame_id=info.camera_frame_id,
+            )
+            self.to_decision.send(ready)
+            self.to_engine.send(ready)  # if the engine is away, decision fails the frame at its deadline
+        self._slot = None
+
+    def _report_missed(self, info: FrameInfo) -> int:
+        """Frames the camera lost before this one each get a failsafe; returns this frame's seq.
+
+        The slot was claimed under a provisional number; publish() stamps the final one.
+        """
+        seq = self._slot_seq
+        for _ in range(info.missed_before):
+            self._fail(seq, info.t_capture_ns, "camera lost this frame (frame-id gap)")
+            seq = self.sequence.take()
+        if seq != self._slot_seq and self._slot is not None:
+            self.ring.relabel(self._slot, self._slot_seq, seq)
+        self._slot_seq = seq
+        return seq
+
+    def _fail(self, seq: int, t_capture_ns: int, reason: str) -> None:
+        self.to_decision.send(FrameFailed(camera=self.camera.name, seq=seq, t_capture_ns=t_capture_ns, reason=reason))
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + HEARTBEAT_S
+            self.to_supervisor.send(
+                Heartbeat(process=f"capture-{self.camera.name}", pid=os.getpid(), t_ns=time.monotonic_ns(),
+                          queue_depth=self.ring.occupancy())
+            )
+
+    def close(self) -> None:
+        for sender in (self.to_engine, self.to_decision, self.to_supervisor):
+            sender.close()
+        self.source.close()
+        self.ring.close()
+
+
+def open_with_backoff(camera: CameraConfig, stop: threading.Event) -> FrameSource | None:
+    """Open the camera, retrying with exponential backoff while it is unavailable; None if stopped."""
+    wait_s = camera.reconnect_initial_s
+    while not stop.is_set():
+        try:
+            return open_source(camera)
+        except CameraUnavailable as error:
+            log.warning("camera %s unavailable (%s); retrying in %.1f s", camera.name, error, wait_s)
+            stop.wait(wait_s)
+            wait_s = min(wait_s * 2, camera.reconnect_max_s)
+    return None
+
+
+def run(config: AgentConfig, camera_name: str, stop: threading.Event) -> int:
+    """The capture process body; returns the exit code."""
+    camera = next(c for c in config.cameras if c.name == camera_name)
+    context = zmq.Context()
+    try:
+        while not stop.is_set():
+            source = open_with_backoff(camera, stop)
+            if source is None:
+                break
+            loop = CaptureLoop(config, camera, source, context)
+            log.info("capturing %s: %dx%dx%d into ring %s", camera.name, source.width, source.height, source.channels, loop.ring.name)
+            try:
+                while not stop.is_set():
+                    loop.step()
+            except CameraUnavailable as error:
+                log.warning("camera %s lost: %s; reconnecting", camera.name, error)
+            except SourceExhausted:
+                log.info("camera %s: replay finished", camera.name)
+                stop.wait()  # a finished replay idles until the agent stops, so it is not restarted
+            finally:
+                loop.close()
+        return 0
+    finally:
+        context.term()

@@ -1,0 +1,192 @@
+"""AgentConfig: one pydantic-settings schema, from a TOML file plus LINEGUARD_ environment overrides.
+
+Precedence: explicit values > environment (LINEGUARD_MQTT__PORT=1884) > TOML file > defaults.
+Validators do no I/O; devices, brokers and bundles are checked at start-up, after validation.
+Every field has a unit in its name where it has one, and a description (shown by check-config).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (Jetson JetPack 6)
+    import tomli as tomllib
+
+
+class ConfigError(Exception):
+    """The configuration is unreadable or invalid; the message lists each bad key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RoiConfig(_Section):
+    x: int = Field(0, ge=0, description="Left edge of the region of interest in camera pixels.")
+    y: int = Field(0, ge=0, description="Top edge of the region of interest in camera pixels.")
+    width: int = Field(0, ge=0, description="ROI width in pixels; 0 = to the right edge of the frame.")
+    height: int = Field(0, ge=0, description="ROI height in pixels; 0 = to the bottom edge of the frame.")
+
+
+class CameraConfig(_Section):
+    name: str = Field("cam0", pattern=r"^[A-Za-z0-9_-]+$", description="Camera name, used in MQTT topics.")
+    source: Literal["gige", "usb", "video", "rtsp", "folder"] = Field("folder", description="Where frames come from.")
+    address: str = Field(
+        "",
+        description="gige: camera id or IP (empty = first found); usb: device index or /dev/videoN; "
+        "video/rtsp: file path or URL; folder: directory of images.",
+    )
+    width_px: int = Field(0, ge=0, description="Frame width to request from the camera; 0 = the camera's current.")
+    height_px: int = Field(0, ge=0, description="Frame height to request; 0 = the camera's current.")
+    pixel_format: Literal["mono8", "rgb8", "bgr8"] = Field("mono8", description="Pixel format delivered to the ring.")
+    exposure_us: float | None = Field(None, gt=0, description="Exposure time in microseconds (gige/usb); None = leave.")
+    gain_db: float | None = Field(None, ge=0, description="Analogue gain in dB (gige); None = leave as is.")
+    trigger: Literal["free-run", "software", "hardware"] = Field("free-run", description="Acquisition trigger mode.")
+    fps: float = Field(10.0, gt=0, description="folder/video replay rate, frames per second.")
+    loop: bool = Field(False, description="folder/video: start again at the end instead of stopping.")
+    roi: RoiConfig = Field(default_factory=RoiConfig, description="Region of the frame the model sees.")
+    reconnect_initial_s: float = Field(0.5, gt=0, description="First wait before reconnecting a lost camera.")
+    reconnect_max_s: float = Field(10.0, gt=0, description="Longest wait between reconnect attempts.")
+
+
+class RingConfig(_Section):
+    slots: int = Field(16, ge=2, le=1024, description="Frame slots in the shared-memory ring per camera.")
+
+
+class EngineConfig(_Section):
+    bundle: Path = Field(Path("model-store/active"), description="Model bundle directory to serve at start-up.")
+    trusted_keys: tuple[Path, ...] = Field((), description="Public keys (.pub) whose signatures are accepted.")
+    require_signature: bool = Field(True, description="Refuse unsigned bundles (turn off only on a bench).")
+    backend: Literal["auto", "tensorrt", "cuda", "cpu"] = Field("auto", description="Inference back end.")
+    max_batch: int = Field(4, ge=1, le=64, description="Largest micro-batch of frames per inference.")
+    batch_wait_ms: float = Field(2.0, ge=0, description="Longest wait for a micro-batch to fill.")
+    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = runtime default.")
+
+
+class DecisionConfig(_Section):
+    threshold: float | None = Field(None, description="Override the bundle's calibrated threshold; None = use it.")
+    min_defect_area_px: int = Field(0, ge=0, description="Reject only if this many map pixels reach the threshold.")
+    deadline_ms: float = Field(
+        250.0, gt=0, description="A frame without a score this long after capture gets failsafe."
+    )
+    heatmap: Literal["none", "rejects", "all", "every-nth"] = Field(
+        "rejects", description="Which frames publish a heatmap."
+    )
+    heatmap_every_n: int = Field(10, ge=1, description="With heatmap = every-nth: publish every Nth frame.")
+    heatmap_format: Literal["jpeg", "png"] = Field("jpeg", description="Heatmap image encoding.")
+
+
+class MqttConfig(_Section):
+    host: str = Field("127.0.0.1", description="Broker host name or address.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 is usual for TLS).")
+    client_id: str = Field("", description="MQTT client id; empty = lineguard-<agent id>.")
+    username: str = Field("", description="Broker user name; empty = anonymous.")
+    password: str = Field("", description="Broker password; prefer LINEGUARD_MQTT__PASSWORD from an environment file.")
+    tls_ca: Path | None = Field(
+        None, description="CA certificate (PEM) that signed the broker's certificate; enables TLS."
+    )
+    tls_cert: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
+    tls_key: Path | None = Field(None, description="Client private key (PEM) for mutual TLS.")
+    keepalive_s: int = Field(10, ge=1, le=65535, description="MQTT keepalive; the last will fires after ~1.5x this.")
+    qos: Literal[0, 1, 2] = Field(1, description="QoS of verdict messages.")
+    max_queued: int = Field(100_000, ge=100, description="Verdicts held locally while the broker is away.")
+    topic_prefix: str = Field("lineguard", pattern=r"^[A-Za-z0-9_/-]+$", description="First level of every topic.")
+
+    @model_validator(mode="after")
+    def _cert_and_key_together(self) -> MqttConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            msg = "tls_cert and tls_key must be given together for mutual TLS"
+            raise ValueError(msg)
+        return self
+
+
+class MetricsConfig(_Section):
+    port: int = Field(9108, ge=0, le=65535, description="Prometheus metrics HTTP port; 0 = off.")
+    host: str = Field("127.0.0.1", description="Address the metrics server listens on.")
+
+
+class AgentConfig(BaseSettings):
+    """The agent's whole configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LINEGUARD_", env_nested_delimiter="__", extra="forbid", frozen=True, toml_file=None
+    )
+
+    agent_id: str = Field("agent-1", pattern=r"^[A-Za-z0-9_-]+$", description="This agent's id in topics and status.")
+    line: str = Field("line-1", pattern=r"^[A-Za-z0-9_-]+$", description="Production line name, used in topics.")
+    run_dir: Path = Field(Path("/run/lineguard"), description="Folder for ZeroMQ ipc sockets.")
+    state_dir: Path = Field(Path("/var/lib/lineguard"), description="Folder for the model store and agent state.")
+    cameras: tuple[CameraConfig, ...] = Field((CameraConfig(),), min_length=1, description="One entry per camera.")
+    ring: RingConfig = Field(default_factory=RingConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    decision: DecisionConfig = Field(default_factory=DecisionConfig)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @model_validator(mode="after")
+    def _camera_names_unique(self) -> AgentConfig:
+        names = [camera.name for camera in self.cameras]
+        if len(set(names)) != len(names):
+            msg = f"camera names must be unique, got {names}"
+            raise ValueError(msg)
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = _CONFIG_PATH.get("path")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+
+_CONFIG_PATH: dict[str, Path | None] = {"path": None}
+
+
+def load_config(path: Path | None) -> AgentConfig:
+    """Read and validate the configuration; ConfigError lists every problem as `key.path: message`."""
+    if path is not None:
+        if not path.is_file():
+            msg = f"config file {path} does not exist; pass --config PATH to an agent.toml (see README)"
+            raise ConfigError(msg)
+        try:
+            tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            msg = f"config file {path} is not valid TOML: {error}"
+            raise ConfigError(msg) from error
+    _CONFIG_PATH["path"] = path
+    try:
+        return AgentConfig()
+    except ValidationError as error:
+        raise ConfigError(format_errors(error, path)) from error
+    finally:
+        _CONFIG_PATH["path"] = None
+
+
+def format_errors(error: ValidationError, path: Path | None) -> str:
+    """One line per problem: `key.path: message (got value)`."""
+    where = f" in {path}" if path else ""
+    lines = [f"invalid configuration{where}:"]
+    for problem in error.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key; check its spelling against the README's configuration table"
+        got = problem.get("input")
+        suffix = f" (got {got!r})" if problem["type"] != "extra_forbidden" and not isinstance(got, dict) else ""
+        lines.append(f"  {key}: {message}{suffix}")
+    return "\n".join(lines)

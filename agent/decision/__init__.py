@@ -1,0 +1,1 @@
+"""Decision process: scores in, one verdict per captured frame out (accept, reject or failsafe)."""

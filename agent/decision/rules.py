@@ -1,0 +1,37 @@
+"""The decision rule as pure functions: threshold, minimum defect area, and the fail-safe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+VerdictKind = Literal["accept", "reject", "failsafe"]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: VerdictKind
+    reason: str
+
+
+def decide(score: float, anomaly_map: np.ndarray | None, *, threshold: float, min_defect_area_px: int) -> Decision:
+    """Reject iff score >= threshold and, when a minimum area is set, enough map pixels reach it.
+
+    anomaly_map: (H, W) float32 or None; required when min_defect_area_px > 0.
+    """
+    if not np.isfinite(score):
+        return Decision("failsafe", f"score is {score}: the model produced no usable number")
+    if score < threshold:
+        return Decision("accept", f"score {score:.4g} < threshold {threshold:.4g}")
+    if min_defect_area_px > 0:
+        if anomaly_map is None:
+            return Decision("failsafe", "minimum defect area is set but no anomaly map arrived")
+        area = int(np.count_nonzero(anomaly_map >= threshold))
+        if area < min_defect_area_px:
+            return Decision(
+                "accept", f"score {score:.4g} >= {threshold:.4g} but defect area {area} px < {min_defect_area_px} px"
+            )
+        return Decision("reject", f"score {score:.4g} >= threshold {threshold:.4g}, defect area {area} px")
+    return Decision("reject", f"score {score:.4g} >= threshold {threshold:.4g}")

@@ -1,0 +1,1 @@
+"""Engine process: frames from ring slots in, scores and anomaly maps out."""

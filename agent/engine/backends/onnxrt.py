@@ -1,0 +1,63 @@
+"""ONNX Runtime back end: TensorRT, CUDA or CPU execution providers.
+
+onnxruntime-gpu lists GPU providers even where CUDA libraries are missing and then silently
+runs on the CPU, so the session's actual providers are checked after creation: a back end
+that did not get its device refuses to start instead of pretending.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .base import BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+
+
+class OnnxRuntimeBackend:
+    """An ONNX Runtime session on one device kind."""
+
+    def __init__(self, onnx_path: Path, *, device: str, threads: int = 0) -> None:
+        if device not in PROVIDERS:
+            msg = f"unknown ONNX Runtime device {device!r}; choose one of {', '.join(PROVIDERS)}"
+            raise BackendUnavailable(msg)
+        try:
+            import onnxruntime as ort
+        except ImportError as error:
+            msg = "onnxruntime is not installed: pip install 'lineguard[cpu]' (or [gpu] on a CUDA machine)"
+            raise BackendUnavailable(msg) from error
+        wanted = PROVIDERS[device]
+        if wanted not in ort.get_available_providers():
+            msg = f"ONNX Runtime here has no {wanted} (available: {', '.join(ort.get_available_providers())})"
+            raise BackendUnavailable(msg)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        providers = [wanted] if device == "cpu" else [wanted, PROVIDERS["cpu"]]
+        self._session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+        actual = self._session.get_providers()
+        if actual[0] != wanted:
+            msg = (
+                f"ONNX Runtime could not start {wanted} (it fell back to {', '.join(actual)}); check the CUDA libraries"
+            )
+            raise BackendUnavailable(msg)
+        self.name = f"onnxruntime-{device}"
+        self.detail = ",".join(actual)
+        self._input_name = self._session.get_inputs()[0].name
+
+    def infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores, maps = self._session.run(["score", "anomaly_map"], {self._input_name: frames})
+        return scores, maps
+
+    def close(self) -> None:
+        del self._session

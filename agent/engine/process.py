@@ -1,0 +1,151 @@
+"""Engine process: FrameReady -> read slot, crop/resize -> micro-batch inference -> Scored.
+
+Receive, act, send. Frames already past their deadline are not scored (decision has failed
+them), so an engine that fell behind catches up instead of falling further behind. Anomaly
+maps go into the engine's own map ring; only their slot numbers travel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+
+from ..config import AgentConfig
+from ..ipc import Receiver, Sender, endpoint
+from ..messages import FrameReady, Heartbeat, Scored, ScoreFailed
+from ..ring import AttachedRings, RingError, ShmRing
+from ..signing import load_trusted_keys
+from .model import ServingModel
+from .preprocess import InputMismatch, Preprocessor
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 1.0
+
+
+@dataclass(slots=True)
+class _Job:
+    ready: FrameReady
+    index: int  # row in the batch buffer
+
+
+class EngineLoop:
+    """Scores frames announced by the capture processes with one serving model."""
+
+    def __init__(self, config: AgentConfig, model: ServingModel, context: zmq.Context) -> None:
+        self.config, self.model = config, model
+        self.frames = Receiver(context, endpoint(config.run_dir, "engine"))
+        self.to_decision = Sender(context, endpoint(config.run_dir, "decision"))
+        self.to_supervisor = Sender(context, endpoint(config.run_dir, "supervisor"))
+        height, width, channels = model.input_shape
+        self.batch = np.empty((config.engine.max_batch, height, width, channels), np.uint8)
+        self.map_ring = ShmRing.create(
+            f"lg-{config.agent_id}-maps",
+            slot_count=config.ring.slots * len(config.cameras),
+            slot_shape=(height, width),
+            dtype=np.float32,
+        )
+        self.rings = AttachedRings()
+        self.preprocessors: dict[tuple[str, tuple[int, int, int]], Preprocessor] = {}
+        self.cameras = {camera.name: camera for camera in config.cameras}
+        self.deadline_ns = int(config.decision.deadline_ms * 1e6)
+        self._next_heartbeat = 0.0
+
+    def step(self) -> None:
+        messages = self.frames.receive_batch(self.config.engine.max_batch, timeout_ms=200)
+        if messages and len(messages) < self.config.engine.max_batch and self.config.engine.batch_wait_ms > 0:
+            more = self.frames.receive_batch(
+                self.config.engine.max_batch - len(messages), timeout_ms=int(self.config.engine.batch_wait_ms)
+            )
+            messages.extend(more)
+        jobs = self._load([m for m in messages if isinstance(m, FrameReady)])
+        if jobs:
+            self._score(jobs)
+        self._heartbeat()
+
+    def _load(self, frames: list[FrameReady]) -> list[_Job]:
+        """Copy each announced frame's ROI into the batch buffer; fail the ones that cannot be."""
+        jobs: list[_Job] = []
+        now = time.monotonic_ns()
+        for ready in frames:
+            if now - ready.t_capture_ns > self.deadline_ns:
+                self._fail(ready, f"engine behind: frame already {(now - ready.t_capture_ns) / 1e6:.0f} ms old")
+                continue
+            try:
+                pixels = self.rings.read(ready.ring, ready.slot, ready.seq)
+                self._preprocessor(ready, pixels.shape)(pixels, self.batch[len(jobs)])
+            except (RingError, InputMismatch) as error:
+                self._fail(ready, str(error))
+                continue
+            jobs.append(_Job(ready, len(jobs)))
+        return jobs
+
+    def _score(self, jobs: list[_Job]) -> None:
+        started = time.monotonic_ns()
+        scores, maps = self.model.infer(self.batch[: len(jobs)])
+        finished = time.monotonic_ns()
+        for job in jobs:
+            ready = job.ready
+            map_slot = self.map_ring.acquire(ready.seq, now_ns=finished, reclaim_after_ns=2 * self.deadline_ns)
+            if map_slot is not None:
+                self.map_ring.array(map_slot)[...] = maps[job.index]
+                self.map_ring.publish(map_slot, ready.seq, t_capture_ns=ready.t_capture_ns)
+            self.to_decision.send(
+                Scored(
+                    camera=ready.camera, seq=ready.seq, score=float(scores[job.index]), map_ring=self.map_ring.name,
+                    map_slot=-1 if map_slot is None else map_slot, model=self.model.label,
+                    t_engine_start_ns=started, t_engine_end_ns=finished,
+                )
+            )
+
+    def _preprocessor(self, ready: FrameReady, frame_shape: tuple[int, ...]) -> Preprocessor:
+        key = (ready.camera, (frame_shape[0], frame_shape[1], frame_shape[2]))
+        preprocessor = self.preprocessors.get(key)
+        if preprocessor is None:
+            camera = self.cameras[ready.camera]
+            preprocessor = Preprocessor(camera.roi, key[1], self.model.input_shape, camera.pixel_format)
+            self.preprocessors[key] = preprocessor
+        return preprocessor
+
+    def _fail(self, ready: FrameReady, reason: str) -> None:
+        self.to_decision.send(ScoreFailed(camera=ready.camera, seq=ready.seq, reason=reason))
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + HEARTBEAT_S
+            self.to_supervisor.send(Heartbeat(process="engine", pid=os.getpid(), t_ns=time.monotonic_ns()))
+
+    def close(self) -> None:
+        self.rings.close()
+        self.map_ring.close()
+        self.frames.close()
+        self.to_decision.close()
+        self.to_supervisor.close()
+        self.model.close()
+
+
+def run(config: AgentConfig, stop: threading.Event) -> int:
+    """The engine process body; returns the exit code."""
+    model = ServingModel(
+        config.engine.bundle,
+        trusted_keys=load_trusted_keys(config.engine.trusted_keys),
+        require_signature=config.engine.require_signature,
+        backend=config.engine.backend,
+        threads=config.engine.threads,
+    )
+    context = zmq.Context()
+    loop = EngineLoop(config, model, context)
+    try:
+        while not stop.is_set():
+            loop.step()
+    finally:
+        loop.close()
+        context.term()
+    return 0

@@ -1,0 +1,126 @@
+"""Every record that crosses a process boundary, with one encoding and a schema version.
+
+Pixels never travel in these messages: frames and anomaly maps stay in shared-memory ring
+slots, and a message names the slot and the sequence number the reader must find there.
+Encoding is compact JSON tagged with the type name and the schema version; decoding refuses
+anything else with a MessageError that says what was wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+SCHEMA_VERSION = 1
+
+
+class MessageError(ValueError):
+    """A message could not be decoded: not JSON, unknown type, wrong version, bad fields."""
+
+
+@dataclass(frozen=True, slots=True)
+class FrameReady:
+    """capture -> engine, decision: a frame sits in slot `slot` of shared-memory ring `ring`, header seq `seq`."""
+
+    camera: str
+    seq: int
+    ring: str
+    slot: int
+    t_capture_ns: int
+    height: int
+    width: int
+    channels: int
+    camera_frame_id: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class FrameFailed:
+    """capture -> decision: frame `seq` was captured (or should have been) but cannot be scored."""
+
+    camera: str
+    seq: int
+    t_capture_ns: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """engine -> decision: the model's result for one frame; its map is in slot `map_slot` of `map_ring` (-1: none)."""
+
+    camera: str
+    seq: int
+    score: float
+    map_ring: str
+    map_slot: int
+    model: str
+    t_engine_start_ns: int
+    t_engine_end_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreFailed:
+    """engine -> decision: the engine could not score frame `seq` (stale slot, wrong size, runtime error)."""
+
+    camera: str
+    seq: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """any process -> supervisor: alive, with how much work is waiting."""
+
+    process: str
+    pid: int
+    t_ns: int
+    queue_depth: int = 0
+
+
+Message = FrameReady | FrameFailed | Scored | ScoreFailed | Heartbeat
+
+_TYPES: dict[str, type] = {cls.__name__: cls for cls in (FrameReady, FrameFailed, Scored, ScoreFailed, Heartbeat)}
+
+
+def encode(message: Message) -> bytes:
+    """Serialise a message record."""
+    body = dataclasses.asdict(message)
+    body["_t"] = type(message).__name__
+    body["_v"] = SCHEMA_VERSION
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def decode(data: bytes) -> Message:
+    """Parse bytes from encode(); MessageError on anything malformed."""
+    try:
+        body = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        msg = f"message is not JSON ({error}); is another program writing to this endpoint?"
+        raise MessageError(msg) from error
+    if not isinstance(body, dict):
+        msg = f"message must be a JSON object, got {type(body).__name__}"
+        raise MessageError(msg)
+    name, version = body.pop("_t", None), body.pop("_v", None)
+    if version != SCHEMA_VERSION:
+        msg = f"message schema version {version!r}, expected {SCHEMA_VERSION}: agent processes of different versions?"
+        raise MessageError(msg)
+    cls = _TYPES.get(name) if isinstance(name, str) else None
+    if cls is None:
+        msg = f"unknown message type {name!r}; known: {', '.join(_TYPES)}"
+        raise MessageError(msg)
+    try:
+        message = cls(**body)
+    except TypeError as error:
+        msg = f"{name} message has wrong fields: {error}"
+        raise MessageError(msg) from error
+    _check_types(name, message)
+    return message
+
+
+def _check_types(name: str, message: Message) -> None:
+    for field in dataclasses.fields(message):
+        value = getattr(message, field.name)
+        expected = {"int": int, "float": (int, float), "str": str}.get(str(field.type), object)
+        if isinstance(value, bool) or not isinstance(value, expected):
+            msg = f"{name}.{field.name} must be {field.type}, got {value!r}"
+            raise MessageError(msg)

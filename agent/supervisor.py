@@ -1,0 +1,194 @@
+"""Supervisor: starts the pipeline's processes, watches them, restarts with backoff, drains on stop.
+
+Each process is a separate interpreter (`lineguard-agent worker ROLE`), as systemd and `ps`
+see it. A dead or silent process is restarted with exponential backoff; more than
+MAX_RESTARTS restarts of one process within RESTART_WINDOW_S makes the supervisor stop
+everything and exit non-zero, so systemd sees the failure. A clean exit is not restarted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+
+from .config import AgentConfig
+from .ipc import Receiver, endpoint
+from .messages import Heartbeat
+
+log = logging.getLogger(__name__)
+
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
+FIRST_HEARTBEAT_GRACE_S = 60.0  # model loading and camera opening may take a while
+SILENT_AFTER_S = 10.0
+EXIT_FATAL = 3  # a worker's "do not restart me": bad bundle or config it cannot serve
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSpec:
+    """One pipeline process: its name and the worker arguments that start it."""
+
+    name: str
+    args: tuple[str, ...]
+
+
+def process_specs(config: AgentConfig) -> list[ProcessSpec]:
+    """Start order: decision (receives everything), engine, then the cameras."""
+    specs = [ProcessSpec("decision", ("decision",)), ProcessSpec("engine", ("engine",))]
+    specs += [ProcessSpec(f"capture-{c.name}", ("capture", c.name)) for c in config.cameras]
+    return specs
+
+
+@dataclass(slots=True)
+class _Child:
+    spec: ProcessSpec
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    last_heartbeat: float = 0.0
+    restarts: list[float] = field(default_factory=list)
+    next_start_at: float = 0.0
+
+
+class SystemdNotifier:
+    """sd_notify over NOTIFY_SOCKET (READY, WATCHDOG, STOPPING); does nothing outside systemd."""
+
+    def __init__(self) -> None:
+        address = os.environ.get("NOTIFY_SOCKET", "")
+        self._address = "\0" + address[1:] if address.startswith("@") else address
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        self.watchdog_interval_s = int(usec) / 2e6 if usec.isdigit() else None
+
+    def notify(self, state: str) -> None:
+        if not self._address:
+            return
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.sendto(state.encode(), self._address)
+            except OSError as error:
+                log.warning("sd_notify %s failed: %s", state, error)
+
+
+class Supervisor:
+    """Runs the pipeline until stopped; returns the agent's exit code from run()."""
+
+    def __init__(self, config: AgentConfig, config_json: Path) -> None:
+        self.config, self.config_json = config, config_json
+        self.children = [_Child(spec) for spec in process_specs(config)]
+        self.stop_event = threading.Event()
+        self.notifier = SystemdNotifier()
+        self._context = zmq.Context()
+        self._heartbeats = Receiver(self._context, endpoint(config.run_dir, "supervisor"))
+        self._ready_sent = False
+        self._next_watchdog = 0.0
+
+    def run(self) -> int:
+        for child in self.children:
+            self._start(child)
+        exit_code = 0
+        try:
+            while not self.stop_event.is_set():
+                self._collect_heartbeats()
+                failure = self._check_children()
+                if failure is not None:
+                    exit_code = failure
+                    break
+                self._notify_systemd()
+        finally:
+            self.notifier.notify("STOPPING=1")
+            self._drain()
+            self._heartbeats.close()
+            self._context.term()
+        return exit_code
+
+    def _start(self, child: _Child) -> None:
+        command = [sys.executable, "-m", "lineguard.agent", "worker", *child.spec.args, "--config-json", str(self.config_json)]
+        child.process = subprocess.Popen(command)
+        child.started_at = child.last_heartbeat = time.monotonic()
+        log.info("started %s (pid %d)", child.spec.name, child.process.pid)
+
+    def _collect_heartbeats(self) -> None:
+        message = self._heartbeats.receive(timeout_ms=200)
+        while message is not None:
+            if isinstance(message, Heartbeat):
+                for child in self.children:
+                    if child.process is not None and child.process.pid == message.pid:
+                        child.last_heartbeat = time.monotonic()
+            message = self._heartbeats.receive(timeout_ms=0)
+
+    def _check_children(self) -> int | None:
+        """Restart dead or silent children; an exit code when the agent must stop."""
+        now = time.monotonic()
+        for child in self.children:
+            if child.process is None:
+                if now >= child.next_start_at:
+                    self._start(child)
+                continue
+            code = child.process.poll()
+            if code is None and self._silent(child, now):
+                log.error("%s sent no heartbeat for %.0f s; killing it", child.spec.name, now - child.last_heartbeat)
+                child.process.kill()
+                code = child.process.wait()
+            if code is None:
+                continue
+            if code == EXIT_FATAL:
+                log.error("%s cannot run with this configuration or bundle (see its error above); stopping", child.spec.name)
+                return 2
+            log.error("%s exited with code %d; restarting", child.spec.name, code)
+            if not self._schedule_restart(child, now):
+                return 1
+        return None
+
+    def _silent(self, child: _Child, now: float) -> bool:
+        heard = child.last_heartbeat > child.started_at
+        limit = SILENT_AFTER_S if heard else FIRST_HEARTBEAT_GRACE_S
+        return now - child.last_heartbeat > limit
+
+    def _schedule_restart(self, child: _Child, now: float) -> bool:
+        child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW_S] + [now]
+        if len(child.restarts) > MAX_RESTARTS:
+            log.error("%s restarted %d times in %.0f s; giving up so systemd sees the failure",
+                      child.spec.name, MAX_RESTARTS, RESTART_WINDOW_S)
+            return False
+        child.process = None
+        child.next_start_at = now + min(0.5 * 2 ** (len(child.restarts) - 1), 30.0)
+        return True
+
+    def _notify_systemd(self) -> None:
+        now = time.monotonic()
+        healthy = all(c.process is not None and c.last_heartbeat > c.started_at for c in self.children)
+        if healthy and not self._ready_sent:
+            self.notifier.notify("READY=1")
+            self._ready_sent = True
+            log.info("pipeline ready: %s", ", ".join(c.spec.name for c in self.children))
+        interval = self.notifier.watchdog_interval_s
+        if healthy and interval is not None and now >= self._next_watchdog:
+            self.notifier.notify("WATCHDOG=1")
+            self._next_watchdog = now + interval
+
+    def _drain(self) -> None:
+        """Stop cameras first, then decision (it closes every pending frame), then the engine."""
+        order = [c for c in self.children if c.spec.args[0] == "capture"]
+        order += [c for c in self.children if c.spec.args[0] == "decision"]
+        order += [c for c in self.children if c.spec.args[0] == "engine"]
+        drain_s = 2 * self.config.decision.deadline_ms / 1e3 + 5.0
+        for child in order:
+            if child.process is None or child.process.poll() is not None:
+                continue
+            child.process.send_signal(signal.SIGTERM)
+            try:
+                child.process.wait(timeout=drain_s)
+            except subprocess.TimeoutExpired:
+                log.error("%s did not stop within %.0f s; killing it", child.spec.name, drain_s)
+                child.process.kill()
+                child.process.wait()
+        log.info("all processes stopped")

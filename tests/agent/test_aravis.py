@@ -1,0 +1,241 @@
+"""GigE Vision through Aravis against a real arv-fake-gv-camera-0.8 on loopback (skipped where it is missing).
+
+The fake camera fills Mono8 frames with (x + y + frame_id) % 255 (at exposure 10000 µs and gain 0; other values
+scale it), so every byte of every frame is checked: a torn, stale or mixed-up buffer cannot pass.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import numpy as np
+import pytest
+from lineguard.agent.capture import CameraError, CameraUnavailable, SlotSource, aravis, open_source
+from lineguard.agent.capture.aravis import AravisSource, FrameIdTracker, _import_aravis, frame_id_gap
+from lineguard.agent.config import CameraConfig
+
+FAKE_CAMERA = "arv-fake-gv-camera-0.8"
+ADDRESS = "127.0.0.1"
+GVCP_PORT = 3956
+H, W = 480, 640
+
+
+# -- no camera needed ----------------------------------------------------------------------------------------------
+
+
+def test_frame_id_gaps_follow_the_16_bit_counter_that_skips_zero():
+    assert frame_id_gap(10, 11) == 0
+    assert frame_id_gap(10, 14) == 3
+    assert frame_id_gap(65535, 1) == 0  # wrap: 0 is reserved
+    assert frame_id_gap(65534, 2) == 2  # 65535 and 1 missing
+    assert frame_id_gap(65535, 0) == 0  # a camera that does use 0
+    assert frame_id_gap(10, 10) == 0 and frame_id_gap(10, 9) == 0  # repeat or step back: no gap invented
+    assert frame_id_gap(10000, 5) == 0  # a jump back: the counter was reset
+    assert frame_id_gap(70000, 70003) == 2  # 64-bit extended ids
+
+
+def test_broken_buffers_count_against_the_next_gap():
+    tracker = FrameIdTracker()
+    assert tracker.good(100) == 0
+    tracker.broken()
+    assert tracker.good(105) == 3  # 101..104 missing, one of them arrived broken
+    assert tracker.good(106) == 0
+
+
+def test_a_missing_pygobject_is_a_camera_error_naming_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gi", None)
+    with pytest.raises(CameraError, match=r"pip install 'lineguard\[gige\]'"):
+        _import_aravis()
+
+
+# -- against the fake camera ---------------------------------------------------------------------------------------
+
+
+def gvcp_answers(timeout_s: float = 0.05) -> bool:
+    """True when a GigE Vision device answers a register read (Control Channel Privilege) on ADDRESS."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect((ADDRESS, GVCP_PORT))
+            sock.send(struct.pack(">BBHHHI", 0x42, 0x01, 0x0080, 4, 1, 0x0A00))  # READREG_CMD, ack required
+            return len(sock.recv(64)) >= 12
+        except OSError:  # refused (nothing there) or timed out
+            return False
+
+
+class FakeCamera:
+    """An arv-fake-gv-camera-0.8 process on ADDRESS, started fresh (its state persists while it lives)."""
+
+    def __init__(self, log_path: Path) -> None:
+        self._log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        if gvcp_answers():
+            pytest.skip(f"another GigE Vision device already answers on {ADDRESS}:{GVCP_PORT}")
+        with self._log_path.open("ab") as log_file:
+            self.process = subprocess.Popen([FAKE_CAMERA, "-i", ADDRESS], stdout=log_file, stderr=log_file)
+        deadline = time.monotonic() + 5
+        while not gvcp_answers():  # wait by asking, not by sleeping (~20-500 ms)
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"{FAKE_CAMERA} did not come up: {self._log_path.read_text()[-500:]}")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+
+@pytest.fixture(scope="module")
+def fake_camera(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeCamera]:
+    if shutil.which(FAKE_CAMERA) is None:
+        pytest.skip(f"{FAKE_CAMERA} not installed (apt-get install aravis-tools-cli)")
+    try:
+        _import_aravis()
+    except CameraError as error:
+        pytest.skip(str(error))
+    camera = FakeCamera(tmp_path_factory.mktemp("fake-camera") / "fake-camera.log")
+    camera.start()
+    yield camera
+    camera.kill()
+
+
+def gige(**fields: object) -> CameraConfig:
+    """Every parameter explicit: the fake camera keeps what an earlier test set."""
+    values = {"address": ADDRESS, "width_px": W, "height_px": H, "pixel_format": "mono8", "exposure_us": 10000.0}
+    return CameraConfig(source="gige", **{**values, "gain_db": 0.0, **fields})
+
+
+def pattern(frame_id: int, height: int = H, width: int = W) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    return ((x + y + frame_id) % 255).astype(np.uint8)[:, :, None]
+
+
+def test_mono8_frames_match_the_fake_camera_pattern_byte_for_byte(fake_camera):
+    with closing(open_source(gige())) as source:
+        assert isinstance(source, AravisSource)
+        assert (source.height, source.width, source.channels) == (H, W, 1)
+        out = np.empty((H, W, 1), np.uint8)
+        frame_ids, not_ok = [], 0
+        for _ in range(50):
+            before = time.monotonic_ns()
+            info = source.read_into(out, timeout_s=2.0)
+            assert info is not None
+            if not info.ok:  # a lost packet on a loaded machine: reported, never passed off as a frame
+                not_ok += 1
+                continue
+            assert before - 1_000_000_000 < info.t_capture_ns <= time.monotonic_ns()
+            assert np.array_equal(out, pattern(info.camera_frame_id)), (
+                f"frame {info.camera_frame_id} is not its pattern"
+            )
+            frame_ids.append(info.camera_frame_id)
+    assert not_ok <= 2
+    assert all(frame_id_gap(a, b) < 5 and a != b for a, b in itertools.pairwise(frame_ids))
+
+
+def test_zero_copy_writes_frames_straight_into_shared_memory_slots(fake_camera):
+    n_slots, lead = 6, 3
+    shm = shared_memory.SharedMemory(create=True, size=n_slots * H * W)
+    try:
+        ring = np.ndarray((n_slots, H, W, 1), np.uint8, buffer=shm.buf)
+        with closing(open_source(gige())) as source:
+            assert isinstance(source, SlotSource)
+            source.attach_slots([ring[i] for i in range(n_slots)])
+            for slot in range(lead):
+                source.queue_slot(slot)
+            free = list(range(lead, n_slots))
+            slots_seen, checked = [], 0
+            for _ in range(30):
+                got = source.read_slot(timeout_s=2.0)
+                assert got is not None
+                slots_seen.append(got.slot_index)
+                if got.info.ok:
+                    assert np.array_equal(ring[got.slot_index], pattern(got.info.camera_frame_id))
+                    checked += 1
+                free.append(got.slot_index)  # "published", then recycled oldest first
+                source.queue_slot(free.pop(0))
+            with pytest.raises(RuntimeError, match="cannot be mixed"):
+                source.read_into(np.empty((H, W, 1), np.uint8), timeout_s=0.1)
+        del ring
+    finally:
+        shm.close()
+        shm.unlink()
+    assert checked >= 28
+    assert slots_seen[:n_slots] == list(range(n_slots))  # filled in queueing order
+
+
+def test_rgb8_frames_arrive_with_three_channels(fake_camera):
+    with closing(open_source(gige(pixel_format="rgb8", width_px=320, height_px=240))) as source:
+        assert (source.height, source.width, source.channels) == (240, 320, 3)
+        out = np.zeros((240, 320, 3), np.uint8)
+        info = source.read_into(out, timeout_s=2.0)
+        assert info is not None and info.ok and out.any()
+
+
+def test_software_trigger_delivers_one_frame_per_trigger(fake_camera):
+    with closing(open_source(gige(trigger="software"))) as source:
+        out = np.empty((H, W, 1), np.uint8)
+        infos = [source.read_into(out, timeout_s=2.0) for _ in range(4)]
+        time.sleep(0.5)  # free-running at 25 fps this would be a dozen frames
+        infos.append(source.read_into(out, timeout_s=2.0))
+    assert all(info is not None and info.ok and info.missed_before == 0 for info in infos)
+    ids = [info.camera_frame_id for info in infos]
+    assert all(frame_id_gap(a, b) == 0 for a, b in itertools.pairwise(ids)), ids
+    assert np.array_equal(out, pattern(ids[-1]))
+
+
+def test_settings_the_camera_cannot_take_are_camera_errors(fake_camera):
+    with pytest.raises(CameraError, match="BGR8 not offered"):
+        open_source(gige(pixel_format="bgr8"))
+    with pytest.raises(CameraError, match=r"exposure_us = 1000000000\.0 is outside"):
+        open_source(gige(exposure_us=1e9))
+
+
+def test_no_camera_at_the_address_is_unavailable(fake_camera):
+    with pytest.raises(CameraUnavailable, match=r"no GigE Vision camera answers at 127\.0\.0\.9"):
+        open_source(gige(address="127.0.0.9"))
+
+
+def test_a_free_running_camera_that_answers_but_sends_nothing_is_unavailable(fake_camera, monkeypatch):
+    monkeypatch.setattr(aravis, "_FREE_RUN_SILENCE_S", 0.5)
+    with closing(open_source(gige())) as source:
+        out = np.empty((H, W, 1), np.uint8)
+        assert source.read_into(out, timeout_s=2.0) is not None
+        source._camera.stop_acquisition()  # stands in for a blocked stream: GVCP answers, no GVSP arrives
+        with pytest.raises(CameraUnavailable, match="answers but sent no frame"):
+            for _ in range(20):
+                source.read_into(out, timeout_s=0.2)
+
+
+def test_killing_the_camera_raises_camera_unavailable_within_about_two_seconds(fake_camera):
+    source = open_source(gige())
+    try:
+        out = np.empty((H, W, 1), np.uint8)
+        for _ in range(3):
+            assert source.read_into(out, timeout_s=2.0) is not None
+        fake_camera.kill()
+        killed = time.monotonic()
+        with pytest.raises(CameraUnavailable, match=r"unanswered|failed|lost control"):
+            while time.monotonic() - killed < 10:
+                source.read_into(out, timeout_s=0.2)
+        assert time.monotonic() - killed < 2.5  # ~1.7 s: 0.5 s of silence, then a register read given 1.2 s
+    finally:
+        start = time.monotonic()
+        source.close()
+        assert time.monotonic() - start < 0.5  # the lost camera is released in the background
+        fake_camera.start()  # fresh camera for any test after this one

@@ -1,0 +1,53 @@
+from pathlib import Path
+
+import pytest
+
+from lineguard.agent.config import ConfigError, load_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_load_without_a_file():
+    config = load_config(None)
+    assert config.mqtt.port == 1883 and config.decision.deadline_ms == 250
+
+
+def test_environment_overrides_the_file(tmp_path, monkeypatch):
+    path = write(tmp_path, 'agent_id = "a7"\n[mqtt]\nport = 1884\n')
+    monkeypatch.setenv("LINEGUARD_MQTT__PORT", "1999")
+    config = load_config(path)
+    assert config.agent_id == "a7" and config.mqtt.port == 1999
+
+
+def test_cameras_are_read_as_a_list_of_tables(tmp_path):
+    path = write(tmp_path, '[[cameras]]\nname = "top"\nsource = "gige"\n[[cameras]]\nname = "side"\nsource = "usb"\n')
+    assert [c.name for c in load_config(path).cameras] == ["top", "side"]
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[mqtt]\nport = 70000\n", "mqtt.port: Input should be less than or equal to 65535"),
+        ("[mqtt]\nprot = 1\n", "mqtt.prot: unknown key"),
+        ("[decision]\ndeadline_ms = -1\n", "decision.deadline_ms: Input should be greater than 0"),
+        ('[[cameras]]\nname = "a"\n[[cameras]]\nname = "a"\n', "camera names must be unique"),
+        ('[[cameras]]\nsource = "firewire"\n', "cameras.0.source"),
+        ('[mqtt]\ntls_cert = "/c.pem"\n', "tls_cert and tls_key must be given together"),
+        ('agent_id = "has space"\n', "agent_id: String should match pattern"),
+    ],
+)
+def test_each_bad_key_is_named_with_the_problem(tmp_path, text, fragment):
+    with pytest.raises(ConfigError, match="invalid configuration") as caught:
+        load_config(write(tmp_path, text))
+    assert fragment in str(caught.value)
+
+
+def test_a_missing_or_unparsable_file_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[mqtt\n"))

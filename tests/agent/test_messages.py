@@ -1,0 +1,51 @@
+import pytest
+
+from lineguard.agent.messages import (
+    FrameFailed,
+    FrameReady,
+    Heartbeat,
+    MessageError,
+    Scored,
+    ScoreFailed,
+    decode,
+    encode,
+)
+
+EXAMPLES = [
+    FrameReady(camera="cam0", seq=7, ring="lg-a-cam0-1", slot=3, t_capture_ns=123, height=2048, width=2448, channels=1),
+    FrameFailed(camera="cam0", seq=8, t_capture_ns=124, reason="ring full"),
+    Scored(
+        camera="cam0",
+        seq=7,
+        score=1.5,
+        map_ring="lg-a-maps-2",
+        map_slot=0,
+        model="m@1",
+        t_engine_start_ns=1,
+        t_engine_end_ns=2,
+    ),
+    ScoreFailed(camera="cam0", seq=9, reason="stale slot"),
+    Heartbeat(process="engine", pid=42, t_ns=5, queue_depth=1),
+]
+
+
+@pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: type(m).__name__)
+def test_every_message_type_survives_a_round_trip(message):
+    assert decode(encode(message)) == message
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (b"\xff\x00", "not JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"_t": "FrameReady", "_v": 99}', "schema version 99"),
+        (b'{"_t": "Bogus", "_v": 1}', "unknown message type"),
+        (b'{"_t": "ScoreFailed", "_v": 1, "camera": "c"}', "wrong fields"),
+        (b'{"_t": "ScoreFailed", "_v": 1, "camera": "c", "seq": "7", "reason": "x"}', "seq must be int"),
+        (b'{"_t": "ScoreFailed", "_v": 1, "camera": "c", "seq": true, "reason": "x"}', "seq must be int"),
+    ],
+)
+def test_malformed_messages_are_refused_with_the_reason(data, fragment):
+    with pytest.raises(MessageError, match=fragment):
+        decode(data)

@@ -1,0 +1,363 @@
+"""MqttPublisher against a real Mosquitto: delivery, order, outages, retained status, last will, TLS, auth, queue."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from broker import MosquittoBroker, TlsFiles, find_program, free_port, make_tls_files
+from lineguard.agent.config import MqttConfig
+from lineguard.agent.mqtt import MqttError, MqttPublisher, topics
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+TOPICS = topics("lineguard", "line-1", "agent-1")
+VERDICTS = TOPICS.verdict("cam0")
+HEATMAPS = TOPICS.heatmap("cam0")
+
+
+class Subscriber:
+    """A second paho client that records every message on `topic` in arrival order."""
+
+    def __init__(
+        self,
+        broker: MosquittoBroker,
+        topic: str = "lineguard/#",
+        *,
+        persistent: bool = False,
+        tls: TlsFiles | None = None,
+        client_id: str = "",
+    ) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self.client_id = client_id or f"sub-{uuid.uuid4().hex[:8]}"
+        self._cond = threading.Condition()
+        subscribed = threading.Event()
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=MQTTProtocolVersion.MQTTv5)
+        client.reconnect_delay_set(min_delay=1, max_delay=1)
+        if tls is not None:
+            client.tls_set(ca_certs=str(tls.ca_cert), certfile=str(tls.client_cert), keyfile=str(tls.client_key))
+        client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        client.on_subscribe = lambda c, u, mid, codes, p: subscribed.set()
+        client.on_message = self._on_message
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 3600 if persistent else 0
+        client.connect(broker.host, broker.port, clean_start=not persistent, properties=properties)
+        client.loop_start()
+        self._client = client
+        assert subscribed.wait(5), "the test subscriber could not subscribe"
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            self.messages.append((message.topic, message.payload))
+            self._cond.notify_all()
+
+    def wait_until(self, done: Callable[[], bool], timeout_s: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(done, timeout_s)
+
+    def seqs(self, topic: str) -> list[int]:
+        with self._cond:
+            return [json.loads(payload)["seq"] for each, payload in self.messages if each == topic]
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+@pytest.fixture
+def subscribe() -> Iterator[Callable[..., Subscriber]]:
+    made: list[Subscriber] = []
+
+    def make(broker: MosquittoBroker, topic: str = "lineguard/#", **options: Any) -> Subscriber:
+        made.append(Subscriber(broker, topic, **options))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.close()
+
+
+@pytest.fixture
+def publisher() -> Iterator[Callable[..., MqttPublisher]]:
+    """Build MqttPublishers (unique client ids, status on TOPICS.status); all are closed after the test."""
+    made: list[MqttPublisher] = []
+
+    def make(port: int, **config: Any) -> MqttPublisher:
+        settings = MqttConfig(port=port, **config)
+        made.append(MqttPublisher(settings, client_id=f"pub-{uuid.uuid4().hex[:8]}", status_topic=TOPICS.status))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.close(flush_timeout_s=0.5)
+
+
+def wait_for(done: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def start_before_the_publisher_reconnects(broker: MosquittoBroker, pub: MqttPublisher, failures: int) -> None:
+    """Restart `broker` right after one of `pub`'s connection attempts failed: its next one is >= 1 s away,
+    so a subscriber connected now is there before the publisher delivers what it held."""
+    assert wait_for(lambda: pub.connect_failures > failures, 5), "the publisher made no connection attempt"
+    broker.start()
+
+
+def verdict(seq: int) -> dict[str, Any]:
+    return {"seq": seq, "camera": "cam0", "verdict": "reject" if seq % 7 == 0 else "accept", "score": 0.25}
+
+
+def test_topics_follow_the_documented_layout():
+    assert VERDICTS == "lineguard/line-1/cam0/verdict"
+    assert HEATMAPS == "lineguard/line-1/cam0/heatmap"
+    assert TOPICS.status == "lineguard/agent-1/status"
+    assert TOPICS.model_events == "lineguard/agent-1/model/events"
+    assert topics("plant/a", "l", "x").verdict("c") == "plant/a/l/c/verdict"
+    for bad in [("line/+", "line-1", "agent-1"), ("lineguard", "line/1", "agent-1"), ("lineguard", "", "a")]:
+        with pytest.raises(ValueError, match="MQTT topic"):
+            topics(*bad)
+    with pytest.raises(ValueError, match="camera"):
+        TOPICS.verdict("cam#")
+
+
+def test_a_qos1_json_verdict_makes_the_round_trip(broker, subscribe, publisher):
+    subscriber = subscribe(broker, VERDICTS)
+    pub = publisher(broker.port)
+    assert pub.wait_connected(5)
+    pub.publish_json(VERDICTS, verdict(1), qos=1)
+    assert pub.flush(5)
+    assert subscriber.wait_until(lambda: len(subscriber.messages) == 1, 5)
+    assert json.loads(subscriber.messages[0][1]) == verdict(1)
+    assert (pub.acknowledged, pub.dropped, pub.queued) == (1, 0, 0)
+
+
+def test_5000_verdicts_published_quickly_arrive_exactly_once_and_in_order(broker, subscribe, publisher):
+    subscriber = subscribe(broker, VERDICTS)
+    pub = publisher(broker.port)
+    assert pub.wait_connected(5)
+    started = time.perf_counter()
+    for seq in range(5000):
+        pub.publish_json(VERDICTS, verdict(seq), qos=1)
+    publish_s = time.perf_counter() - started
+    assert publish_s < 2.0, f"publishing 5000 messages took {publish_s:.2f} s: the caller must not wait for the broker"
+    assert pub.flush(30)
+    assert subscriber.wait_until(lambda: len(subscriber.messages) >= 5000, 10)
+    time.sleep(0.2)  # a duplicate would come right behind
+    assert subscriber.seqs(VERDICTS) == list(range(5000))
+    assert (pub.acknowledged, pub.dropped, pub.queued) == (5000, 0, 0)
+
+
+def test_every_verdict_arrives_in_order_across_a_broker_restart(broker_factory, subscribe, publisher):
+    # Persistence keeps the subscriber's session, and what the broker held for it when it stopped, across
+    # the restart; the subscriber is back before the publisher. A loss can only come from the publisher.
+    broker = broker_factory(persistence=True)
+    first = subscribe(broker, persistent=True)
+    pub = publisher(broker.port)
+    assert pub.wait_connected(5)
+    total, heatmaps_while_down = 3000, []
+    longest_call_s = 0.0
+    for seq in range(total):
+        if seq == 1000:
+            failures = pub.connect_failures
+            broker.stop()
+            first.close()
+        if seq == 2000:
+            assert not pub.connected and pub.queued > 0
+            start_before_the_publisher_reconnects(broker, pub, failures)
+            second = subscribe(broker, persistent=True, client_id=first.client_id)
+        started = time.perf_counter()
+        pub.publish_json(VERDICTS, verdict(seq), qos=1)
+        if seq % 10 == 0:
+            if not pub.connected:
+                heatmaps_while_down.append(seq)
+            pub.publish_json(HEATMAPS, {"seq": seq}, qos=0)
+        longest_call_s = max(longest_call_s, time.perf_counter() - started)
+        time.sleep(0.0005)
+    assert pub.flush(15), f"{pub.queued} messages still unacknowledged"
+    assert second.wait_until(lambda: len(set(first.seqs(VERDICTS) + second.seqs(VERDICTS))) >= total, 10)
+    time.sleep(0.2)
+    received = first.seqs(VERDICTS) + second.seqs(VERDICTS)
+    first_arrivals = list(dict.fromkeys(received))
+    # QoS 1 allows redelivery: paho resends what was unacknowledged when the broker went away (at most the
+    # in-flight window, 20) and the broker may resend to the subscriber. Dedup by seq; the order must hold.
+    duplicates = len(received) - len(first_arrivals)
+    assert duplicates <= 40, f"{duplicates} duplicates: more than QoS 1 redelivery explains"
+    assert first_arrivals == list(range(total))
+    assert pub.dropped == 0 and pub.acknowledged >= total
+    assert longest_call_s < 0.05, f"a publish call took {longest_call_s:.3f} s"
+    # paho drops QoS 0 messages given to it while disconnected; ours waited in the local queue.
+    assert len(heatmaps_while_down) > 50
+    assert set(heatmaps_while_down) <= set(second.seqs(HEATMAPS))
+
+
+def test_the_retained_status_reaches_a_late_subscriber_and_close_replaces_it(broker, publisher):
+    mosquitto_sub = find_program("mosquitto_sub")
+    if mosquitto_sub is None:
+        pytest.skip("mosquitto_sub is not installed (apt-get install mosquitto-clients)")
+
+    def late_subscriber_reads() -> dict[str, Any]:
+        command = [mosquitto_sub, "-h", broker.host, "-p", str(broker.port), "-t", TOPICS.status, "-C", "1", "-W", "5"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=True)
+        return json.loads(done.stdout)
+
+    pub = publisher(broker.port)
+    pub.publish_json(TOPICS.status, {"online": True, "model": "brick-1.0.0"}, qos=1, retain=True)
+    assert pub.wait_connected(5) and pub.flush(5)
+    assert late_subscriber_reads() == {"online": True, "model": "brick-1.0.0"}
+    pub.close(offline_status={"reason": "shutdown"})
+    # A clean DISCONNECT: the broker does not publish the will ("connection lost") over it.
+    assert late_subscriber_reads() == {"reason": "shutdown", "online": False}
+    with pytest.raises(MqttError, match="closed"):
+        pub.publish_json(VERDICTS, verdict(0), qos=1)
+
+
+PUBLISHER_SCRIPT = """
+import sys, time
+from lineguard.agent.config import MqttConfig
+from lineguard.agent.mqtt import MqttPublisher
+pub = MqttPublisher(MqttConfig(port=int(sys.argv[1]), keepalive_s=60), client_id="will-test", status_topic=sys.argv[2])
+pub.publish_json(sys.argv[2], {"online": True}, qos=1, retain=True)
+assert pub.wait_connected(5) and pub.flush(5), "publisher could not connect"
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_last_will_says_offline_when_the_publisher_process_is_killed(broker, subscribe):
+    subscriber = subscribe(broker, TOPICS.status)
+    process = subprocess.Popen(
+        [sys.executable, "-c", PUBLISHER_SCRIPT, str(broker.port), TOPICS.status], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+        assert subscriber.wait_until(lambda: len(subscriber.messages) == 1, 5)
+        process.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        # keepalive is 60 s: the will comes from the closed socket, not from a keepalive timeout.
+        assert subscriber.wait_until(lambda: len(subscriber.messages) == 2, 5)
+        will_after_s = time.monotonic() - killed_at
+    finally:
+        process.kill()
+        process.wait(timeout=5)
+    assert json.loads(subscriber.messages[0][1]) == {"online": True}
+    will = json.loads(subscriber.messages[1][1])
+    assert will["online"] is False and will["client_id"] == "will-test" and will["reason"] == "connection lost"
+    assert will_after_s < 2.0
+
+
+def test_tls_with_a_ca_and_a_client_certificate_delivers(tls_broker, subscribe, publisher):
+    tls = tls_broker.tls
+    subscriber = subscribe(tls_broker, VERDICTS, tls=tls)
+    pub = publisher(tls_broker.port, tls_ca=tls.ca_cert, tls_cert=tls.client_cert, tls_key=tls.client_key)
+    assert pub.wait_connected(5)
+    pub.publish_json(VERDICTS, verdict(7), qos=1)
+    assert pub.flush(5)
+    assert subscriber.wait_until(lambda: len(subscriber.messages) == 1, 5)
+    assert subscriber.seqs(VERDICTS) == [7]
+
+
+def test_a_plain_client_on_the_tls_port_never_connects(tls_broker, publisher):
+    # Mosquitto sends no CONNACK and no error to a plain client: only a timeout tells.
+    started = time.monotonic()
+    pub = publisher(tls_broker.port)
+    assert not pub.wait_connected(1.0)
+    assert time.monotonic() - started < 2.0
+    pub.publish_json(VERDICTS, verdict(0), qos=1)
+    assert pub.queued == 1 and not pub.connected
+
+
+def test_a_broker_certificate_from_another_ca_is_refused_with_the_reason_logged(
+    tls_broker, publisher, tmp_path, caplog
+):
+    caplog.set_level(logging.WARNING, logger="lineguard.agent.mqtt")
+    other = make_tls_files(tmp_path / "other-ca")
+    pub = publisher(tls_broker.port, tls_ca=other.ca_cert, tls_cert=other.client_cert, tls_key=other.client_key)
+    assert not pub.wait_connected(1.0)
+    assert "certificate verify failed" in caplog.text
+
+
+def test_missing_tls_files_raise_mqtt_error_naming_the_setting(tmp_path):
+    config = MqttConfig(tls_ca=tmp_path / "absent-ca.crt")
+    with pytest.raises(MqttError, match=r"mqtt\.tls_ca=.*absent-ca\.crt"):
+        MqttPublisher(config, client_id="x", status_topic=TOPICS.status)
+
+
+def test_a_username_and_password_connect_and_a_wrong_password_is_refused_with_a_logged_reason(
+    broker_factory, publisher, caplog
+):
+    caplog.set_level(logging.INFO, logger="lineguard.agent.mqtt")
+    broker = broker_factory(users={"line-1": "s3cret"})
+    good = publisher(broker.port, username="line-1", password="s3cret")
+    assert good.wait_connected(5)
+    good.publish_json(VERDICTS, verdict(0), qos=1)
+    assert good.flush(5)
+    bad = publisher(broker.port, username="line-1", password="wrong")
+    assert not bad.wait_connected(1.0)
+    refused = [r for r in caplog.records if r.levelno == logging.ERROR and "refused the connection" in r.message]
+    assert refused, caplog.text
+    assert "Not authorized" in refused[0].message and "mqtt.password" in refused[0].message
+
+
+def test_a_full_queue_drops_the_oldest_heatmaps_first_and_delivers_the_rest_in_order(
+    broker_factory, subscribe, publisher, caplog
+):
+    caplog.set_level(logging.WARNING, logger="lineguard.agent.mqtt")
+    broker = broker_factory()
+    broker.stop()  # the publisher starts while the broker is away
+    pub = publisher(broker.port, max_queued=100)
+    sent: list[tuple[str, int]] = []
+
+    def send(topic: str, seq: int) -> None:
+        pub.publish_json(topic, {"seq": seq}, qos=1 if topic == VERDICTS else 0)
+        sent.append((topic, seq))
+
+    for seq in range(40):  # 40 verdicts and 40 heatmaps, interleaved
+        send(VERDICTS, seq)
+        send(HEATMAPS, seq)
+    for seq in range(40, 60):
+        send(VERDICTS, seq)
+    assert (pub.queued, pub.dropped) == (100, 0)
+    for seq in range(60, 95):  # each evicts the oldest heatmap: 0..34
+        send(VERDICTS, seq)
+    assert (pub.queued, pub.dropped) == (100, 35)
+    assert "dropped the oldest QoS 0 message" in caplog.text
+    start_before_the_publisher_reconnects(broker, pub, pub.connect_failures)
+    subscriber = subscribe(broker)
+    assert pub.flush(10)
+    assert subscriber.wait_until(lambda: len(subscriber.messages) >= 100, 10)
+    time.sleep(0.1)
+    # Order holds per topic: Mosquitto sends QoS 0 at once but holds QoS 1 beyond a subscriber's 20 in
+    # flight, so a heatmap can overtake verdicts queued before it (MQTT orders only within a topic).
+    assert subscriber.seqs(VERDICTS) == [seq for topic, seq in sent if topic == VERDICTS] == list(range(95))
+    assert subscriber.seqs(HEATMAPS) == list(range(35, 40))
+
+
+def test_a_queue_full_of_verdicts_refuses_new_messages_with_a_count_and_a_warning(publisher, caplog):
+    caplog.set_level(logging.WARNING, logger="lineguard.agent.mqtt")
+    pub = publisher(free_port(), max_queued=100)  # nothing listens there
+    for seq in range(100):
+        pub.publish_json(VERDICTS, verdict(seq), qos=1)
+    pub.publish_json(VERDICTS, verdict(100), qos=1)
+    pub.publish_bytes(HEATMAPS, b"\xff\xd8 jpeg", qos=0)
+    assert (pub.queued, pub.dropped, pub.acknowledged) == (100, 2, 0)
+    assert "refused a new message on lineguard/line-1/cam0/verdict" in caplog.text
+    started = time.monotonic()
+    pub.close(flush_timeout_s=0.2)
+    assert time.monotonic() - started < 3.0, "close must not hang while the broker is unreachable"
+    assert "not acknowledged" in caplog.text

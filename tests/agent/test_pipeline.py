@@ -1,0 +1,213 @@
+"""The whole agent as a user runs it: `lineguard-agent run` on a bundle made by the trainer, frames
+replayed from the sample data, verdicts read from a real Mosquitto broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from broker import MosquittoBroker, Subscriber
+
+from lineguard.agent.signing import public_key_path
+from lineguard.trainer.scoring import load_split_scores
+
+pytestmark = pytest.mark.slow
+VERDICTS = "lineguard/line-1/cam0/verdict"
+
+
+@pytest.fixture(scope="module")
+def replay(trained_work: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[str, int, float]]]:
+    """The test split's images in one folder, in a known order, with the trainer's label and score for each."""
+    test = load_split_scores(trained_work / "scores" / "test.npz")
+    folder = tmp_path_factory.mktemp("replay")
+    expected = []
+    for index, (path, label, score) in enumerate(zip(test.paths, test.labels, test.scores, strict=True)):
+        name = f"{index:03d}_{Path(path).parent.name}_{Path(path).name}"
+        shutil.copyfile(path, folder / name)
+        expected.append((name, int(label), float(score)))
+    return folder, expected
+
+
+def write_config(tmp_path: Path, broker: MosquittoBroker, trained_work: Path, signing_key: Path, folder: Path,
+                 *, fps: float, loop: bool, deadline_ms: float = 250.0) -> Path:
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f"""
+agent_id = "agent-1"
+line = "line-1"
+run_dir = "{tmp_path / "run"}"
+state_dir = "{tmp_path / "state"}"
+
+[[cameras]]
+name = "cam0"
+source = "folder"
+address = "{folder}"
+pixel_format = "mono8"
+fps = {fps}
+loop = {str(loop).lower()}
+
+[engine]
+bundle = "{trained_work / "bundle"}"
+trusted_keys = ["{public_key_path(signing_key)}"]
+max_batch = 4
+threads = 1
+
+[decision]
+deadline_ms = {deadline_ms}
+heatmap = "rejects"
+
+[mqtt]
+port = {broker.port}
+
+[metrics]
+port = 0
+"""
+    )
+    return config
+
+
+@pytest.fixture
+def start_agent() -> Iterator:
+    started: list[subprocess.Popen] = []
+
+    def start(config: Path) -> subprocess.Popen:
+        agent = subprocess.Popen(
+            [Path(sys.executable).with_name("lineguard-agent"), "run", "--config", str(config)],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+
+
+def stop(agent: subprocess.Popen, timeout_s: float = 30) -> int:
+    agent.send_signal(signal.SIGTERM)
+    return agent.wait(timeout=timeout_s)
+
+
+def verdicts(subscriber: Subscriber) -> list[dict]:
+    with subscriber._cond:
+        return [json.loads(payload) for topic, payload in subscriber.messages if topic == VERDICTS]
+
+
+def test_every_replayed_frame_gets_one_verdict_and_defects_are_rejected_as_the_report_predicts(
+    broker, trained_work, signing_key, replay, tmp_path, start_agent
+):
+    folder, expected = replay
+    subscriber = Subscriber(broker, "lineguard/#")
+    config = write_config(tmp_path, broker, trained_work, signing_key, folder, fps=10, loop=False)
+    agent = start_agent(config)
+    assert subscriber.wait_until(lambda: len(verdicts(subscriber)) >= len(expected), 90), "not every frame got a verdict"
+    assert stop(agent) == 0
+    received = verdicts(subscriber)
+    assert sorted(v["seq"] for v in received) == list(range(1, len(expected) + 1))  # one each, none missing
+    threshold = json.loads((trained_work / "bundle" / "manifest.json").read_text())["threshold"]["value"]
+    for v in received:
+        name, label, trainer_score = expected[v["seq"] - 1]
+        assert v["verdict"] == ("reject" if trainer_score >= threshold else "accept"), name
+        assert v["score"] == pytest.approx(trainer_score, rel=1e-4)
+        assert v["model"] == "brick-test@1.0.0" and v["threshold"] == pytest.approx(threshold)
+        assert v["latency_ms"]["total"] > 0
+    rejected = {expected[v["seq"] - 1][0] for v in received if v["verdict"] == "reject"}
+    heatmaps = [payload for topic, payload in subscriber.messages if topic.endswith("/heatmap")]
+    assert len(heatmaps) == len(rejected) and all(h[:2] == b"\xff\xd8" for h in heatmaps)  # JPEG per reject
+    defects_caught = np.mean([v["verdict"] == "reject" for v in received if expected[v["seq"] - 1][1] == 1])
+    assert defects_caught >= 0.8
+    status = [json.loads(p) for t, p in subscriber.messages if t == "lineguard/agent-1/status"]
+    assert status and status[-1]["online"] is False  # a clean stop says so
+
+
+def test_killing_the_engine_mid_stream_fails_safe_and_loses_no_frame(
+    broker, trained_work, signing_key, replay, tmp_path, start_agent
+):
+    folder, _ = replay
+    subscriber = Subscriber(broker, VERDICTS)
+    config = write_config(tmp_path, broker, trained_work, signing_key, folder, fps=20, loop=True)
+    agent = start_agent(config)
+    assert subscriber.wait_until(lambda: len(verdicts(subscriber)) >= 20, 60)
+    engine = subprocess.run(["pgrep", "-f", f"worker engine --config-json {tmp_path}"], capture_output=True, text=True)
+    os.kill(int(engine.stdout.split()[0]), signal.SIGKILL)
+    killed_at = len(verdicts(subscriber))
+    assert subscriber.wait_until(
+        lambda: any(v["verdict"] != "failsafe" for v in verdicts(subscriber)[killed_at + 5 :]), 60
+    ), "scoring did not resume after the engine was restarted"
+    assert stop(agent) == 0
+    received = verdicts(subscriber)
+    seqs = sorted(v["seq"] for v in received)
+    assert seqs == list(range(1, seqs[-1] + 1)), "a frame is missing or was answered twice"
+    failsafes = [v for v in received if v["verdict"] == "failsafe"]
+    assert failsafes, "frames in the engine's gap must get failsafe"
+    assert all("deadline" in v["reason"] or "engine" in v["reason"] for v in failsafes)
+
+
+def test_a_broker_restart_mid_stream_loses_no_verdict(
+    broker_factory, trained_work, signing_key, replay, tmp_path, start_agent
+):
+    folder, _ = replay
+    broker = broker_factory(persistence=True)
+    subscriber = Subscriber(broker, VERDICTS, persistent=True)
+    config = write_config(tmp_path, broker, trained_work, signing_key, folder, fps=20, loop=True)
+    agent = start_agent(config)
+    assert subscriber.wait_until(lambda: len(verdicts(subscriber)) >= 10, 60)
+    broker.stop()
+    time.sleep(2.0)  # frames keep coming: their verdicts wait in the agent's local queue
+    broker.start()
+    seen = len(verdicts(subscriber))
+    assert subscriber.wait_until(lambda: len(verdicts(subscriber)) >= seen + 40, 60)
+    assert stop(agent) == 0
+    time.sleep(0.5)
+    seqs = sorted({v["seq"] for v in verdicts(subscriber)})  # QoS 1 may redeliver; a set counts each once
+    assert seqs == list(range(1, seqs[-1] + 1)), "a verdict was lost across the broker restart"
+
+
+def test_frames_that_cannot_feed_the_model_fail_safe_with_the_reason_while_the_agent_keeps_serving(
+    broker, trained_work, signing_key, replay, tmp_path, start_agent
+):
+    folder, expected = replay
+    subscriber = Subscriber(broker, VERDICTS)
+    config = write_config(tmp_path, broker, trained_work, signing_key, folder, fps=20, loop=False)
+    config.write_text(config.read_text().replace("loop = false", "loop = false\n[cameras.roi]\nx = 9999"))
+    agent = start_agent(config)
+    assert subscriber.wait_until(lambda: len(verdicts(subscriber)) >= len(expected), 60)
+    assert agent.poll() is None, "the agent must keep running"
+    assert stop(agent) == 0
+    received = verdicts(subscriber)
+    assert {v["verdict"] for v in received} == {"failsafe"}
+    assert "ROI x=9999" in received[0]["reason"] and "fix cameras.roi" in received[0]["reason"]
+
+
+def test_an_unreadable_config_exits_2_naming_the_key(tmp_path):
+    config = tmp_path / "agent.toml"
+    config.write_text("[decision]\ndeadline_ms = 'soon'\n")
+    result = subprocess.run(
+        [Path(sys.executable).with_name("lineguard-agent"), "run", "--config", str(config)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2 and "decision.deadline_ms" in result.stderr
+
+
+def test_an_untrusted_bundle_is_refused_at_start(broker, trained_work, replay, tmp_path):
+    from lineguard.agent.signing import generate_key_pair
+
+    folder, _ = replay
+    stranger, _ = generate_key_pair(tmp_path / "stranger.pem")
+    config = write_config(tmp_path, broker, trained_work, stranger, folder, fps=10, loop=False)
+    result = subprocess.run(
+        [Path(sys.executable).with_name("lineguard-agent"), "run", "--config", str(config)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2 and "not trusted here" in result.stderr
