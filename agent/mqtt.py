@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 MAX_INFLIGHT = 20  # unacknowledged QoS >= 1 messages; lowered to the broker's Receive Maximum (Mosquitto: 20)
 SESSION_EXPIRY_S = 3600  # the broker keeps our session this long after a lost connection
 RECONNECT_MIN_S = 1  # paho doubles the wait after each failed attempt, up to RECONNECT_MAX_S
-RECONNECT_MAX_S = 10
+RECONNECT_MAX_S = 5
 DROP_LOG_INTERVAL_S = 10.0
 MAX_PAYLOAD_BYTES = 268_435_455  # MQTT's limit
 
@@ -128,6 +128,7 @@ class MqttPublisher:
         self._dropped = 0
         self._acknowledged = 0
         self._connect_failures = 0
+        self._refused = False  # the broker refused the last CONNECT: on_disconnect need not say more
         self._last_drop_log: dict[str, float] = {}
         self._client = self._make_client()
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
@@ -149,7 +150,7 @@ class MqttPublisher:
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=MQTTProtocolVersion.MQTTv5
         )
-        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        # No client.enable_logger(): paho logs an ERROR at every failed reconnect attempt; we log state changes.
         client.max_inflight_messages_set(MAX_INFLIGHT)  # only takes effect before connect()
         client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
         will = {"online": False, "client_id": self._client_id, "reason": "connection lost"}
@@ -185,11 +186,11 @@ class MqttPublisher:
         if len(payload) > MAX_PAYLOAD_BYTES:
             msg = f"MQTT payload for {topic} is {len(payload)} bytes; the limit is {MAX_PAYLOAD_BYTES}"
             raise ValueError(msg)
-        message = _Message(next(self._seq), topic, bytes(payload), qos, retain)
         with self._cond:
             if self._closed or self._sender_error is not None:
                 msg = f"MQTT publisher {self._client_id} is closed; cannot publish to {topic}"
                 raise MqttError(msg) from self._sender_error
+            message = _Message(next(self._seq), topic, bytes(payload), qos, retain)
             if topic == self._status_topic and retain:
                 self._last_status = message.payload
             self._enqueue(message)
@@ -220,7 +221,7 @@ class MqttPublisher:
         return self._connected_event.wait(timeout_s)
 
     def flush(self, timeout_s: float) -> bool:
-        """Wait until every QoS >= 1 message queued so far is acknowledged by the broker; False on timeout."""
+        """Wait until no QoS >= 1 message is waiting or unacknowledged (PUBACK received); False on timeout."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while self._waiting_acked or self._outstanding:
@@ -359,6 +360,7 @@ class MqttPublisher:
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any) -> None:
         if reason.is_failure:
             self._connect_failures += 1
+            self._refused = True
             hint = "; check mqtt.username and mqtt.password" if reason.value in (0x86, 0x87) else ""
             self._report_problem(f"broker {self._where} refused the connection: {reason}{hint}", logging.ERROR)
             return
@@ -393,8 +395,14 @@ class MqttPublisher:
             closing = self._closed
             self._cond.notify_all()
         self._connected_event.clear()
+        refused, self._refused = self._refused, False
         if was_connected and not closing:
             log.warning("mqtt connection to %s lost (%s); holding %d messages locally", self._where, reason, held)
+        elif not was_connected and not closing and not refused:
+            # What a plain client sees on a TLS port: the broker hangs up, no CONNACK, no reason.
+            self._connect_failures += 1
+            problem = f"broker {self._where} closed the connection before accepting it ({reason})"
+            self._report_problem(f"{problem}; is it a TLS port and mqtt.tls_ca unset?", logging.WARNING)
 
     def _report_problem(self, problem: str, level: int) -> None:
         """Log a connection problem once, not at every reconnect attempt."""

@@ -55,6 +55,7 @@ class DecisionLoop:
         self.model_label = f"{manifest.model_id}@{manifest.model_version}"
         self.deadline_ns = int(config.decision.deadline_ms * 1e6)
         self.pending: dict[tuple[str, int], Pending] = {}
+        self.early: dict[tuple[str, int], Scored | ScoreFailed] = {}
         self.last_seq: dict[str, int] = {}
         self.rings = AttachedRings()
         self.metrics = PipelineMetrics()
@@ -77,13 +78,19 @@ class DecisionLoop:
     def _handle(self, message: Message) -> None:
         if isinstance(message, FrameReady):
             self._note_seq(message.camera, message.seq, message.t_capture_ns)
-            self.pending[(message.camera, message.seq)] = Pending(message, message.t_capture_ns + self.deadline_ns)
+            key = (message.camera, message.seq)
+            self.pending[key] = Pending(message, message.t_capture_ns + self.deadline_ns)
+            early = self.early.pop(key, None)
+            if early is not None:
+                self._handle(early)
         elif isinstance(message, FrameFailed):
             self._note_seq(message.camera, message.seq, message.t_capture_ns)
             self._publish_failsafe(message.camera, message.seq, message.t_capture_ns, message.reason, cause="capture")
         elif isinstance(message, Scored):
             self._on_scored(message)
         elif isinstance(message, ScoreFailed):
+            if self._is_early(message):
+                return
             entry = self.pending.pop((message.camera, message.seq), None)
             if entry is not None:
                 self._publish_failsafe(message.camera, message.seq, entry.ready.t_capture_ns, message.reason, cause="engine")
@@ -98,7 +105,20 @@ class DecisionLoop:
         if last is None or seq > last:
             self.last_seq[camera] = seq
 
+    def _is_early(self, message: Scored | ScoreFailed) -> bool:
+        """Capture's FrameReady and the engine's answer come from different sockets, in either order.
+
+        An answer for a frame not announced yet is kept until its FrameReady arrives (or expires).
+        """
+        key = (message.camera, message.seq)
+        if key in self.pending or message.seq <= self.last_seq.get(message.camera, -1):
+            return False
+        self.early[key] = message
+        return True
+
     def _on_scored(self, scored: Scored) -> None:
+        if self._is_early(scored):
+            return
         entry = self.pending.pop((scored.camera, scored.seq), None)
         if entry is None:
             self.metrics.late_scores.inc()
@@ -114,6 +134,8 @@ class DecisionLoop:
         self._release_frame(entry.ready)
 
     def _expire(self, now_ns: int) -> None:
+        if len(self.early) > 4 * self.config.ring.slots * len(self.config.cameras):
+            self.early.clear()  # answers whose frames never were announced: their gaps were failed already
         expired = [key for key, entry in self.pending.items() if entry.deadline_ns <= now_ns]
         for key in expired:
             entry = self.pending.pop(key)

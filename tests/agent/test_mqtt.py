@@ -113,7 +113,8 @@ def wait_for(done: Callable[[], bool], timeout_s: float) -> bool:
 
 
 def start_before_the_publisher_reconnects(broker: MosquittoBroker, pub: MqttPublisher, failures: int) -> None:
-    """Restart `broker` right after one of `pub`'s connection attempts failed: its next one is >= 1 s away,
+    """Start `broker` right after a failed connection attempt of `pub` (its count passes `failures`): paho waits
+    >= 1 s before the next attempt,
     so a subscriber connected now is there before the publisher delivers what it held."""
     assert wait_for(lambda: pub.connect_failures > failures, 5), "the publisher made no connection attempt"
     broker.start()
@@ -239,11 +240,10 @@ time.sleep(60)
 """
 
 
-def test_the_last_will_says_offline_when_the_publisher_process_is_killed(broker, subscribe):
+def test_the_last_will_says_offline_when_the_publisher_process_is_killed(broker, subscribe, tmp_path):
     subscriber = subscribe(broker, TOPICS.status)
-    process = subprocess.Popen(
-        [sys.executable, "-c", PUBLISHER_SCRIPT, str(broker.port), TOPICS.status], stdout=subprocess.PIPE, text=True
-    )
+    command = [sys.executable, "-c", PUBLISHER_SCRIPT, str(broker.port), TOPICS.status]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         assert process.stdout is not None and process.stdout.readline().strip() == "ready"
         assert subscriber.wait_until(lambda: len(subscriber.messages) == 1, 5)
@@ -272,14 +272,16 @@ def test_tls_with_a_ca_and_a_client_certificate_delivers(tls_broker, subscribe, 
     assert subscriber.seqs(VERDICTS) == [7]
 
 
-def test_a_plain_client_on_the_tls_port_never_connects(tls_broker, publisher):
-    # Mosquitto sends no CONNACK and no error to a plain client: only a timeout tells.
+def test_a_plain_client_on_the_tls_port_never_connects_and_says_why(tls_broker, publisher, caplog):
+    # Mosquitto sends no CONNACK and no error to a plain client: it hangs up; only a timeout tells.
+    caplog.set_level(logging.WARNING, logger="lineguard.agent.mqtt")
     started = time.monotonic()
     pub = publisher(tls_broker.port)
     assert not pub.wait_connected(1.0)
     assert time.monotonic() - started < 2.0
     pub.publish_json(VERDICTS, verdict(0), qos=1)
-    assert pub.queued == 1 and not pub.connected
+    assert pub.queued == 1 and not pub.connected and pub.connect_failures >= 1
+    assert "closed the connection before accepting it" in caplog.text and "mqtt.tls_ca" in caplog.text
 
 
 def test_a_broker_certificate_from_another_ca_is_refused_with_the_reason_logged(
@@ -312,6 +314,7 @@ def test_a_username_and_password_connect_and_a_wrong_password_is_refused_with_a_
     refused = [r for r in caplog.records if r.levelno == logging.ERROR and "refused the connection" in r.message]
     assert refused, caplog.text
     assert "Not authorized" in refused[0].message and "mqtt.password" in refused[0].message
+    assert len(refused) == 1 and "closed the connection" not in caplog.text
 
 
 def test_a_full_queue_drops_the_oldest_heatmaps_first_and_delivers_the_rest_in_order(
@@ -337,7 +340,7 @@ def test_a_full_queue_drops_the_oldest_heatmaps_first_and_delivers_the_rest_in_o
         send(VERDICTS, seq)
     assert (pub.queued, pub.dropped) == (100, 35)
     assert "dropped the oldest QoS 0 message" in caplog.text
-    start_before_the_publisher_reconnects(broker, pub, pub.connect_failures)
+    start_before_the_publisher_reconnects(broker, pub, 0)
     subscriber = subscribe(broker)
     assert pub.flush(10)
     assert subscriber.wait_until(lambda: len(subscriber.messages) >= 100, 10)

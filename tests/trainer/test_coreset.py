@@ -70,3 +70,16 @@ def test_bad_specs_are_refused(kwargs):
 def test_empty_features_are_refused():
     with pytest.raises(ValueError, match="non-empty"):
         greedy_coreset(torch.empty(0, 3), CoresetSpec(target_size=1))
+
+
+def test_the_two_pass_selection_on_many_patches_still_keeps_a_rare_cluster_and_covers_well():
+    generator = torch.Generator().manual_seed(3)
+    common = torch.randn(20_000, 16, generator=generator)
+    rare = torch.randn(4, 16, generator=generator) * 0.1 + 12.0
+    points = torch.cat([common[:7000], rare, common[7000:]])  # the rare patches sit inside one chunk
+    spec = CoresetSpec(target_size=200, projection_dim=0, max_candidates=2000, chunk_size=1000)
+    chosen = greedy_coreset(points, spec)
+    assert len(set(chosen.tolist())) == 200
+    assert any(7000 <= i < 7004 for i in chosen.tolist())
+    one_pass = greedy_coreset(points, CoresetSpec(target_size=200, projection_dim=0, max_candidates=30_000))
+    assert covering_radius(points, chosen) <= 1.25 * covering_radius(points, one_pass)

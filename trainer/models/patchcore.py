@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..backbone import BACKBONES, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, STAGES, EfficientNetLiteFeatures
-from ..coreset import CoresetSpec, greedy_coreset
+from ..coreset import DEFAULT_MAX_CANDIDATES, CoresetSpec, greedy_coreset
 from ..errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,12 @@ def fit_patchcore(
             chunks.append(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))
         patches = torch.cat(chunks)
         target = config.bank_size_for(patches.shape[0], embedder.feature_dim)
-        spec = CoresetSpec(target_size=target, projection_dim=config.projection_dim, seed=config.seed)
+        spec = CoresetSpec(
+            target_size=target,
+            projection_dim=config.projection_dim,
+            seed=config.seed,
+            max_candidates=max(DEFAULT_MAX_CANDIDATES, target),
+        )
         indices = greedy_coreset(patches, spec, progress=progress)
     log.info(
         "memory bank: %d of %d patches (%d dims, %s)", len(indices), len(patches), patches.shape[1], config.bank_dtype
