@@ -53,7 +53,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     manifest = preflight(config)
-    log.info("agent %s on line %s: model %s@%s", config.agent_id, config.line, manifest.model_id, manifest.model_version)
+    log.info(
+        "agent %s on line %s: model %s@%s", config.agent_id, config.line, manifest.model_id, manifest.model_version
+    )
     config.run_dir.mkdir(parents=True, exist_ok=True)
     config_json = config.run_dir / "config.json"
     config_json.write_text(config.model_dump_json())

@@ -72,6 +72,14 @@ class Sender:
             return False
         return True
 
+    def wait_connected(self, timeout_s: float) -> bool:
+        """Wait until a receiver is connected (send() would queue); False after timeout_s.
+
+        connect() returns before the handshake completes; a sender that must not lose its first
+        message waits here once at start-up.
+        """
+        return bool(self._socket.poll(int(timeout_s * 1000), zmq.POLLOUT))
+
     def close(self) -> None:
         """Close the socket (idempotent); waits at most LINGER_MS for unsent messages."""
         self._socket.close()

@@ -117,10 +117,13 @@ def decode(data: bytes) -> Message:
     return message
 
 
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str}
+
+
 def _check_types(name: str, message: Message) -> None:
     for field in dataclasses.fields(message):
         value = getattr(message, field.name)
-        expected = {"int": int, "float": (int, float), "str": str}.get(str(field.type), object)
+        expected = _FIELD_TYPES.get(str(field.type), object)
         if isinstance(value, bool) or not isinstance(value, expected):
             msg = f"{name}.{field.name} must be {field.type}, got {value!r}"
             raise MessageError(msg)

@@ -29,9 +29,13 @@ class PipelineMetrics:
             buckets=_LATENCY_BUCKETS_S,
             registry=self.registry,
         )
-        self.fps = Gauge("lineguard_fps", "Verdicts per second over the last status period", ["camera"], registry=self.registry)
+        self.fps = Gauge(
+            "lineguard_fps", "Verdicts per second over the last status period", ["camera"], registry=self.registry
+        )
         self.pending = Gauge("lineguard_pending_frames", "Frames awaiting a score", registry=self.registry)
-        self.mqtt_queued = Gauge("lineguard_mqtt_queued", "Messages queued locally for the broker", registry=self.registry)
+        self.mqtt_queued = Gauge(
+            "lineguard_mqtt_queued", "Messages queued locally for the broker", registry=self.registry
+        )
         self.late_scores = Counter(
             "lineguard_late_scores", "Scores that arrived after their frame's failsafe", registry=self.registry
         )

@@ -39,6 +39,7 @@ from types import TracebackType
 from typing import NamedTuple
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ class ShmRing:
         self._next_slot = 0
 
     @classmethod
-    def create(cls, name: str, *, slot_count: int, slot_shape: tuple[int, ...], dtype: np.dtype | str) -> ShmRing:
+    def create(cls, name: str, *, slot_count: int, slot_shape: tuple[int, ...], dtype: DTypeLike) -> ShmRing:
         """Create the segment (replacing one left by a crashed run); this instance unlinks it on close()."""
         try:
             dtype = np.dtype(dtype)
@@ -424,11 +425,15 @@ class AttachedRings:
 
     def get(self, name: str) -> ShmRing:
         ring = self._rings.get(name)
-        if ring is not None and ring.replaced():
-            ring.close()
-            ring = None
         if ring is None:
             ring = self._rings[name] = ShmRing.attach(name)
+        elif ring.replaced():
+            try:
+                newer = ShmRing.attach(name)
+            except RingError:
+                return ring  # unlinked by a writer that stopped: its frames stay readable through our mapping
+            ring.close()
+            ring = self._rings[name] = newer
         return ring
 
     def read(self, name: str, slot: int, seq: int) -> np.ndarray:

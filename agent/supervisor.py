@@ -92,11 +92,9 @@ class Supervisor:
         self._next_watchdog = 0.0
 
     def run(self) -> int:
-        for child in self.children:
-            self._start(child)
-        exit_code = 0
+        exit_code = self._start_in_order()
         try:
-            while not self.stop_event.is_set():
+            while exit_code == 0 and not self.stop_event.is_set():
                 self._collect_heartbeats()
                 failure = self._check_children()
                 if failure is not None:
@@ -110,8 +108,30 @@ class Supervisor:
             self._context.term()
         return exit_code
 
+    def _start_in_order(self) -> int:
+        """Start each process once the one before it is up (its first heartbeat), so no frame is
+        announced before decision can receive it and the engine can score it."""
+        for child in self.children:
+            self._start(child)
+            deadline = time.monotonic() + FIRST_HEARTBEAT_GRACE_S
+            while child.last_heartbeat <= child.started_at and not self.stop_event.is_set():
+                self._collect_heartbeats()
+                code = child.process.poll() if child.process is not None else None
+                if code is not None or time.monotonic() > deadline:
+                    log.error("%s did not come up (exit code %s); stopping", child.spec.name, code)
+                    return 2 if code == EXIT_FATAL else 1
+        return 0
+
     def _start(self, child: _Child) -> None:
-        command = [sys.executable, "-m", "lineguard.agent", "worker", *child.spec.args, "--config-json", str(self.config_json)]
+        command = [
+            sys.executable,
+            "-m",
+            "lineguard.agent",
+            "worker",
+            *child.spec.args,
+            "--config-json",
+            str(self.config_json),
+        ]
         child.process = subprocess.Popen(command)
         child.started_at = child.last_heartbeat = time.monotonic()
         log.info("started %s (pid %d)", child.spec.name, child.process.pid)
@@ -141,7 +161,9 @@ class Supervisor:
             if code is None:
                 continue
             if code == EXIT_FATAL:
-                log.error("%s cannot run with this configuration or bundle (see its error above); stopping", child.spec.name)
+                log.error(
+                    "%s cannot run with this configuration or bundle (see its error above); stopping", child.spec.name
+                )
                 return 2
             log.error("%s exited with code %d; restarting", child.spec.name, code)
             if not self._schedule_restart(child, now):
@@ -156,8 +178,12 @@ class Supervisor:
     def _schedule_restart(self, child: _Child, now: float) -> bool:
         child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW_S] + [now]
         if len(child.restarts) > MAX_RESTARTS:
-            log.error("%s restarted %d times in %.0f s; giving up so systemd sees the failure",
-                      child.spec.name, MAX_RESTARTS, RESTART_WINDOW_S)
+            log.error(
+                "%s restarted %d times in %.0f s; giving up so systemd sees the failure",
+                child.spec.name,
+                MAX_RESTARTS,
+                RESTART_WINDOW_S,
+            )
             return False
         child.process = None
         child.next_start_at = now + min(0.5 * 2 ** (len(child.restarts) - 1), 30.0)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import zmq
+
 from lineguard.agent.ipc import Receiver, Sender, endpoint
 from lineguard.agent.messages import FrameReady
 from lineguard.agent.ring import ShmRing

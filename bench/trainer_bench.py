@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from lineguard.trainer.export import cpu_session, export_onnx
 from lineguard.trainer.models.patchcore import load_patchcore
 from lineguard.trainer.sample_data import SampleDataSpec, make_sample_dataset

@@ -111,7 +111,9 @@ class MosquittoBroker:
         persistence: bool = False,
         start_timeout_s: float = 5.0,
     ) -> None:
-        """tls: a TLS listener that requires a client certificate (see `.tls`); users: name -> password, no
+        """Write the config into `workdir` and start the broker.
+
+        tls: a TLS listener that requires a client certificate (see `.tls`); users: name -> password, no
         anonymous access; persistence: sessions and their queued QoS >= 1 messages survive stop()/start() (saved
         on SIGTERM). Do not add `queue_qos0_messages true`: with a QoS 0 message queued behind more than 20
         QoS 1 ones for an offline persistent subscriber, Mosquitto 2.0.11 lost the 21st QoS 1 message in about

@@ -12,10 +12,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from lineguard import __version__
 from lineguard.agent.bundle import BundleError
 from lineguard.agent.signing import KeyFileError, SignatureError, generate_key_pair
-
-from lineguard import __version__
 
 from . import pipeline
 from .backbone import BACKBONES

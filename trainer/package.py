@@ -16,6 +16,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from lineguard import __version__
 from lineguard.agent.bundle import (
     MANIFEST_FILE,
     SIGNATURE_FILE,
@@ -29,8 +31,6 @@ from lineguard.agent.bundle import (
     file_sha256,
 )
 from lineguard.agent.signing import load_private_key, sign
-
-from lineguard import __version__
 
 from .export import cpu_session, run_onnx
 from .scoring import SplitScores

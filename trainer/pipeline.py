@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
 from lineguard.agent.bundle import DatasetInfo, InputSpec, Manifest, ModelInfo
 
 from . import calibrate as calibration_math

@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 SEQ_BLOCK = 256  # sequence numbers reserved on disk at a time, so a restart never reuses one
 HEARTBEAT_S = 1.0
+OUTBOX_LIMIT = 100_000  # frame records held for a restarting decision process
 
 
 def ring_name(agent_id: str, camera: str) -> str:
@@ -74,8 +76,15 @@ class CaptureLoop:
         self.to_engine = Sender(context, endpoint(config.run_dir, "engine"))
         self.to_decision = Sender(context, endpoint(config.run_dir, "decision"))
         self.to_supervisor = Sender(context, endpoint(config.run_dir, "supervisor"))
+        for sender in (self.to_engine, self.to_decision):
+            if not sender.wait_connected(timeout_s=5.0):
+                log.warning(
+                    "%s is not reachable yet; frames wait for decision, the engine's fail at their deadline",
+                    sender.address,
+                )
         self.sequence = SequenceCounter(config.run_dir / f"{camera.name}.seq")
         self.reclaim_after_ns = int(2 * config.decision.deadline_ms * 1e6)
+        self._outbox: deque[FrameReady | FrameFailed] = deque()  # for decision, in order, while it is away
         self._slot: int | None = None  # a slot claimed but not yet filled
         self._slot_seq = 0
         self._next_heartbeat = 0.0
@@ -84,10 +93,12 @@ class CaptureLoop:
         """Wait for one frame (or a timeout) and hand it on."""
         if self._slot is None:
             self._slot_seq = self.sequence.take()
-            self._slot = self.ring.acquire(self._slot_seq, now_ns=time.monotonic_ns(), reclaim_after_ns=self.reclaim_after_ns)
+            self._slot = self.ring.acquire(
+                self._slot_seq, now_ns=time.monotonic_ns(), reclaim_after_ns=self.reclaim_after_ns
+            )
         target = self.scratch if self._slot is None else self.ring.array(self._slot)
         info = self.source.read_into(target, timeout_s=0.2)
-        self._heartbeat()
+        self.heartbeat()
         if info is None:
             return
         seq, slot = self._report_missed(info), self._slot
@@ -101,11 +112,17 @@ class CaptureLoop:
         else:
             self.ring.publish(slot, seq, t_capture_ns=info.t_capture_ns)
             ready = FrameReady(
-                camera=self.camera.name, seq=seq, ring=self.ring.name, slot=slot, t_capture_ns=info.t_capture_ns,
-                height=self.source.height, width=self.source.width, channels=self.source.channels,
+                camera=self.camera.name,
+                seq=seq,
+                ring=self.ring.name,
+                slot=slot,
+                t_capture_ns=info.t_capture_ns,
+                height=self.source.height,
+                width=self.source.width,
+                channels=self.source.channels,
                 camera_frame_id=info.camera_frame_id,
             )
-            self.to_decision.send(ready)
+            self._to_decision(ready)
             self.to_engine.send(ready)  # if the engine is away, decision fails the frame at its deadline
         self._slot = None
 
@@ -124,15 +141,34 @@ class CaptureLoop:
         return seq
 
     def _fail(self, seq: int, t_capture_ns: int, reason: str) -> None:
-        self.to_decision.send(FrameFailed(camera=self.camera.name, seq=seq, t_capture_ns=t_capture_ns, reason=reason))
+        self._to_decision(FrameFailed(camera=self.camera.name, seq=seq, t_capture_ns=t_capture_ns, reason=reason))
 
-    def _heartbeat(self) -> None:
+    def _to_decision(self, message: FrameReady | FrameFailed) -> None:
+        """Every frame record reaches decision, in order: held here while decision restarts."""
+        self._outbox.append(message)
+        self._flush_outbox()
+        if len(self._outbox) > OUTBOX_LIMIT:
+            lost = self._outbox.popleft()
+            log.error(
+                "decision unreachable for %d frames; frame %d of %s has no verdict", OUTBOX_LIMIT, lost.seq, lost.camera
+            )
+
+    def _flush_outbox(self) -> None:
+        while self._outbox and self.to_decision.send(self._outbox[0]):
+            self._outbox.popleft()
+
+    def heartbeat(self) -> None:
+        self._flush_outbox()
         now = time.monotonic()
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + HEARTBEAT_S
             self.to_supervisor.send(
-                Heartbeat(process=f"capture-{self.camera.name}", pid=os.getpid(), t_ns=time.monotonic_ns(),
-                          queue_depth=self.ring.occupancy())
+                Heartbeat(
+                    process=f"capture-{self.camera.name}",
+                    pid=os.getpid(),
+                    t_ns=time.monotonic_ns(),
+                    queue_depth=self.ring.occupancy(),
+                )
             )
 
     def close(self) -> None:
@@ -165,7 +201,14 @@ def run(config: AgentConfig, camera_name: str, stop: threading.Event) -> int:
             if source is None:
                 break
             loop = CaptureLoop(config, camera, source, context)
-            log.info("capturing %s: %dx%dx%d into ring %s", camera.name, source.width, source.height, source.channels, loop.ring.name)
+            log.info(
+                "capturing %s: %dx%dx%d into ring %s",
+                camera.name,
+                source.width,
+                source.height,
+                source.channels,
+                loop.ring.name,
+            )
             try:
                 while not stop.is_set():
                     loop.step()
@@ -173,7 +216,8 @@ def run(config: AgentConfig, camera_name: str, stop: threading.Event) -> int:
                 log.warning("camera %s lost: %s; reconnecting", camera.name, error)
             except SourceExhausted:
                 log.info("camera %s: replay finished", camera.name)
-                stop.wait()  # a finished replay idles until the agent stops, so it is not restarted
+                while not stop.wait(HEARTBEAT_S / 2):  # idle, alive, until the agent stops: no restart, no replay
+                    loop.heartbeat()
             finally:
                 loop.close()
         return 0

@@ -51,7 +51,9 @@ class DecisionLoop:
         self.inbox = Receiver(context, endpoint(config.run_dir, "decision"))
         self.to_supervisor = Sender(context, endpoint(config.run_dir, "supervisor"))
         self.topics = topics(config.mqtt.topic_prefix, config.line, config.agent_id)
-        self.threshold = config.decision.threshold if config.decision.threshold is not None else manifest.threshold.value
+        self.threshold = (
+            config.decision.threshold if config.decision.threshold is not None else manifest.threshold.value
+        )
         self.model_label = f"{manifest.model_id}@{manifest.model_version}"
         self.deadline_ns = int(config.decision.deadline_ms * 1e6)
         self.pending: dict[tuple[str, int], Pending] = {}
@@ -93,7 +95,9 @@ class DecisionLoop:
                 return
             entry = self.pending.pop((message.camera, message.seq), None)
             if entry is not None:
-                self._publish_failsafe(message.camera, message.seq, entry.ready.t_capture_ns, message.reason, cause="engine")
+                self._publish_failsafe(
+                    message.camera, message.seq, entry.ready.t_capture_ns, message.reason, cause="engine"
+                )
                 self._release_frame(entry.ready)
 
     def _note_seq(self, camera: str, seq: int, t_capture_ns: int) -> None:
@@ -101,7 +105,9 @@ class DecisionLoop:
         last = self.last_seq.get(camera)
         if last is not None and seq > last + 1:
             for missing in range(last + 1, seq):
-                self._publish_failsafe(camera, missing, t_capture_ns, "no record of this frame reached decision", cause="gap")
+                self._publish_failsafe(
+                    camera, missing, t_capture_ns, "no record of this frame reached decision", cause="gap"
+                )
         if last is None or seq > last:
             self.last_seq[camera] = seq
 
@@ -125,8 +131,12 @@ class DecisionLoop:
             self._release_map(scored)
             return
         anomaly_map = self._read_map(scored)
-        decision = decide(scored.score, anomaly_map, threshold=self.threshold,
-                          min_defect_area_px=self.config.decision.min_defect_area_px)
+        decision = decide(
+            scored.score,
+            anomaly_map,
+            threshold=self.threshold,
+            min_defect_area_px=self.config.decision.min_defect_area_px,
+        )
         self._publish_verdict(entry.ready, decision, scored)
         if self._wants_heatmap(scored.camera, decision) and anomaly_map is not None:
             self._publish_heatmap(entry.ready, anomaly_map)
@@ -140,7 +150,9 @@ class DecisionLoop:
         for key in expired:
             entry = self.pending.pop(key)
             reason = f"no score within the {self.config.decision.deadline_ms:.0f} ms deadline (engine down or behind)"
-            self._publish_failsafe(entry.ready.camera, entry.ready.seq, entry.ready.t_capture_ns, reason, cause="deadline")
+            self._publish_failsafe(
+                entry.ready.camera, entry.ready.seq, entry.ready.t_capture_ns, reason, cause="deadline"
+            )
             self._release_frame(entry.ready)
 
     def _publish_verdict(self, ready: FrameReady, decision: Decision, scored: Scored) -> None:
@@ -153,16 +165,36 @@ class DecisionLoop:
         }
         for stage, value in latency_ms.items():
             self.metrics.latency.labels(stage).observe(value / 1e3)
-        self._send_verdict(ready.camera, ready.seq, ready.t_capture_ns, decision.verdict, decision.reason,
-                           score=scored.score, model=scored.model, latency_ms=latency_ms)
+        self._send_verdict(
+            ready.camera,
+            ready.seq,
+            ready.t_capture_ns,
+            decision.verdict,
+            decision.reason,
+            score=scored.score,
+            model=scored.model,
+            latency_ms=latency_ms,
+        )
 
     def _publish_failsafe(self, camera: str, seq: int, t_capture_ns: int, reason: str, *, cause: str) -> None:
         self.metrics.failsafes.labels(camera, cause).inc()
         latency = {"total": (time.monotonic_ns() - t_capture_ns) / 1e6}
-        self._send_verdict(camera, seq, t_capture_ns, "failsafe", reason, score=None, model=self.model_label, latency_ms=latency)
+        self._send_verdict(
+            camera, seq, t_capture_ns, "failsafe", reason, score=None, model=self.model_label, latency_ms=latency
+        )
 
-    def _send_verdict(self, camera: str, seq: int, t_capture_ns: int, verdict: str, reason: str, *,
-                      score: float | None, model: str, latency_ms: dict[str, float]) -> None:
+    def _send_verdict(
+        self,
+        camera: str,
+        seq: int,
+        t_capture_ns: int,
+        verdict: str,
+        reason: str,
+        *,
+        score: float | None,
+        model: str,
+        latency_ms: dict[str, float],
+    ) -> None:
         payload = {
             "seq": seq,
             "camera": camera,
@@ -195,11 +227,14 @@ class DecisionLoop:
             return
         camera = next(c for c in self.config.cameras if c.name == ready.camera)
         spec = self.manifest.input
-        model_input = Preprocessor(camera.roi, frame.shape, (spec.height, spec.width, spec.channels), camera.pixel_format)
+        model_input = Preprocessor(
+            camera.roi, frame.shape, (spec.height, spec.width, spec.channels), camera.pixel_format
+        )
         view = model_input(frame, out=self._heatmap_input)
         norm = self.manifest.score_normalisation
-        image = render_heatmap(view, anomaly_map, low=norm.map_low, high=norm.map_high,
-                               image_format=self.config.decision.heatmap_format)
+        image = render_heatmap(
+            view, anomaly_map, low=norm.map_low, high=norm.map_high, image_format=self.config.decision.heatmap_format
+        )
         self.publisher.publish_bytes(self.topics.heatmap(ready.camera), image, qos=0)
 
     def _read_map(self, scored: Scored) -> np.ndarray | None:
@@ -223,8 +258,9 @@ class DecisionLoop:
         now = time.monotonic()
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + HEARTBEAT_S
-            self.to_supervisor.send(Heartbeat(process="decision", pid=os.getpid(), t_ns=time.monotonic_ns(),
-                                              queue_depth=len(self.pending)))
+            self.to_supervisor.send(
+                Heartbeat(process="decision", pid=os.getpid(), t_ns=time.monotonic_ns(), queue_depth=len(self.pending))
+            )
         if now >= self._next_status:
             self._next_status = now + STATUS_PERIOD_S
             elapsed = max(now - self._last_status_t, 1e-6)
@@ -238,8 +274,15 @@ class DecisionLoop:
             self.publisher.publish_json(self.topics.status, self.status(fps), qos=1, retain=True)
 
     def status(self, fps: dict[str, float]) -> dict[str, object]:
-        return {"online": True, "agent": self.config.agent_id, "model": self.model_label, "fps": fps,
-                "queue_depth": len(self.pending), "mqtt_queued": self.publisher.queued, "ts": time.time()}
+        return {
+            "online": True,
+            "agent": self.config.agent_id,
+            "model": self.model_label,
+            "fps": fps,
+            "queue_depth": len(self.pending),
+            "mqtt_queued": self.publisher.queued,
+            "ts": time.time(),
+        }
 
     def drain(self, timeout_s: float) -> None:
         """Close every pending frame (scores that still arrive, else failsafe) before exit."""
@@ -258,11 +301,15 @@ class DecisionLoop:
 
 def run(config: AgentConfig, stop: threading.Event) -> int:
     """The decision process body; returns the exit code."""
-    manifest = verify_bundle(config.engine.bundle, load_trusted_keys(config.engine.trusted_keys),
-                             require_signature=config.engine.require_signature)
+    manifest = verify_bundle(
+        config.engine.bundle,
+        load_trusted_keys(config.engine.trusted_keys),
+        require_signature=config.engine.require_signature,
+    )
     agent_topics = topics(config.mqtt.topic_prefix, config.line, config.agent_id)
-    publisher = MqttPublisher(config.mqtt, client_id=config.mqtt.client_id or f"lineguard-{config.agent_id}",
-                              status_topic=agent_topics.status)
+    publisher = MqttPublisher(
+        config.mqtt, client_id=config.mqtt.client_id or f"lineguard-{config.agent_id}", status_topic=agent_topics.status
+    )
     context = zmq.Context()
     loop = DecisionLoop(config, manifest, publisher, context)
     loop.metrics.serve(config.metrics.host, config.metrics.port)

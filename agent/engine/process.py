@@ -98,9 +98,14 @@ class EngineLoop:
                 self.map_ring.publish(map_slot, ready.seq, t_capture_ns=ready.t_capture_ns)
             self.to_decision.send(
                 Scored(
-                    camera=ready.camera, seq=ready.seq, score=float(scores[job.index]), map_ring=self.map_ring.name,
-                    map_slot=-1 if map_slot is None else map_slot, model=self.model.label,
-                    t_engine_start_ns=started, t_engine_end_ns=finished,
+                    camera=ready.camera,
+                    seq=ready.seq,
+                    score=float(scores[job.index]),
+                    map_ring=self.map_ring.name,
+                    map_slot=-1 if map_slot is None else map_slot,
+                    model=self.model.label,
+                    t_engine_start_ns=started,
+                    t_engine_end_ns=finished,
                 )
             )
 

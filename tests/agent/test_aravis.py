@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from lineguard.agent.capture import CameraError, CameraUnavailable, SlotSource, aravis, open_source
 from lineguard.agent.capture.aravis import AravisSource, FrameIdTracker, _import_aravis, frame_id_gap
 from lineguard.agent.config import CameraConfig

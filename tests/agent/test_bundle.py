@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from lineguard.agent.bundle import MANIFEST_FILE, SIGNATURE_FILE, BundleError, verify_bundle
 from lineguard.agent.signing import SignatureError, generate_key_pair, load_public_key, public_key_path
 

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import zmq
+
 from lineguard.agent.ipc import IpcError, Receiver, Sender, endpoint
 from lineguard.agent.messages import FrameFailed, FrameReady, Heartbeat, Scored, ScoreFailed, encode
 
@@ -237,3 +238,19 @@ def test_closing_a_sender_with_undelivered_messages_does_not_hang(tmp_path):
 def test_a_bad_high_water_mark_is_refused(context, tmp_path):
     with pytest.raises(IpcError, match="high_water_mark must be an integer >= 1"):
         Sender(context, endpoint(tmp_path, "x"), high_water_mark=0)
+
+
+def test_wait_connected_is_true_once_a_receiver_is_bound_and_false_without_one(tmp_path):
+    import zmq
+
+    from lineguard.agent.ipc import Receiver, Sender, endpoint
+
+    context = zmq.Context()
+    address = endpoint(tmp_path, "probe")
+    sender = Sender(context, address)
+    assert not sender.wait_connected(timeout_s=0.1)
+    receiver = Receiver(context, address)
+    assert sender.wait_connected(timeout_s=5.0)
+    sender.close()
+    receiver.close()
+    context.term()

@@ -7,72 +7,21 @@ import logging
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from broker import MosquittoBroker, TlsFiles, find_program, free_port, make_tls_files
+from broker import MosquittoBroker, find_program, free_port, make_tls_files
+from mqtt_subscriber import Subscriber
+
 from lineguard.agent.config import MqttConfig
 from lineguard.agent.mqtt import MqttError, MqttPublisher, topics
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 TOPICS = topics("lineguard", "line-1", "agent-1")
 VERDICTS = TOPICS.verdict("cam0")
 HEATMAPS = TOPICS.heatmap("cam0")
-
-
-class Subscriber:
-    """A second paho client that records every message on `topic` in arrival order."""
-
-    def __init__(
-        self,
-        broker: MosquittoBroker,
-        topic: str = "lineguard/#",
-        *,
-        persistent: bool = False,
-        tls: TlsFiles | None = None,
-        client_id: str = "",
-    ) -> None:
-        self.messages: list[tuple[str, bytes]] = []
-        self.client_id = client_id or f"sub-{uuid.uuid4().hex[:8]}"
-        self._cond = threading.Condition()
-        subscribed = threading.Event()
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=MQTTProtocolVersion.MQTTv5)
-        client.reconnect_delay_set(min_delay=1, max_delay=1)
-        if tls is not None:
-            client.tls_set(ca_certs=str(tls.ca_cert), certfile=str(tls.client_cert), keyfile=str(tls.client_key))
-        client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
-        client.on_subscribe = lambda c, u, mid, codes, p: subscribed.set()
-        client.on_message = self._on_message
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = 3600 if persistent else 0
-        client.connect(broker.host, broker.port, clean_start=not persistent, properties=properties)
-        client.loop_start()
-        self._client = client
-        assert subscribed.wait(5), "the test subscriber could not subscribe"
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        with self._cond:
-            self.messages.append((message.topic, message.payload))
-            self._cond.notify_all()
-
-    def wait_until(self, done: Callable[[], bool], timeout_s: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(done, timeout_s)
-
-    def seqs(self, topic: str) -> list[int]:
-        with self._cond:
-            return [json.loads(payload)["seq"] for each, payload in self.messages if each == topic]
-
-    def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
 
 
 @pytest.fixture
@@ -113,9 +62,10 @@ def wait_for(done: Callable[[], bool], timeout_s: float) -> bool:
 
 
 def start_before_the_publisher_reconnects(broker: MosquittoBroker, pub: MqttPublisher, failures: int) -> None:
-    """Start `broker` right after a failed connection attempt of `pub` (its count passes `failures`): paho waits
-    >= 1 s before the next attempt,
-    so a subscriber connected now is there before the publisher delivers what it held."""
+    """Start `broker` right after a failed connection attempt of `pub` (its count passes `failures`).
+
+    paho waits >= 1 s before its next attempt, so a subscriber connected now is there before the publisher
+    delivers what it held (and no test depends on the broker queueing for an offline subscriber)."""
     assert wait_for(lambda: pub.connect_failures > failures, 5), "the publisher made no connection attempt"
     broker.start()
 
@@ -207,25 +157,38 @@ def test_every_verdict_arrives_in_order_across_a_broker_restart(broker_factory, 
     assert set(heatmaps_while_down) <= set(second.seqs(HEATMAPS))
 
 
-def test_the_retained_status_reaches_a_late_subscriber_and_close_replaces_it(broker, publisher):
+def late_subscriber_reads(broker: MosquittoBroker, topic: str) -> dict[str, Any]:
+    """The retained message on `topic`, read by mosquitto_sub as a separate program connecting now."""
     mosquitto_sub = find_program("mosquitto_sub")
     if mosquitto_sub is None:
         pytest.skip("mosquitto_sub is not installed (apt-get install mosquitto-clients)")
+    command = [mosquitto_sub, "-h", broker.host, "-p", str(broker.port), "-t", topic, "-C", "1", "-W", "5"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=True)
+    return json.loads(done.stdout)
 
-    def late_subscriber_reads() -> dict[str, Any]:
-        command = [mosquitto_sub, "-h", broker.host, "-p", str(broker.port), "-t", TOPICS.status, "-C", "1", "-W", "5"]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=True)
-        return json.loads(done.stdout)
 
+def test_the_retained_status_reaches_a_late_subscriber_and_close_replaces_it(broker, publisher):
     pub = publisher(broker.port)
     pub.publish_json(TOPICS.status, {"online": True, "model": "brick-1.0.0"}, qos=1, retain=True)
     assert pub.wait_connected(5) and pub.flush(5)
-    assert late_subscriber_reads() == {"online": True, "model": "brick-1.0.0"}
+    assert late_subscriber_reads(broker, TOPICS.status) == {"online": True, "model": "brick-1.0.0"}
     pub.close(offline_status={"reason": "shutdown"})
     # A clean DISCONNECT: the broker does not publish the will ("connection lost") over it.
-    assert late_subscriber_reads() == {"reason": "shutdown", "online": False}
+    assert late_subscriber_reads(broker, TOPICS.status) == {"reason": "shutdown", "online": False}
     with pytest.raises(MqttError, match="closed"):
         pub.publish_json(VERDICTS, verdict(0), qos=1)
+
+
+def test_the_retained_status_is_published_again_after_a_reconnect(broker, publisher):
+    # A broker restarted without persistence forgets retained messages (after a network loss, the will
+    # would have replaced it): the publisher sends its latest status again on every reconnect.
+    pub = publisher(broker.port)
+    pub.publish_json(TOPICS.status, {"online": True}, qos=1, retain=True)
+    assert pub.wait_connected(5) and pub.flush(5)
+    broker.stop()
+    broker.start()
+    assert wait_for(lambda: not pub.connected, 5) and pub.wait_connected(10) and pub.flush(5)
+    assert late_subscriber_reads(broker, TOPICS.status) == {"online": True}
 
 
 PUBLISHER_SCRIPT = """

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from broker import MosquittoBroker, Subscriber
+from broker import MosquittoBroker
+from mqtt_subscriber import Subscriber
 
 from lineguard.agent.signing import public_key_path
 from lineguard.trainer.scoring import load_split_scores
@@ -37,8 +38,17 @@ def replay(trained_work: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     return folder, expected
 
 
-def write_config(tmp_path: Path, broker: MosquittoBroker, trained_work: Path, signing_key: Path, folder: Path,
-                 *, fps: float, loop: bool, deadline_ms: float = 250.0) -> Path:
+def write_config(
+    tmp_path: Path,
+    broker: MosquittoBroker,
+    trained_work: Path,
+    signing_key: Path,
+    folder: Path,
+    *,
+    fps: float,
+    loop: bool,
+    deadline_ms: float = 250.0,
+) -> Path:
     config = tmp_path / "agent.toml"
     config.write_text(
         f"""
@@ -100,8 +110,7 @@ def stop(agent: subprocess.Popen, timeout_s: float = 30) -> int:
 
 
 def verdicts(subscriber: Subscriber) -> list[dict]:
-    with subscriber._cond:
-        return [json.loads(payload) for topic, payload in subscriber.messages if topic == VERDICTS]
+    return subscriber.payloads(VERDICTS)
 
 
 def test_every_replayed_frame_gets_one_verdict_and_defects_are_rejected_as_the_report_predicts(
@@ -109,16 +118,20 @@ def test_every_replayed_frame_gets_one_verdict_and_defects_are_rejected_as_the_r
 ):
     folder, expected = replay
     subscriber = Subscriber(broker, "lineguard/#")
-    config = write_config(tmp_path, broker, trained_work, signing_key, folder, fps=10, loop=False)
+    # A generous deadline: this test is about correctness; on a loaded CI machine a frame can take > 250 ms.
+    config = write_config(tmp_path, broker, trained_work, signing_key, folder, fps=10, loop=False, deadline_ms=2000)
     agent = start_agent(config)
-    assert subscriber.wait_until(lambda: len(verdicts(subscriber)) >= len(expected), 90), "not every frame got a verdict"
+    ok = subscriber.wait_until(lambda: len(verdicts(subscriber)) >= len(expected), 90)
+    assert ok, (
+        f"not every frame got a verdict: {len(verdicts(subscriber))} of {len(expected)}; topics {sorted({t for t, _ in subscriber.messages})}; {verdicts(subscriber)[:3]}"
+    )
     assert stop(agent) == 0
     received = verdicts(subscriber)
     assert sorted(v["seq"] for v in received) == list(range(1, len(expected) + 1))  # one each, none missing
     threshold = json.loads((trained_work / "bundle" / "manifest.json").read_text())["threshold"]["value"]
     for v in received:
-        name, label, trainer_score = expected[v["seq"] - 1]
-        assert v["verdict"] == ("reject" if trainer_score >= threshold else "accept"), name
+        name, _label, trainer_score = expected[v["seq"] - 1]
+        assert v["verdict"] == ("reject" if trainer_score >= threshold else "accept"), (name, v)
         assert v["score"] == pytest.approx(trainer_score, rel=1e-4)
         assert v["model"] == "brick-test@1.0.0" and v["threshold"] == pytest.approx(threshold)
         assert v["latency_ms"]["total"] > 0
@@ -151,7 +164,8 @@ def test_killing_the_engine_mid_stream_fails_safe_and_loses_no_frame(
     assert seqs == list(range(1, seqs[-1] + 1)), "a frame is missing or was answered twice"
     failsafes = [v for v in received if v["verdict"] == "failsafe"]
     assert failsafes, "frames in the engine's gap must get failsafe"
-    assert all("deadline" in v["reason"] or "engine" in v["reason"] for v in failsafes)
+    reasons = {v["reason"] for v in failsafes}
+    assert all("deadline" in reason or "engine" in reason for reason in reasons), reasons
 
 
 def test_a_broker_restart_mid_stream_loses_no_verdict(
@@ -195,7 +209,9 @@ def test_an_unreadable_config_exits_2_naming_the_key(tmp_path):
     config.write_text("[decision]\ndeadline_ms = 'soon'\n")
     result = subprocess.run(
         [Path(sys.executable).with_name("lineguard-agent"), "run", "--config", str(config)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2 and "decision.deadline_ms" in result.stderr
 
@@ -208,6 +224,8 @@ def test_an_untrusted_bundle_is_refused_at_start(broker, trained_work, replay, t
     config = write_config(tmp_path, broker, trained_work, stranger, folder, fps=10, loop=False)
     result = subprocess.run(
         [Path(sys.executable).with_name("lineguard-agent"), "run", "--config", str(config)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2 and "not trusted here" in result.stderr

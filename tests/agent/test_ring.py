@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from lineguard.agent.ring import RingError, ShmRing, StaleSlotError
 
 SHM = Path("/dev/shm")

@@ -1,4 +1,5 @@
 import pytest
+
 from lineguard.agent.signing import (
     KeyFileError,
     SignatureError,

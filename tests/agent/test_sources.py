@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from lineguard.agent.capture import CameraError, CameraUnavailable, FrameInfo, SourceExhausted, open_source
 from lineguard.agent.capture.folder import FolderSource
 from lineguard.agent.capture.opencv import RtspSource, VideoFileSource, _redact

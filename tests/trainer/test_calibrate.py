@@ -4,6 +4,8 @@ import json
 
 import numpy as np
 import pytest
+from sklearn.metrics import f1_score, precision_recall_curve, roc_curve
+
 from lineguard.trainer.calibrate import (
     Calibration,
     RateEstimate,
@@ -13,7 +15,6 @@ from lineguard.trainer.calibrate import (
     parse_threshold_method,
 )
 from lineguard.trainer.errors import CalibrationError
-from sklearn.metrics import f1_score, precision_recall_curve, roc_curve
 
 F1 = ThresholdMethod("f1")
 YOUDEN = ThresholdMethod("youden")

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from lineguard.agent.bundle import verify_bundle
 from lineguard.agent.signing import load_public_key, public_key_path
 from lineguard.trainer.__main__ import main
@@ -31,6 +32,7 @@ def test_run_writes_report_metrics_onnx_and_a_signed_bundle(trained_work: Path, 
 def test_golden_scores_in_the_bundle_are_what_onnx_runtime_gives_the_stored_pngs(trained_work: Path):
     import cv2
     import numpy as np
+
     from lineguard.trainer.export import cpu_session, run_onnx
 
     manifest = json.loads((trained_work / "bundle" / "manifest.json").read_text())

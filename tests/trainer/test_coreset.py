@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from lineguard.trainer.coreset import CoresetSpec, greedy_coreset
 
 

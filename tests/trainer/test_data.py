@@ -3,6 +3,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from lineguard.trainer.data import (
     discover_dataset,
     load_images,

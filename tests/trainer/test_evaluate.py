@@ -5,9 +5,10 @@ import json
 import cv2
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
+
 from lineguard.trainer.evaluate import aupro, image_metrics, pixel_auroc, split_metrics
 from lineguard.trainer.scoring import SplitScores
-from sklearn.metrics import roc_auc_score
 
 # --- image_metrics ---------------------------------------------------------------------------------------
 

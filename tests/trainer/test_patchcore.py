@@ -5,11 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from skimage import data as skdata
+
 from lineguard.trainer.errors import ExportError, ModelError
 from lineguard.trainer.export import OUTPUT_NAMES, check_parity, compare_outputs, cpu_session, export_onnx
 from lineguard.trainer.models.patchcore import PatchCoreConfig, fit_patchcore, load_patchcore, save_patchcore
 from lineguard.trainer.scoring import score_images
-from skimage import data as skdata
 
 
 def crops(channels: int, n: int, size: int = 64, seed: int = 0) -> np.ndarray:

@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from lineguard.trainer.report import ReportInputs, render_report
 from lineguard.trainer.scoring import SplitScores
 

@@ -6,6 +6,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from skimage import data as skimage_data
+
 from lineguard.trainer.sample_data import (
     CATEGORIES,
     DEFECT_TYPES,
@@ -13,7 +15,6 @@ from lineguard.trainer.sample_data import (
     _render_sample,
     make_sample_dataset,
 )
-from skimage import data as skimage_data
 
 SMALL = SampleDataSpec(
     image_size=64, n_train=3, n_calibration_good=2, n_calibration_defect=5, n_test_good=2, n_test_defect=8
