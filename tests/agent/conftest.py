@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from broker import INSTALL_HINT, MosquittoBroker, find_program
+from fake_camera import FakeCamera, require_fake_camera
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +44,13 @@ def broker_factory(mosquitto_installed: None, tmp_path: Path) -> Iterator[Callab
     yield make
     for each in started:
         each.close()
+
+
+@pytest.fixture(scope="module")
+def fake_camera(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeCamera]:
+    """A fresh arv-fake-gv-camera-0.8 on 127.0.0.1 for one test module (its state persists while it lives)."""
+    require_fake_camera()
+    camera = FakeCamera(tmp_path_factory.mktemp("fake-camera") / "fake-camera.log")
+    camera.start()
+    yield camera
+    camera.kill()

@@ -229,3 +229,26 @@ def test_an_untrusted_bundle_is_refused_at_start(broker, trained_work, replay, t
         timeout=60,
     )
     assert result.returncode == 2 and "not trusted here" in result.stderr
+
+
+def test_a_real_gige_stream_gets_one_verdict_per_frame(
+    fake_camera, broker, trained_work, signing_key, replay, tmp_path, start_agent
+):
+    folder, _ = replay
+    subscriber = Subscriber(broker, VERDICTS)
+    config = write_config(tmp_path, broker, trained_work, signing_key, folder, fps=10, loop=False, deadline_ms=2000)
+    camera = (
+        'source = "gige"\naddress = "127.0.0.1"\nwidth_px = 640\nheight_px = 480\nexposure_us = 10000.0\n'
+        "gain_db = 0.0\n[cameras.roi]\nx = 80\nwidth = 480"  # the model is square: look at the middle 480x480
+    )
+    text = config.read_text()
+    start, end = text.index('source = "folder"'), text.index("loop = false") + len("loop = false")
+    config.write_text(text[:start] + camera + text[end:])
+    agent = start_agent(config)
+    assert subscriber.wait_until(lambda: len(verdicts(subscriber)) >= 30, 60), "the GigE stream produced no verdicts"
+    assert stop(agent) == 0
+    received = verdicts(subscriber)
+    seqs = sorted(v["seq"] for v in received)
+    assert seqs == list(range(seqs[0], seqs[-1] + 1)) and len(seqs) == len(set(seqs))
+    scored = [v for v in received if v["verdict"] != "failsafe"]
+    assert len(scored) >= 0.9 * len(received), {v["reason"] for v in received if v["verdict"] == "failsafe"}
