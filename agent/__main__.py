@@ -2,6 +2,7 @@
 
     lineguard-agent run --config agent.toml
     lineguard-agent check-config --config agent.toml
+    lineguard-agent watch --config agent.toml [--count N]
 Exit codes: 0 clean stop, 1 a process kept failing, 2 bad configuration or bundle (message says the fix).
 """
 
@@ -71,6 +72,13 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_watch(args: argparse.Namespace) -> int:
+    from .watch import watch
+
+    summary = watch(load_config(args.config), count=args.count, timeout_s=args.timeout)
+    return 0 if summary.total else 1
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     """One pipeline process, started by the supervisor."""
     from .supervisor import EXIT_FATAL
@@ -106,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--config", type=Path, help="agent.toml (LINEGUARD_* environment variables override it)")
         sub.set_defaults(handler=handler)
+    watcher = commands.add_parser("watch", help="print this agent's verdicts from the broker, then a summary")
+    watcher.add_argument("--config", type=Path, help="the agent's agent.toml (for broker and topics)")
+    watcher.add_argument("--count", type=int, default=10**9, help="stop after this many verdicts")
+    watcher.add_argument("--timeout", type=float, default=3600.0, help="stop after this many seconds")
+    watcher.set_defaults(handler=_cmd_watch)
     worker = commands.add_parser("worker", help=argparse.SUPPRESS)
     worker.add_argument("role", choices=("capture", "engine", "decision"))
     worker.add_argument("camera", nargs="?", default="")

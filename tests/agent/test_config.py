@@ -51,3 +51,26 @@ def test_a_missing_or_unparsable_file_says_so(tmp_path):
         load_config(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(write(tmp_path, "[mqtt\n"))
+
+
+def test_every_configuration_key_is_documented_in_the_readme():
+    from pydantic import BaseModel
+
+    from lineguard.agent.config import AgentConfig, CameraConfig
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+
+    def keys(prefix: str, model: type[BaseModel]) -> list[str]:
+        found = []
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                found += keys(f"{prefix}{name}.", annotation)
+            elif name == "cameras":
+                found += keys("cameras[].", CameraConfig)
+            else:
+                found.append(f"`{prefix}{name}`")
+        return found
+
+    missing = [key for key in keys("", AgentConfig) if key not in readme]
+    assert not missing, f"README's configuration table lacks {missing}"
