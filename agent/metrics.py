@@ -33,6 +33,9 @@ class PipelineMetrics:
             "lineguard_fps", "Verdicts per second over the last status period", ["camera"], registry=self.registry
         )
         self.pending = Gauge("lineguard_pending_frames", "Frames awaiting a score", registry=self.registry)
+        self.ring_occupancy = Gauge(
+            "lineguard_ring_occupancy", "Shared-memory ring slots in use", ["ring"], registry=self.registry
+        )
         self.mqtt_queued = Gauge(
             "lineguard_mqtt_queued", "Messages queued locally for the broker", registry=self.registry
         )

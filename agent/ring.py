@@ -447,6 +447,10 @@ class AttachedRings:
         except RingError:
             return False
 
+    def occupancy(self) -> dict[str, int]:
+        """Slots in use per attached ring, for metrics."""
+        return {name: ring.occupancy() for name, ring in self._rings.items()}
+
     def close(self) -> None:
         for ring in self._rings.values():
             ring.close()

@@ -270,6 +270,8 @@ class DecisionLoop:
             self._frame_counts = {}
             self._last_status_t = now
             self.metrics.pending.set(len(self.pending))
+            for ring, used in self.rings.occupancy().items():
+                self.metrics.ring_occupancy.labels(ring).set(used)
             self.metrics.mqtt_queued.set(self.publisher.queued)
             self.publisher.publish_json(self.topics.status, self.status(fps), qos=1, retain=True)
 

@@ -10,12 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from broker import MosquittoBroker
+from broker import MosquittoBroker, free_port
 from mqtt_subscriber import Subscriber
 
 from lineguard.agent.signing import public_key_path
@@ -48,6 +49,7 @@ def write_config(
     fps: float,
     loop: bool,
     deadline_ms: float = 250.0,
+    metrics_port: int = 0,
 ) -> Path:
     config = tmp_path / "agent.toml"
     config.write_text(
@@ -79,7 +81,7 @@ heatmap = "rejects"
 port = {broker.port}
 
 [metrics]
-port = 0
+port = {metrics_port}
 """
     )
     return config
@@ -119,12 +121,26 @@ def test_every_replayed_frame_gets_one_verdict_and_defects_are_rejected_as_the_r
     folder, expected = replay
     subscriber = Subscriber(broker, "lineguard/#")
     # A generous deadline: this test is about correctness; on a loaded CI machine a frame can take > 250 ms.
-    config = write_config(tmp_path, broker, trained_work, signing_key, folder, fps=10, loop=False, deadline_ms=2000)
+    metrics_port = free_port()
+    config = write_config(
+        tmp_path,
+        broker,
+        trained_work,
+        signing_key,
+        folder,
+        fps=10,
+        loop=False,
+        deadline_ms=2000,
+        metrics_port=metrics_port,
+    )
     agent = start_agent(config)
     ok = subscriber.wait_until(lambda: len(verdicts(subscriber)) >= len(expected), 90)
     assert ok, (
         f"not every frame got a verdict: {len(verdicts(subscriber))} of {len(expected)}; topics {sorted({t for t, _ in subscriber.messages})}; {verdicts(subscriber)[:3]}"
     )
+    scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    assert 'lineguard_verdicts_total{camera="cam0",verdict="reject"}' in scrape
+    assert "lineguard_latency_seconds_bucket" in scrape
     assert stop(agent) == 0
     received = verdicts(subscriber)
     assert sorted(v["seq"] for v in received) == list(range(1, len(expected) + 1))  # one each, none missing
