@@ -3,6 +3,8 @@
     lineguard-agent run --config agent.toml
     lineguard-agent check-config --config agent.toml
     lineguard-agent watch --config agent.toml [--count N]
+    lineguard-agent activate --config agent.toml BUNDLE    (swap a new model in, with canary)
+    lineguard-agent rollback --config agent.toml
 Exit codes: 0 clean stop, 1 a process kept failing, 2 bad configuration or bundle (message says the fix).
 """
 
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from .bundle import BundleError, Manifest, verify_bundle
 from .config import AgentConfig, ConfigError, load_config
+from .models import serving_bundle
 from .signing import KeyFileError, SignatureError, load_trusted_keys
 
 log = logging.getLogger("lineguard.agent")
@@ -26,7 +29,7 @@ log = logging.getLogger("lineguard.agent")
 def preflight(config: AgentConfig) -> Manifest:
     """Checks that need I/O, before any process starts: the bundle verifies and fits the cameras."""
     manifest = verify_bundle(
-        config.engine.bundle,
+        serving_bundle(config.state_dir, config.engine.bundle),
         load_trusted_keys(config.engine.trusted_keys),
         require_signature=config.engine.require_signature,
     )
@@ -72,6 +75,22 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_activate(args: argparse.Namespace) -> int:
+    from .manager import activate
+
+    label = activate(load_config(args.config), args.bundle)
+    print(f"{label} is serving")
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from .manager import rollback
+
+    label = rollback(load_config(args.config))
+    print(f"rolled back: {label} is serving")
+    return 0
+
+
 def _cmd_watch(args: argparse.Namespace) -> int:
     from .watch import watch
 
@@ -114,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--config", type=Path, help="agent.toml (LINEGUARD_* environment variables override it)")
         sub.set_defaults(handler=handler)
+    activator = commands.add_parser("activate", help="install a bundle and swap it into the running agent")
+    activator.add_argument("bundle", type=Path, help="bundle directory")
+    activator.add_argument("--config", type=Path, help="the running agent's agent.toml")
+    activator.set_defaults(handler=_cmd_activate)
+    roller = commands.add_parser("rollback", help="swap the running agent back to its previous model")
+    roller.add_argument("--config", type=Path, help="the running agent's agent.toml")
+    roller.set_defaults(handler=_cmd_rollback)
     watcher = commands.add_parser("watch", help="print this agent's verdicts from the broker, then a summary")
     watcher.add_argument("--config", type=Path, help="the agent's agent.toml (for broker and topics)")
     watcher.add_argument("--count", type=int, default=10**9, help="stop after this many verdicts")

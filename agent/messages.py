@@ -77,9 +77,29 @@ class Heartbeat:
     queue_depth: int = 0
 
 
-Message = FrameReady | FrameFailed | Scored | ScoreFailed | Heartbeat
+@dataclass(frozen=True, slots=True)
+class SwapModel:
+    """model manager -> engine: load the bundle at bundle_dir beside the serving one, canary it, swap."""
 
-_TYPES: dict[str, type] = {cls.__name__: cls for cls in (FrameReady, FrameFailed, Scored, ScoreFailed, Heartbeat)}
+    request_id: str
+    bundle_dir: str
+
+
+@dataclass(frozen=True, slots=True)
+class SwapResult:
+    """engine -> model manager: whether the swap happened; `model` is what serves now."""
+
+    request_id: str
+    ok: bool
+    model: str
+    reason: str
+
+
+Message = FrameReady | FrameFailed | Scored | ScoreFailed | Heartbeat | SwapModel | SwapResult
+
+_TYPES: dict[str, type] = {
+    cls.__name__: cls for cls in (FrameReady, FrameFailed, Scored, ScoreFailed, Heartbeat, SwapModel, SwapResult)
+}
 
 
 def encode(message: Message) -> bytes:
@@ -117,13 +137,14 @@ def decode(data: bytes) -> Message:
     return message
 
 
-_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str}
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str, "bool": bool}
 
 
 def _check_types(name: str, message: Message) -> None:
     for field in dataclasses.fields(message):
         value = getattr(message, field.name)
         expected = _FIELD_TYPES.get(str(field.type), object)
-        if isinstance(value, bool) or not isinstance(value, expected):
+        wrong_bool = isinstance(value, bool) and str(field.type) != "bool"  # JSON true is not a number here
+        if wrong_bool or not isinstance(value, expected):
             msg = f"{name}.{field.name} must be {field.type}, got {value!r}"
             raise MessageError(msg)

@@ -77,7 +77,12 @@ def watch(config: AgentConfig, *, count: int, timeout_s: float, out: TextIO = sy
         certfile = str(config.mqtt.tls_cert) if config.mqtt.tls_cert else None
         keyfile = str(config.mqtt.tls_key) if config.mqtt.tls_key else None
         client.tls_set(ca_certs=str(config.mqtt.tls_ca), certfile=certfile, keyfile=keyfile)
-    client.on_connect = lambda c, _u, _f, _rc, _p: [c.subscribe(topic, qos=1) for topic in sorted(wanted)]
+
+    def on_connect(client: mqtt.Client, *_: object) -> None:
+        for topic in sorted(wanted):
+            client.subscribe(topic, qos=1)
+
+    client.on_connect = on_connect
     client.on_message = on_message
     client.connect(config.mqtt.host, config.mqtt.port)
     client.loop_start()

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
-from ..bundle import Manifest, verify_bundle
+from ..bundle import MANIFEST_FILE, BundleError, Manifest, parse_manifest, verify_bundle
 from ..config import AgentConfig
 from ..engine.preprocess import Preprocessor
 from ..ipc import Receiver, Sender, endpoint
 from ..messages import FrameFailed, FrameReady, Heartbeat, Message, Scored, ScoreFailed
 from ..metrics import PipelineMetrics
+from ..models import serving_bundle, store_root
 from ..mqtt import MqttPublisher, topics
 from ..ring import AttachedRings, RingError
 from ..signing import load_trusted_keys
@@ -47,14 +48,12 @@ class DecisionLoop:
     """Closes every frame with exactly one verdict."""
 
     def __init__(self, config: AgentConfig, manifest: Manifest, publisher: MqttPublisher, context: zmq.Context) -> None:
-        self.config, self.manifest, self.publisher = config, manifest, publisher
+        self.config, self.publisher = config, publisher
         self.inbox = Receiver(context, endpoint(config.run_dir, "decision"))
         self.to_supervisor = Sender(context, endpoint(config.run_dir, "supervisor"))
         self.topics = topics(config.mqtt.topic_prefix, config.line, config.agent_id)
-        self.threshold = (
-            config.decision.threshold if config.decision.threshold is not None else manifest.threshold.value
-        )
         self.model_label = f"{manifest.model_id}@{manifest.model_version}"
+        self.manifests: dict[str, Manifest] = {self.model_label: manifest}
         self.deadline_ns = int(config.decision.deadline_ms * 1e6)
         self.pending: dict[tuple[str, int], Pending] = {}
         self.early: dict[tuple[str, int], Scored | ScoreFailed] = {}
@@ -130,11 +129,19 @@ class DecisionLoop:
             self.metrics.late_scores.inc()
             self._release_map(scored)
             return
+        manifest = self._manifest(scored.model)
+        if manifest is None:
+            reason = f"scored by model {scored.model}, whose manifest is not in the model store"
+            self._publish_failsafe(scored.camera, scored.seq, entry.ready.t_capture_ns, reason, cause="engine")
+            self._release_map(scored)
+            self._release_frame(entry.ready)
+            return
+        self.model_label = scored.model
         anomaly_map = self._read_map(scored)
         decision = decide(
             scored.score,
             anomaly_map,
-            threshold=self.threshold,
+            threshold=self._threshold(manifest),
             min_defect_area_px=self.config.decision.min_defect_area_px,
         )
         self._publish_verdict(entry.ready, decision, scored)
@@ -142,6 +149,22 @@ class DecisionLoop:
             self._publish_heatmap(entry.ready, anomaly_map)
         self._release_map(scored)
         self._release_frame(entry.ready)
+
+    def _manifest(self, label: str) -> Manifest | None:
+        """The manifest of the model that scored a frame: the start-up one, or from the model store after a swap."""
+        manifest = self.manifests.get(label)
+        if manifest is None:
+            path = store_root(self.config.state_dir) / label / MANIFEST_FILE
+            try:
+                manifest = self.manifests[label] = parse_manifest(path.read_bytes(), source=str(path))
+            except (OSError, BundleError) as error:
+                log.error("cannot read the manifest of model %s: %s", label, error)
+                return None
+        return manifest
+
+    def _threshold(self, manifest: Manifest) -> float:
+        override = self.config.decision.threshold
+        return override if override is not None else manifest.threshold.value
 
     def _expire(self, now_ns: int) -> None:
         if len(self.early) > 4 * self.config.ring.slots * len(self.config.cameras):
@@ -203,7 +226,7 @@ class DecisionLoop:
             "verdict": verdict,
             "reason": reason,
             "score": score,
-            "threshold": self.threshold,
+            "threshold": self._threshold(self.manifests[self.model_label]),
             "model": model,
             "latency_ms": {k: round(v, 3) for k, v in latency_ms.items()},
         }
@@ -226,12 +249,12 @@ class DecisionLoop:
             log.warning("no heatmap for %s seq %d: %s", ready.camera, ready.seq, error)
             return
         camera = next(c for c in self.config.cameras if c.name == ready.camera)
-        spec = self.manifest.input
+        spec = self.manifests[self.model_label].input
         model_input = Preprocessor(
             camera.roi, frame.shape, (spec.height, spec.width, spec.channels), camera.pixel_format
         )
         view = model_input(frame, out=self._heatmap_input)
-        norm = self.manifest.score_normalisation
+        norm = self.manifests[self.model_label].score_normalisation
         image = render_heatmap(
             view, anomaly_map, low=norm.map_low, high=norm.map_high, image_format=self.config.decision.heatmap_format
         )
@@ -304,7 +327,7 @@ class DecisionLoop:
 def run(config: AgentConfig, stop: threading.Event) -> int:
     """The decision process body; returns the exit code."""
     manifest = verify_bundle(
-        config.engine.bundle,
+        serving_bundle(config.state_dir, config.engine.bundle),
         load_trusted_keys(config.engine.trusted_keys),
         require_signature=config.engine.require_signature,
     )

@@ -12,15 +12,19 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import zmq
 
+from ..bundle import BundleError
 from ..config import AgentConfig
 from ..ipc import Receiver, Sender, endpoint
-from ..messages import FrameReady, Heartbeat, Scored, ScoreFailed
+from ..messages import FrameReady, Heartbeat, Scored, ScoreFailed, SwapModel, SwapResult
+from ..models import serving_bundle
 from ..ring import AttachedRings, RingError, ShmRing
-from ..signing import load_trusted_keys
+from ..signing import SignatureError, load_trusted_keys
+from .backends import BackendUnavailable
 from .model import ServingModel
 from .preprocess import InputMismatch, Preprocessor
 
@@ -41,6 +45,9 @@ class EngineLoop:
     def __init__(self, config: AgentConfig, model: ServingModel, context: zmq.Context) -> None:
         self.config, self.model = config, model
         self.frames = Receiver(context, endpoint(config.run_dir, "engine"))
+        self.control = Receiver(context, endpoint(config.run_dir, "engine-control"))
+        self.to_manager = Sender(context, endpoint(config.run_dir, "model-manager"))
+        self.swap = ModelSwap(config)
         self.to_decision = Sender(context, endpoint(config.run_dir, "decision"))
         self.to_supervisor = Sender(context, endpoint(config.run_dir, "supervisor"))
         height, width, channels = model.input_shape
@@ -67,7 +74,31 @@ class EngineLoop:
         jobs = self._load([m for m in messages if isinstance(m, FrameReady)])
         if jobs:
             self._score(jobs)
+        self._between_batches()
         self._heartbeat()
+
+    def _between_batches(self) -> None:
+        """Model changes happen here, between two batches: every frame is scored by exactly one model."""
+        request = self.control.receive(timeout_ms=0)
+        if isinstance(request, SwapModel):
+            refusal = self.swap.start(request)
+            if refusal:
+                self.to_manager.send(SwapResult(request.request_id, ok=False, model=self.model.label, reason=refusal))
+        finished = self.swap.poll()
+        if finished is None:
+            return
+        request, candidate, reason = finished
+        if candidate is not None and candidate.input_shape != self.model.input_shape:
+            reason = f"input {candidate.input_shape} differs from the serving model's {self.model.input_shape}"
+            candidate.close()
+            candidate = None
+        if candidate is not None:
+            old, self.model = self.model, candidate
+            old.close()
+            log.info("swapped model: %s -> %s", old.label, candidate.label)
+        self.to_manager.send(
+            SwapResult(request_id=request.request_id, ok=candidate is not None, model=self.model.label, reason=reason)
+        )
 
     def _load(self, frames: list[FrameReady]) -> list[_Job]:
         """Copy each announced frame's ROI into the batch buffer; fail the ones that cannot be."""
@@ -131,20 +162,58 @@ class EngineLoop:
         self.rings.close()
         self.map_ring.close()
         self.frames.close()
+        self.control.close()
+        self.to_manager.close()
         self.to_decision.close()
         self.to_supervisor.close()
         self.model.close()
 
 
-def run(config: AgentConfig, stop: threading.Event) -> int:
-    """The engine process body; returns the exit code."""
-    model = ServingModel(
-        config.engine.bundle,
+class ModelSwap:
+    """Loads a candidate model on a background thread, so scoring never waits for a model to load."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self._thread: threading.Thread | None = None
+        self._result: tuple[SwapModel, ServingModel | None, str] | None = None
+
+    def start(self, request: SwapModel) -> str:
+        """Begin loading; returns a refusal reason, or "" when loading started."""
+        if self._thread is not None:
+            return "another model is still loading; try again when it has finished"
+        self._thread = threading.Thread(target=self._load, args=(request,), name="model-swap", daemon=True)
+        self._thread.start()
+        return ""
+
+    def _load(self, request: SwapModel) -> None:
+        try:
+            candidate = load_serving_model(self.config, Path(request.bundle_dir))
+            self._result = (request, candidate, "")
+        except (BundleError, SignatureError, BackendUnavailable) as error:
+            self._result = (request, None, str(error))
+
+    def poll(self) -> tuple[SwapModel, ServingModel | None, str] | None:
+        """The finished load, once; None while loading or idle."""
+        if self._thread is None or self._thread.is_alive():
+            return None
+        self._thread.join()
+        self._thread, result, self._result = None, self._result, None
+        return result
+
+
+def load_serving_model(config: AgentConfig, bundle_dir: Path) -> ServingModel:
+    return ServingModel(
+        bundle_dir,
         trusted_keys=load_trusted_keys(config.engine.trusted_keys),
         require_signature=config.engine.require_signature,
         backend=config.engine.backend,
         threads=config.engine.threads,
     )
+
+
+def run(config: AgentConfig, stop: threading.Event) -> int:
+    """The engine process body; returns the exit code."""
+    model = load_serving_model(config, serving_bundle(config.state_dir, config.engine.bundle))
     context = zmq.Context()
     loop = EngineLoop(config, model, context)
     try:

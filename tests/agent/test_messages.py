@@ -7,6 +7,8 @@ from lineguard.agent.messages import (
     MessageError,
     Scored,
     ScoreFailed,
+    SwapModel,
+    SwapResult,
     decode,
     encode,
 )
@@ -26,6 +28,8 @@ EXAMPLES = [
     ),
     ScoreFailed(camera="cam0", seq=9, reason="stale slot"),
     Heartbeat(process="engine", pid=42, t_ns=5, queue_depth=1),
+    SwapModel(request_id="r1", bundle_dir="/var/lib/lineguard/models/m@2"),
+    SwapResult(request_id="r1", ok=False, model="m@1", reason="canary failed"),
 ]
 
 

@@ -268,3 +268,43 @@ def test_a_real_gige_stream_gets_one_verdict_per_frame(
     assert seqs == list(range(seqs[0], seqs[-1] + 1)) and len(seqs) == len(set(seqs))
     scored = [v for v in received if v["verdict"] != "failsafe"]
     assert len(scored) >= 0.9 * len(received), {v["reason"] for v in received if v["verdict"] == "failsafe"}
+
+
+def agent_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [Path(sys.executable).with_name("lineguard-agent"), *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_a_new_model_swaps_in_at_one_sequence_number_without_losing_a_frame_and_rolls_back(
+    broker, trained_work, signing_key, replay, tmp_path, start_agent
+):
+    from bundle_tools import bundle_variant
+
+    folder, _ = replay
+    subscriber = Subscriber(broker, VERDICTS)
+    config = write_config(tmp_path, broker, trained_work, signing_key, folder, fps=20, loop=True, deadline_ms=1000)
+    agent = start_agent(config)
+    assert subscriber.wait_until(lambda: len(verdicts(subscriber)) >= 10, 60)
+
+    newer = bundle_variant(trained_work / "bundle", tmp_path / "v2", signing_key, model_version="1.0.1")
+    swapped = agent_cli("activate", "--config", str(config), str(newer))
+    assert swapped.returncode == 0, swapped.stderr
+    assert subscriber.wait_until(lambda: verdicts(subscriber)[-1]["model"] == "brick-test@1.0.1", 30)
+
+    broken = bundle_variant(trained_work / "bundle", tmp_path / "v3", signing_key, model_version="1.0.2", golden_scale=2.0)
+    refused = agent_cli("activate", "--config", str(config), str(broken))
+    assert refused.returncode == 2 and "canary failed" in refused.stderr and "1.0.1 keeps serving" in refused.stderr
+
+    rolled = agent_cli("rollback", "--config", str(config))
+    assert rolled.returncode == 0 and "brick-test@1.0.0" in rolled.stdout, rolled.stderr
+    assert subscriber.wait_until(lambda: verdicts(subscriber)[-1]["model"] == "brick-test@1.0.0", 30)
+    assert stop(agent) == 0
+
+    received = sorted(verdicts(subscriber), key=lambda v: v["seq"])
+    seqs = [v["seq"] for v in received]
+    assert seqs == list(range(1, seqs[-1] + 1)), "a frame was lost or answered twice across the swaps"
+    assert not [v for v in received if v["verdict"] == "failsafe"]
+    models = [v["model"] for v in received]
+    changes = [(a, b) for a, b in zip(models, models[1:], strict=False) if a != b]
+    assert changes == [("brick-test@1.0.0", "brick-test@1.0.1"), ("brick-test@1.0.1", "brick-test@1.0.0")]

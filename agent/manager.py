@@ -1,0 +1,88 @@
+"""Model changes on a running agent: install into the store, swap in the engine, record; or roll back.
+
+The engine loads the candidate beside the serving model, runs its canary and swaps between two
+batches; only then does the store's `active` link move. A candidate that fails any check leaves
+the serving model and the store's active model as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from pathlib import Path
+
+import zmq
+
+from .bundle import BundleError
+from .config import AgentConfig
+from .ipc import Receiver, Sender, endpoint
+from .messages import SwapModel, SwapResult
+from .models import ModelStore, label_of, store_root
+from .signing import load_trusted_keys
+
+log = logging.getLogger(__name__)
+
+
+def request_swap(config: AgentConfig, bundle_dir: Path, *, timeout_s: float = 60.0) -> SwapResult:
+    """Ask the running engine to serve bundle_dir; its answer (ok, or the reason it refused)."""
+    context = zmq.Context()
+    replies = Receiver(context, endpoint(config.run_dir, "model-manager"))
+    engine = Sender(context, endpoint(config.run_dir, "engine-control"))
+    try:
+        if not engine.wait_connected(timeout_s=5.0):
+            msg = f"no engine is listening on {engine.address}: is `lineguard-agent run` running with this config?"
+            raise BundleError(msg)
+        request_id = uuid.uuid4().hex
+        engine.send(SwapModel(request_id=request_id, bundle_dir=str(bundle_dir.absolute())))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            reply = replies.receive(timeout_ms=200)
+            if isinstance(reply, SwapResult) and reply.request_id == request_id:
+                return reply
+        msg = f"the engine did not answer within {timeout_s:.0f} s; the serving model is unchanged"
+        raise BundleError(msg)
+    finally:
+        replies.close()
+        engine.close()
+        context.term()
+
+
+def _store(config: AgentConfig) -> ModelStore:
+    """The store, with the bundle the agent started from recorded as its first active model."""
+    store = ModelStore(store_root(config.state_dir))
+    if store.active() is None:
+        trusted = load_trusted_keys(config.engine.trusted_keys)
+        initial = store.install(config.engine.bundle, trusted, require_signature=config.engine.require_signature)
+        store.activate(label_of(initial))
+    return store
+
+
+def activate(config: AgentConfig, bundle_dir: Path) -> str:
+    """Install, swap and record a new model; returns its label. BundleError/SignatureError say why not."""
+    store = _store(config)
+    trusted = load_trusted_keys(config.engine.trusted_keys)
+    manifest = store.install(bundle_dir, trusted, require_signature=config.engine.require_signature)
+    label = label_of(manifest)
+    result = request_swap(config, store.path(label))
+    if not result.ok:
+        store.discard(label)
+        msg = f"{label} refused: {result.reason}; {result.model} keeps serving"
+        raise BundleError(msg)
+    store.activate(label)
+    return label
+
+
+def rollback(config: AgentConfig) -> str:
+    """Swap back to the previously active model; returns its label."""
+    store = _store(config)
+    previous = store.previous()
+    if previous is None:
+        msg = f"no previous model to roll back to (active: {store.active()})"
+        raise BundleError(msg)
+    result = request_swap(config, store.path(previous))
+    if not result.ok:
+        msg = f"rollback to {previous} refused: {result.reason}; {result.model} keeps serving"
+        raise BundleError(msg)
+    store.activate(previous)
+    return previous
