@@ -3,6 +3,7 @@ replayed from the sample data, verdicts read from a real Mosquitto broker."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -292,7 +293,9 @@ def test_a_new_model_swaps_in_at_one_sequence_number_without_losing_a_frame_and_
     assert swapped.returncode == 0, swapped.stderr
     assert subscriber.wait_until(lambda: verdicts(subscriber)[-1]["model"] == "brick-test@1.0.1", 30)
 
-    broken = bundle_variant(trained_work / "bundle", tmp_path / "v3", signing_key, model_version="1.0.2", golden_scale=2.0)
+    broken = bundle_variant(
+        trained_work / "bundle", tmp_path / "v3", signing_key, model_version="1.0.2", golden_scale=2.0
+    )
     refused = agent_cli("activate", "--config", str(config), str(broken))
     assert refused.returncode == 2 and "canary failed" in refused.stderr and "1.0.1 keeps serving" in refused.stderr
 
@@ -306,5 +309,5 @@ def test_a_new_model_swaps_in_at_one_sequence_number_without_losing_a_frame_and_
     assert seqs == list(range(1, seqs[-1] + 1)), "a frame was lost or answered twice across the swaps"
     assert not [v for v in received if v["verdict"] == "failsafe"]
     models = [v["model"] for v in received]
-    changes = [(a, b) for a, b in zip(models, models[1:], strict=False) if a != b]
+    changes = [(a, b) for a, b in itertools.pairwise(models) if a != b]
     assert changes == [("brick-test@1.0.0", "brick-test@1.0.1"), ("brick-test@1.0.1", "brick-test@1.0.0")]
