@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -78,6 +79,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 def _cmd_activate(args: argparse.Namespace) -> int:
     from .manager import activate
 
+    os.nice(10)  # verifying and copying a bundle must not take CPU from the running pipeline
     label = activate(load_config(args.config), args.bundle)
     print(f"{label} is serving")
     return 0
@@ -86,6 +88,7 @@ def _cmd_activate(args: argparse.Namespace) -> int:
 def _cmd_rollback(args: argparse.Namespace) -> int:
     from .manager import rollback
 
+    os.nice(10)
     label = rollback(load_config(args.config))
     print(f"rolled back: {label} is serving")
     return 0

@@ -186,6 +186,7 @@ class ModelSwap:
         return ""
 
     def _load(self, request: SwapModel) -> None:
+        _lower_thread_priority()  # the serving model keeps the CPU; threads this one creates inherit the nice value
         try:
             candidate = load_serving_model(self.config, Path(request.bundle_dir))
             self._result = (request, candidate, "")
@@ -199,6 +200,14 @@ class ModelSwap:
         self._thread.join()
         self._thread, result, self._result = None, self._result, None
         return result
+
+
+def _lower_thread_priority() -> None:
+    """Nice the calling thread to 19 (Linux: per thread), so loading a candidate never delays scoring."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (OSError, AttributeError) as error:
+        log.debug("could not lower the model loader's priority: %s", error)
 
 
 def load_serving_model(config: AgentConfig, bundle_dir: Path) -> ServingModel:
