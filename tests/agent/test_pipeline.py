@@ -311,3 +311,38 @@ def test_a_new_model_swaps_in_at_one_sequence_number_without_losing_a_frame_and_
     models = [v["model"] for v in received]
     changes = [(a, b) for a, b in itertools.pairwise(models) if a != b]
     assert changes == [("brick-test@1.0.0", "brick-test@1.0.1"), ("brick-test@1.0.1", "brick-test@1.0.0")]
+
+
+def test_under_systemd_the_agent_reports_ready_pings_the_watchdog_and_says_stopping(
+    broker, trained_work, signing_key, replay, tmp_path
+):
+    import socket
+
+    folder, _ = replay
+    config = write_config(tmp_path, broker, trained_work, signing_key, folder, fps=10, loop=True, deadline_ms=1000)
+    notify_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify_path))
+    listener.settimeout(1.0)
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "1000000", "OMP_NUM_THREADS": "1"}
+    agent = subprocess.Popen(
+        [Path(sys.executable).with_name("lineguard-agent"), "run", "--config", str(config)], env=env
+    )
+    states: list[str] = []
+    try:
+        deadline = time.monotonic() + 60
+        while states.count("WATCHDOG=1") < 2 and time.monotonic() < deadline:
+            try:
+                states.append(listener.recv(256).decode())
+            except TimeoutError:
+                continue
+        assert stop(agent) == 0
+        listener.settimeout(5.0)
+        states.append(listener.recv(256).decode())
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        listener.close()
+    assert states[0] == "READY=1", states
+    assert states.count("WATCHDOG=1") >= 2
+    assert states[-1] == "STOPPING=1"
