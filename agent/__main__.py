@@ -53,6 +53,19 @@ def _stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def _stop_when_orphaned(stop: threading.Event) -> None:
+    """A worker whose supervisor died (SIGKILL, crash) stops too, instead of running on unsupervised."""
+    parent = os.getppid()
+
+    def watch_parent() -> None:
+        while not stop.wait(1.0):
+            if os.getppid() != parent:
+                log.error("supervisor (pid %d) is gone; stopping", parent)
+                stop.set()
+
+    threading.Thread(target=watch_parent, name="orphan-watch", daemon=True).start()
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .supervisor import Supervisor
 
@@ -108,6 +121,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     config = AgentConfig.model_validate_json(args.config_json.read_text())
     stop = threading.Event()
     _stop_on_signals(stop)
+    _stop_when_orphaned(stop)
     try:
         if args.role == "capture":
             from .capture.process import run as run_capture

@@ -38,7 +38,7 @@ def ring_name(agent_id: str, camera: str) -> str:
 class SequenceCounter:
     """Per-camera frame sequence that keeps increasing across capture restarts.
 
-    Blocks of SEQ_BLOCK numbers are reserved in a file under run_dir before use, so a restarted
+    Blocks of SEQ_BLOCK numbers are reserved in a file under state_dir before use, so a restarted
     capture starts past anything its predecessor may have sent (a visible gap, never a repeat).
     """
 
@@ -82,7 +82,8 @@ class CaptureLoop:
                     "%s is not reachable yet; frames wait for decision, the engine's fail at their deadline",
                     sender.address,
                 )
-        self.sequence = SequenceCounter(config.run_dir / f"{camera.name}.seq")
+        (config.state_dir / "sequence").mkdir(parents=True, exist_ok=True)
+        self.sequence = SequenceCounter(config.state_dir / "sequence" / f"{camera.name}.seq")
         self.reclaim_after_ns = int(2 * config.decision.deadline_ms * 1e6)
         self._outbox: deque[FrameReady | FrameFailed] = deque()  # for decision, in order, while it is away
         self._slot: int | None = None  # a slot claimed but not yet filled

@@ -346,3 +346,18 @@ def test_under_systemd_the_agent_reports_ready_pings_the_watchdog_and_says_stopp
     assert states[0] == "READY=1", states
     assert states.count("WATCHDOG=1") >= 2
     assert states[-1] == "STOPPING=1"
+
+
+def test_workers_stop_when_their_supervisor_is_killed(broker, trained_work, signing_key, replay, tmp_path, start_agent):
+    folder, _ = replay
+    subscriber = Subscriber(broker, VERDICTS)
+    config = write_config(tmp_path, broker, trained_work, signing_key, folder, fps=10, loop=True, deadline_ms=1000)
+    agent = start_agent(config)
+    assert subscriber.wait_until(lambda: len(verdicts(subscriber)) >= 3, 60)
+    agent.kill()
+    agent.wait()
+    pattern = f"worker .*--config-json {tmp_path}"
+    deadline = time.monotonic() + 15
+    while subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "workers kept running without their supervisor"
+        time.sleep(0.2)

@@ -1,0 +1,188 @@
+"""The systemd unit, its example files and deploy/install_service.sh.
+
+`systemd-analyze` (Debian package `systemd`; no running systemd needed) checks the unit; those tests are
+skipped where it is missing. Two traps shape them:
+- `systemd-analyze verify` exits 0 on parse errors (bad Type=, bad WatchdogSec=, unknown keys), so a unit
+  passes only when verify prints nothing at all, on stdout or stderr.
+- verify insists that ExecStart= names an executable that exists on the checking machine. The unit's
+  /opt/lineguard/.venv/bin/lineguard-agent does not exist here, so the checks run on a copy whose ExecStart=
+  names this checkout's console script (or `true`). Nothing else needs to exist: EnvironmentFile= is optional
+  ("-" prefix), and User=, RuntimeDirectory= and StateDirectory= are only resolved when the service starts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lineguard.agent.__main__ import build_parser
+from lineguard.agent.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+UNIT = REPO / "systemd" / "lineguard-agent.service"
+TOML_EXAMPLE = REPO / "systemd" / "agent.toml.example"
+ENV_EXAMPLE = REPO / "systemd" / "agent.env.example"
+INSTALL_SCRIPT = REPO / "deploy" / "install_service.sh"
+INSTALLED_COMMAND = "/opt/lineguard/.venv/bin/lineguard-agent"
+EXPOSURE_LIMIT = 2.0
+# Pinned so a developer's SYSTEMD_LOG_LEVEL=debug or colours cannot add output to "prints nothing".
+ANALYZE_ENV = {**os.environ, "SYSTEMD_LOG_LEVEL": "info", "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": ""}
+
+
+def _systemd_version() -> int:
+    """systemd-analyze's version (`systemd 252 (252.39-1~deb12u2)` -> 252), 0 where it is missing."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        return 0
+    output = subprocess.run([analyze, "--version"], capture_output=True, text=True, check=False).stdout
+    match = re.match(r"systemd (\d+)", output)
+    return int(match.group(1)) if match else 0
+
+
+needs_systemd_analyze = pytest.mark.skipif(
+    _systemd_version() < 250,
+    reason="needs systemd-analyze >= 250 (for security --offline): apt-get install systemd",
+)
+
+
+def _local_command() -> str:
+    """An executable that exists here, to stand in for the installed agent in ExecStart=."""
+    console_script = Path(sys.executable).parent / "lineguard-agent"
+    if os.access(console_script, os.X_OK):
+        return str(console_script)
+    return shutil.which("true") or "/bin/true"
+
+
+def checkable_copy(unit_text: str, folder: Path, command: str | None = None) -> Path:
+    """`unit_text` saved as folder/lineguard-agent.service with ExecStart= naming `command` (default: one that exists)."""
+    assert f"ExecStart={INSTALLED_COMMAND} " in unit_text, "the unit no longer runs the installed console script"
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = folder / UNIT.name
+    copy.write_text(unit_text.replace(f"ExecStart={INSTALLED_COMMAND} ", f"ExecStart={command or _local_command()} "))
+    return copy
+
+
+def verify_problems(unit: Path) -> str:
+    """Everything `systemd-analyze verify` says about the unit, stdout and stderr; "" means no problem."""
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)],
+        capture_output=True,
+        text=True,
+        env=ANALYZE_ENV,
+        timeout=60,
+        check=False,
+    )
+    said = (result.stdout + result.stderr).strip()
+    return said or (f"exit code {result.returncode}" if result.returncode else "")
+
+
+def exposure_level(unit: Path) -> float:
+    """The "Overall exposure level" of `systemd-analyze security --offline=true`: 0.0 (locked) to 10.0 (open)."""
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        env=ANALYZE_ENV,
+        timeout=60,
+        check=False,
+    )
+    match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", result.stdout)
+    assert match is not None, f"no exposure level in:\n{result.stdout}\n{result.stderr}"
+    return float(match.group(1))
+
+
+@needs_systemd_analyze
+def test_the_unit_passes_systemd_analyze_verify_without_a_single_message(tmp_path):
+    assert verify_problems(checkable_copy(UNIT.read_text(), tmp_path)) == ""
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize(
+    ("directive", "mistake", "message"),
+    [
+        ("Type=notify", "Type=notfiy", "notfiy"),
+        ("WatchdogSec=30s", "WatchdogSec=thirty", "thirty"),
+        ("ProtectSystem=strict", "ProtectSytem=strict", "Unknown key"),
+        ("DeviceAllow=char-video4linux rw", "DeviceAllow=char-video4linux rwx", "rwx"),
+    ],
+)
+def test_verify_reports_a_deliberate_mistake(tmp_path, directive, mistake, message):
+    text = UNIT.read_text()
+    assert f"\n{directive}\n" in text
+    assert message in verify_problems(checkable_copy(text.replace(f"\n{directive}\n", f"\n{mistake}\n"), tmp_path))
+
+
+@needs_systemd_analyze
+def test_verify_reports_an_exec_start_that_does_not_exist(tmp_path):
+    missing = tmp_path / "missing" / "lineguard-agent"
+    assert "is not executable" in verify_problems(checkable_copy(UNIT.read_text(), tmp_path, str(missing)))
+
+
+@needs_systemd_analyze
+def test_the_unit_exposure_level_is_at_most_2_0(tmp_path):
+    assert exposure_level(checkable_copy(UNIT.read_text(), tmp_path)) <= EXPOSURE_LIMIT
+
+
+@needs_systemd_analyze
+def test_an_unhardened_unit_fails_the_exposure_check(tmp_path):
+    bare = f"[Service]\nType=notify\nExecStart={INSTALLED_COMMAND} run --config /etc/lineguard/agent.toml\n"
+    assert exposure_level(checkable_copy(bare, tmp_path)) > EXPOSURE_LIMIT
+
+
+def test_the_unit_command_line_is_one_the_agent_accepts():
+    exec_start = next(line for line in UNIT.read_text().splitlines() if line.startswith("ExecStart="))
+    program, *arguments = shlex.split(exec_start.removeprefix("ExecStart="))
+    args = build_parser().parse_args(arguments)
+    assert program == INSTALLED_COMMAND
+    assert (args.command, args.config) == ("run", Path("/etc/lineguard/agent.toml"))
+
+
+def test_the_example_config_is_valid_and_uses_the_unit_directories():
+    config = load_config(TOML_EXAMPLE)
+    assert (config.run_dir, config.state_dir) == (Path("/run/lineguard"), Path("/var/lib/lineguard"))
+    assert config.engine.bundle == Path("/var/lib/lineguard/models/active")
+    assert config.engine.trusted_keys == (Path("/etc/lineguard/trainer.pub"),)
+    unit = UNIT.read_text()
+    assert "\nRuntimeDirectory=lineguard\n" in unit
+    assert "\nStateDirectory=lineguard\n" in unit
+
+
+def test_the_environment_file_examples_set_the_mqtt_credentials(monkeypatch):
+    examples = re.findall(r"^# (LINEGUARD_\w+)=(\S+)$", ENV_EXAMPLE.read_text(), flags=re.MULTILINE)
+    assert {name for name, _ in examples} == {"LINEGUARD_MQTT__USERNAME", "LINEGUARD_MQTT__PASSWORD"}
+    for name, value in examples:
+        monkeypatch.setenv(name, value)
+    config = load_config(TOML_EXAMPLE)
+    assert (config.mqtt.username, config.mqtt.password) == (dict(examples)["LINEGUARD_MQTT__USERNAME"], "change-me")
+
+
+def _run_install_script(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(INSTALL_SCRIPT), *arguments], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@pytest.mark.parametrize("prefix", ["/opt/lineguard", "/srv/lineguard"])
+def test_install_script_dry_run_describes_the_unit_and_the_user_and_changes_nothing(prefix):
+    watched = [Path("/etc/systemd/system") / UNIT.name, Path("/etc/lineguard"), Path("/var/lib/lineguard")]
+    before = [path.exists() for path in watched]
+    result = _run_install_script("--dry-run", "--prefix", prefix)
+    assert result.returncode == 0, result.stderr
+    assert "lineguard-agent.service" in result.stdout
+    assert f"ExecStart={prefix}/.venv/bin/lineguard-agent" in result.stdout or "is up to date" in result.stdout
+    assert re.search(r"user lineguard\b", result.stdout)
+    assert [path.exists() for path in watched] == before
+
+
+def test_install_script_refuses_an_unknown_argument_or_a_relative_prefix():
+    for arguments in (["--dry-run", "--frobnicate"], ["--dry-run", "--prefix", "opt/lineguard"]):
+        result = _run_install_script(*arguments)
+        assert result.returncode == 2
+        assert "error:" in result.stderr
