@@ -65,8 +65,12 @@ class EngineConfig(_Section):
     trusted_keys: tuple[Path, ...] = Field((), description="Public keys (.pub) whose signatures are accepted.")
     require_signature: bool = Field(True, description="Refuse unsigned bundles (turn off only on a bench).")
     backend: Literal["auto", "tensorrt", "cuda", "cpu"] = Field("auto", description="Inference back end.")
-    max_batch: int = Field(4, ge=1, le=64, description="Largest micro-batch of frames per inference.")
-    batch_wait_ms: float = Field(2.0, ge=0, description="Longest wait for a micro-batch to fill.")
+    max_batch: int = Field(
+        1, ge=1, le=64, description="Largest micro-batch of frames per inference (1 on CPUs; raise on GPUs)."
+    )
+    batch_wait_ms: float = Field(
+        0.0, ge=0, description="Longest wait for a micro-batch to fill; 0 = batch only frames already waiting."
+    )
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = runtime default.")
 
 

@@ -7,7 +7,7 @@ from `lineguard-train run`; 16 distinct 2448x2048 mono8 frames as uncompressed .
 scaled into a centred 2048x2048 ROI at x=200), replayed by the agent's `folder` source with loop = true.
 
 Variants, each on one local Mosquitto, each at every offered load (fps; "max" = as fast as the source reads):
-- pipeline: `lineguard-agent run` (capture -> shm ring + ZeroMQ -> engine (ORT CPU, 2 threads, max_batch 4)
+- pipeline: `lineguard-agent run` (capture -> shm ring + ZeroMQ -> engine (ORT CPU, 2 threads, default batching: max_batch 1)
   -> decision -> MQTT QoS 1). Latency is the verdict's own `latency_ms.total` (capture -> handed to MQTT).
 - naive: one process that reads the .bmp, crops/resizes (INTER_AREA), runs the same model.onnx (ORT CPU,
   2 threads, batch 1), thresholds and publishes the same JSON (paho, QoS 1), frame after frame. Frame i is due
@@ -263,7 +263,6 @@ bundle = "{bundle}"
 trusted_keys = ["{public_key}"]
 backend = "cpu"
 threads = {threads}
-max_batch = 4
 
 [decision]
 deadline_ms = 250

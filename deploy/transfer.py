@@ -653,7 +653,7 @@ class BundleSender:
         if message.topic != self._ack_topic:
             return
         try:
-            self._inbox.put(Ack.decode(message.payload))
+            self._inbox.put(Ack.decode(bytes(message.payload)))
         except (ValueError, TypeError) as error:
             log.warning("ignoring a malformed ack on %s: %s", message.topic, error)
 
@@ -708,9 +708,8 @@ class _Incoming:
         if meta.transfer_id != folder.name or raw["state"] not in ("receiving", "received", "failed"):
             msg = f"{folder / RECORD_FILE} does not describe transfer {folder.name}"
             raise ValueError(msg)
-        return cls(
-            meta, folder, _expand(raw["received"]), raw["state"], str(raw["reason"]), float(raw["updated_unix_s"])
-        )
+        received = _expand(raw["received"]) & set(range(meta.chunk_count))
+        return cls(meta, folder, received, raw["state"], str(raw["reason"]), float(raw["updated_unix_s"]))
 
     def save(self) -> None:
         record = {
@@ -726,7 +725,7 @@ class _Incoming:
 
     def check(self, index_text: str, data: bytes) -> tuple[int | None, str]:
         """(index, "") for a chunk that belongs at `index`, else (index or None, why not)."""
-        if not index_text.isdigit() or int(index_text) >= self.meta.chunk_count:
+        if not re.fullmatch(r"[0-9]{1,9}", index_text) or int(index_text) >= self.meta.chunk_count:
             return None, f"chunk index {index_text!r} is not in 0..{self.meta.chunk_count - 1}"
         index = int(index_text)
         if len(data) != self.meta.chunk_length(index):
@@ -862,7 +861,7 @@ class BundleReceiver:
                 )
                 return
             self._inbox_bytes += size
-        self._inbox.put((message.topic, message.payload))
+        self._inbox.put((message.topic, bytes(message.payload)))
 
     # -- the worker thread ---------------------------------------------------------------------------------------
 

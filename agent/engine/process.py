@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,20 +63,49 @@ class EngineLoop:
         self.preprocessors: dict[tuple[str, tuple[int, int, int]], Preprocessor] = {}
         self.cameras = {camera.name: camera for camera in config.cameras}
         self.deadline_ns = int(config.decision.deadline_ms * 1e6)
+        self.backlog: deque[FrameReady] = deque()
+        self.expected_batch_ns = 0
         self._next_heartbeat = 0.0
 
     def step(self) -> None:
-        messages = self.frames.receive_batch(self.config.engine.max_batch, timeout_ms=200)
-        if messages and len(messages) < self.config.engine.max_batch and self.config.engine.batch_wait_ms > 0:
-            more = self.frames.receive_batch(
-                self.config.engine.max_batch - len(messages), timeout_ms=int(self.config.engine.batch_wait_ms)
-            )
-            messages.extend(more)
-        jobs = self._load([m for m in messages if isinstance(m, FrameReady)])
+        self._collect()
+        jobs = self._load(self._take_batch())
         if jobs:
             self._score(jobs)
         self._between_batches()
         self._heartbeat()
+
+    def _collect(self) -> None:
+        """Move every announced frame into the backlog; wait briefly only when there is nothing to do."""
+        max_batch = self.config.engine.max_batch
+        wait_ms = 0 if self.backlog else 200
+        self.backlog.extend(m for m in self.frames.receive_batch(4096, timeout_ms=wait_ms) if isinstance(m, FrameReady))
+        if self.backlog and len(self.backlog) < max_batch and self.config.engine.batch_wait_ms > 0:
+            more = self.frames.receive_batch(
+                max_batch - len(self.backlog), timeout_ms=int(self.config.engine.batch_wait_ms)
+            )
+            self.backlog.extend(m for m in more if isinstance(m, FrameReady))
+
+    def _take_batch(self) -> list[FrameReady]:
+        """Oldest first, but shed frames that cannot be scored before their deadline.
+
+        Scoring a frame that will miss its deadline anyway spends the engine on a failsafe and
+        makes the next frame late too; under overload that turns into a collapse. A frame whose
+        age plus the expected batch time exceeds the deadline is failed at once instead.
+        """
+        now = time.monotonic_ns()
+        batch: list[FrameReady] = []
+        while self.backlog and len(batch) < self.config.engine.max_batch:
+            ready = self.backlog.popleft()
+            age_ns = now - ready.t_capture_ns
+            if age_ns + self.expected_batch_ns > self.deadline_ns:
+                self._fail(
+                    ready,
+                    f"engine behind: frame {age_ns / 1e6:.0f} ms old, scoring takes ~{self.expected_batch_ns / 1e6:.0f} ms",
+                )
+                continue
+            batch.append(ready)
+        return batch
 
     def _between_batches(self) -> None:
         """Model changes happen here, between two batches: every frame is scored by exactly one model."""
@@ -103,11 +133,7 @@ class EngineLoop:
     def _load(self, frames: list[FrameReady]) -> list[_Job]:
         """Copy each announced frame's ROI into the batch buffer; fail the ones that cannot be."""
         jobs: list[_Job] = []
-        now = time.monotonic_ns()
         for ready in frames:
-            if now - ready.t_capture_ns > self.deadline_ns:
-                self._fail(ready, f"engine behind: frame already {(now - ready.t_capture_ns) / 1e6:.0f} ms old")
-                continue
             try:
                 pixels = self.rings.read(ready.ring, ready.slot, ready.seq)
                 self._preprocessor(ready, pixels.shape)(pixels, self.batch[len(jobs)])
@@ -121,6 +147,8 @@ class EngineLoop:
         started = time.monotonic_ns()
         scores, maps = self.model.infer(self.batch[: len(jobs)])
         finished = time.monotonic_ns()
+        # Moving estimate of one batch's time, including the per-frame work around it.
+        self.expected_batch_ns = int(0.8 * self.expected_batch_ns + 0.2 * (finished - started))
         for job in jobs:
             ready = job.ready
             map_slot = self.map_ring.acquire(ready.seq, now_ns=finished, reclaim_after_ns=2 * self.deadline_ns)

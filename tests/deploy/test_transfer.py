@@ -386,6 +386,10 @@ def test_a_corrupted_chunk_is_refused_with_a_reason_and_the_sender_sends_it_agai
     assert "corrupted" in refused[0].refused
     assert refused[1].chunk == 1
     assert refused[1].refused == f"chunk 1 has 10 bytes, expected {meta.chunk_bytes}"
+    operator.publish(f"{operator.topics.base}/chunk/\u00b2", b"x")  # a digit to str.isdigit(), not to int()
+    wait_for(lambda: len([a for a in operator.acks if a.refused]) == 3)
+    assert operator.acks[-1].refused == f"chunk index '\u00b2' is not in 0..{meta.chunk_count - 1}"
+    assert operator.acks[-1].chunk is None
     operator.close()
     assert receiver.missing_chunks(meta.transfer_id) == list(range(meta.chunk_count))
     with BundleSender(config) as sender:
