@@ -127,6 +127,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             from .capture.process import run as run_capture
 
             return run_capture(config, args.camera, stop)
+        if args.role == "models":
+            from .deployments import run as run_deployments
+
+            return run_deployments(config, stop)
         if args.role == "engine":
             from .engine.process import run as run_engine
 
@@ -163,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     watcher.add_argument("--timeout", type=float, default=3600.0, help="stop after this many seconds")
     watcher.set_defaults(handler=_cmd_watch)
     worker = commands.add_parser("worker", help=argparse.SUPPRESS)
-    worker.add_argument("role", choices=("capture", "engine", "decision"))
+    worker.add_argument("role", choices=("capture", "engine", "decision", "models"))
     worker.add_argument("camera", nargs="?", default="")
     worker.add_argument("--config-json", type=Path, required=True)
     worker.set_defaults(handler=_cmd_worker)

@@ -43,9 +43,10 @@ class ProcessSpec:
 
 
 def process_specs(config: AgentConfig) -> list[ProcessSpec]:
-    """Start order: decision (receives everything), engine, then the cameras."""
+    """Start order: decision (receives everything), engine, the cameras, then model deployments."""
     specs = [ProcessSpec("decision", ("decision",)), ProcessSpec("engine", ("engine",))]
     specs += [ProcessSpec(f"capture-{c.name}", ("capture", c.name)) for c in config.cameras]
+    specs.append(ProcessSpec("models", ("models",)))
     return specs
 
 
@@ -202,10 +203,10 @@ class Supervisor:
             self._next_watchdog = now + interval
 
     def _drain(self) -> None:
-        """Stop cameras first, then decision (it closes every pending frame), then the engine."""
+        """Stop cameras first, then decision (it closes every pending frame), then the engine and deployments."""
         order = [c for c in self.children if c.spec.args[0] == "capture"]
         order += [c for c in self.children if c.spec.args[0] == "decision"]
-        order += [c for c in self.children if c.spec.args[0] == "engine"]
+        order += [c for c in self.children if c.spec.args[0] in ("engine", "models")]
         drain_s = 2 * self.config.decision.deadline_ms / 1e3 + 5.0
         for child in order:
             if child.process is None or child.process.poll() is not None:

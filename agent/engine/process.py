@@ -220,6 +220,8 @@ class ModelSwap:
             self._result = (request, candidate, "")
         except (BundleError, SignatureError, BackendUnavailable) as error:
             self._result = (request, None, str(error))
+        except Exception as error:  # noqa: BLE001 - any failure of a candidate (e.g. its graph rejects its own input spec) refuses it
+            self._result = (request, None, f"the candidate cannot run: {error}")
 
     def poll(self) -> tuple[SwapModel, ServingModel | None, str] | None:
         """The finished load, once; None while loading or idle."""

@@ -361,3 +361,70 @@ def test_workers_stop_when_their_supervisor_is_killed(broker, trained_work, sign
     while subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0:
         assert time.monotonic() < deadline, "workers kept running without their supervisor"
         time.sleep(0.2)
+
+
+def deploy_cli(broker: MosquittoBroker, *args: str) -> subprocess.CompletedProcess:
+    command = [Path(sys.executable).with_name("lineguard-deploy"), *args, "--port", str(broker.port)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=180)
+
+
+def test_operators_push_models_over_mqtt_and_bad_bundles_are_refused_while_the_old_model_serves(
+    broker, trained_work, signing_key, replay, tmp_path, start_agent
+):
+    from bundle_tools import bundle_variant
+
+    from lineguard.agent.signing import generate_key_pair
+
+    folder, _ = replay
+    subscriber = Subscriber(broker, VERDICTS)
+    config = write_config(tmp_path, broker, trained_work, signing_key, folder, fps=20, loop=True, deadline_ms=1000)
+    agent = start_agent(config)
+    assert subscriber.wait_until(lambda: len(verdicts(subscriber)) >= 10, 60)
+    source = trained_work / "bundle"
+
+    pushed = deploy_cli(
+        broker,
+        "push",
+        str(bundle_variant(source, tmp_path / "good", signing_key, model_version="2.0.0")),
+        "--agent",
+        "agent-1",
+    )
+    assert pushed.returncode == 0, pushed.stderr
+    assert subscriber.wait_until(lambda: verdicts(subscriber)[-1]["model"] == "brick-test@2.0.0", 30)
+
+    stranger, _ = generate_key_pair(tmp_path / "stranger.pem")
+    tampered = bundle_variant(source, tmp_path / "tampered", signing_key, model_version="2.0.1")
+    (tampered / "golden" / "00.png").write_bytes((tampered / "golden" / "01.png").read_bytes())
+    refusals = {
+        "unsigned": (bundle_variant(source, tmp_path / "unsigned", None, model_version="2.0.2"), "unsigned"),
+        "untrusted": (bundle_variant(source, tmp_path / "untrusted", stranger, model_version="2.0.3"), "not trusted"),
+        "tampered": (tampered, "altered"),
+        "canary": (
+            bundle_variant(source, tmp_path / "canary", signing_key, model_version="2.0.4", golden_scale=3.0),
+            "canary failed",
+        ),
+        "input size": (
+            bundle_variant(
+                source,
+                tmp_path / "size",
+                signing_key,
+                model_version="2.0.5",
+                input={**json.loads((source / "manifest.json").read_text())["input"], "height": 128},
+            ),
+            "",
+        ),
+    }
+    for name, (bundle, reason) in refusals.items():
+        result = deploy_cli(broker, "push", str(bundle), "--agent", "agent-1", "--timeout", "120")
+        assert result.returncode == 2, (name, result.stdout, result.stderr)
+        assert reason in result.stderr, (name, result.stderr)
+    assert verdicts(subscriber)[-1]["model"] == "brick-test@2.0.0"
+
+    rolled = deploy_cli(broker, "rollback", "--agent", "agent-1")
+    assert rolled.returncode == 0 and "brick-test@1.0.0" in rolled.stdout, rolled.stderr
+    assert subscriber.wait_until(lambda: verdicts(subscriber)[-1]["model"] == "brick-test@1.0.0", 30)
+    status = deploy_cli(broker, "status", "--agent", "agent-1")
+    assert status.returncode == 0 and "agent-1: online" in status.stdout
+    assert stop(agent) == 0
+    seqs = sorted(v["seq"] for v in verdicts(subscriber))
+    assert seqs == list(range(1, seqs[-1] + 1)), "a frame was lost or answered twice during the pushes"

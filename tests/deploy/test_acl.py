@@ -22,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from lineguard.agent.config import MqttConfig
-from lineguard.deploy.transfer import BundleReceiver, BundleSender, TransferError
+from lineguard.agent.transfer import BundleReceiver, BundleSender, TransferError
 
 ACL_EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "acl.conf.example"
 PASSWORDS = {"operator": "operator-secret", "agent-1": "agent-1-secret", "agent-2": "agent-2-secret"}

@@ -24,7 +24,7 @@ from mqtt_subscriber import Subscriber
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from lineguard.agent.config import MqttConfig
-from lineguard.deploy.transfer import (
+from lineguard.agent.transfer import (
     CHUNK_BYTES,
     Ack,
     ArchiveError,
@@ -311,7 +311,7 @@ import sys
 import time
 from pathlib import Path
 from lineguard.agent.config import MqttConfig
-from lineguard.deploy.transfer import BundleSender
+from lineguard.agent.transfer import BundleSender
 
 def progress(state):
     if state.chunks_received == 4:

@@ -330,7 +330,7 @@ def read_model_id(bundle_dir: Path) -> tuple[str, str]:
     return str(model_id), str(model_version)
 
 
-def _make_client(config: MqttConfig, client_id: str) -> mqtt.Client:
+def make_client(config: MqttConfig, client_id: str) -> mqtt.Client:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5)
     client.reconnect_delay_set(min_delay=1, max_delay=5)
     if config.username:
@@ -494,7 +494,7 @@ class BundleSender:
         self._ack_topic: str | None = None
         self._connected, self._subscribed = threading.Event(), threading.Event()
         self._problem = ""
-        self._client = _make_client(config, client_id or f"lineguard-push-{uuid.uuid4().hex[:8]}")
+        self._client = make_client(config, client_id or f"lineguard-push-{uuid.uuid4().hex[:8]}")
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
@@ -786,7 +786,7 @@ class BundleReceiver:
         self._inbox_bytes = 0
         self._lock = threading.Lock()  # guards _inbox_bytes
         self._subscribed = threading.Event()
-        self._client = _make_client(config, f"{config.client_id or 'lineguard-' + agent_id}-deploy")
+        self._client = make_client(config, f"{config.client_id or 'lineguard-' + agent_id}-deploy")
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_disconnect = self._on_disconnect
