@@ -53,9 +53,12 @@ def _stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def _stop_when_orphaned(stop: threading.Event) -> None:
-    """A worker whose supervisor died (SIGKILL, crash) stops too, instead of running on unsupervised."""
-    parent = os.getppid()
+def _stop_when_orphaned(stop: threading.Event, parent: int) -> None:
+    """A worker whose supervisor died (SIGKILL, crash) stops too, instead of running on unsupervised.
+
+    parent: the supervisor's pid as the supervisor gave it; reading getppid() here instead would
+    miss a supervisor that died while this worker was still starting.
+    """
 
     def watch_parent() -> None:
         while not stop.wait(1.0):
@@ -121,7 +124,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     config = AgentConfig.model_validate_json(args.config_json.read_text())
     stop = threading.Event()
     _stop_on_signals(stop)
-    _stop_when_orphaned(stop)
+    _stop_when_orphaned(stop, args.supervisor_pid or os.getppid())
     try:
         if args.role == "capture":
             from .capture.process import run as run_capture
@@ -170,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("role", choices=("capture", "engine", "decision", "models"))
     worker.add_argument("camera", nargs="?", default="")
     worker.add_argument("--config-json", type=Path, required=True)
+    worker.add_argument("--supervisor-pid", type=int, default=0)
     worker.set_defaults(handler=_cmd_worker)
     return parser
 

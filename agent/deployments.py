@@ -80,7 +80,7 @@ class Deployments:
 
     def close(self) -> None:
         self._commands.close()
-        self.receiver.close()
+        self.receiver.close(timeout_s=5.0)
         self.publisher.close()
         self.to_supervisor.close()
 

@@ -132,6 +132,8 @@ class Supervisor:
             *child.spec.args,
             "--config-json",
             str(self.config_json),
+            "--supervisor-pid",
+            str(os.getpid()),
         ]
         child.process = subprocess.Popen(command)
         child.started_at = child.last_heartbeat = time.monotonic()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from broker import INSTALL_HINT, MosquittoBroker, find_program
 
 # Two cores here: keep torch from oversubscribing them when pytest and ONNX Runtime share them.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -56,3 +59,39 @@ def trained_work(sample_root: Path, signing_key: Path, tmp_path_factory: pytest.
     )
     assert code == 0
     return out
+
+
+# Real Mosquitto brokers on loopback ports (tests/broker.py), shared by agent and deploy tests.
+@pytest.fixture(scope="session")
+def mosquitto_installed() -> None:
+    if find_program("mosquitto") is None:
+        pytest.skip(f"mosquitto is not installed: {INSTALL_HINT}")
+
+
+@pytest.fixture
+def broker(mosquitto_installed: None, tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """A plain broker (anonymous, no persistence) for one test."""
+    with MosquittoBroker(tmp_path / "broker") as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def tls_broker(mosquitto_installed: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
+    """A TLS-only broker that requires a client certificate; its CA and client files are in `.tls`."""
+    with MosquittoBroker(tmp_path_factory.mktemp("tls-broker"), tls=True) as started:
+        yield started
+
+
+@pytest.fixture
+def broker_factory(mosquitto_installed: None, tmp_path: Path) -> Iterator[Callable[..., MosquittoBroker]]:
+    """Build brokers with options (users=, persistence=, tls=); all are stopped after the test."""
+    started: list[MosquittoBroker] = []
+
+    def make(**options: Any) -> MosquittoBroker:
+        new = MosquittoBroker(tmp_path / f"broker-{len(started)}", **options)
+        started.append(new)
+        return new
+
+    yield make
+    for each in started:
+        each.close()

@@ -19,7 +19,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from broker import INSTALL_HINT, MosquittoBroker, find_program
+from broker import MosquittoBroker
 from mqtt_subscriber import Subscriber
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
@@ -40,18 +40,6 @@ from lineguard.agent.transfer import (
 
 AGENT = "agent-1"
 EVENTS = f"lineguard/{AGENT}/model/events"
-
-
-@pytest.fixture(scope="module")
-def mosquitto_installed() -> None:
-    if find_program("mosquitto") is None:
-        pytest.skip(f"mosquitto is not installed: {INSTALL_HINT}")
-
-
-@pytest.fixture
-def broker(mosquitto_installed: None, tmp_path: Path) -> Iterator[MosquittoBroker]:
-    with MosquittoBroker(tmp_path / "broker") as started:
-        yield started
 
 
 @pytest.fixture
