@@ -96,8 +96,7 @@ def _cmd_activate(args: argparse.Namespace) -> int:
     from .manager import activate
 
     os.nice(10)  # verifying and copying a bundle must not take CPU from the running pipeline
-    label = activate(load_config(args.config), args.bundle)
-    print(f"{label} is serving")
+    print(activate(load_config(args.config), args.bundle))
     return 0
 
 

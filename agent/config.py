@@ -72,6 +72,16 @@ class EngineConfig(_Section):
         0.0, ge=0, description="Longest wait for a micro-batch to fill; 0 = batch only frames already waiting."
     )
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = runtime default.")
+    shadow_s: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="Before a swap, score live frames with both models this long and report the "
+        "predicted reject-rate change (doubles inference meanwhile); 0 = golden-image canary only.",
+    )
+    canary_rtol: float = Field(
+        1e-3, gt=0, lt=1, description="Golden images must score within this relative difference of the trainer's."
+    )
 
 
 class DecisionConfig(_Section):

@@ -53,11 +53,11 @@ class Deployments:
 
     def _on_bundle(self, path: Path, transfer_id: str) -> tuple[bool, str]:
         try:
-            label = activate(self.config, path)
+            outcome = activate(self.config, path)
         except _REFUSALS as error:
             log.warning("push %s refused: %s", transfer_id, error)
             return False, str(error)
-        return True, f"{label} is serving"
+        return True, outcome
 
     def _on_command(self, command: dict[str, object]) -> None:
         request_id = str(command.get("request_id", ""))

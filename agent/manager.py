@@ -59,7 +59,9 @@ def _store(config: AgentConfig) -> ModelStore:
 
 
 def activate(config: AgentConfig, bundle_dir: Path) -> str:
-    """Install, swap and record a new model; returns its label. BundleError/SignatureError say why not."""
+    """Install, swap and record a new model; returns what happened (label, canary and shadow results).
+
+    BundleError/SignatureError say why not."""
     store = _store(config)
     trusted = load_trusted_keys(config.engine.trusted_keys)
     manifest = store.install(bundle_dir, trusted, require_signature=config.engine.require_signature)
@@ -70,7 +72,8 @@ def activate(config: AgentConfig, bundle_dir: Path) -> str:
         msg = f"{label} refused: {result.reason}; {result.model} keeps serving"
         raise BundleError(msg)
     store.activate(label)
-    return label
+    log.info("%s is serving: %s", label, result.reason)
+    return f"{label} is serving: {result.reason}" if result.reason else f"{label} is serving"
 
 
 def rollback(config: AgentConfig) -> str:

@@ -49,6 +49,7 @@ class EngineLoop:
         self.control = Receiver(context, endpoint(config.run_dir, "engine-control"))
         self.to_manager = Sender(context, endpoint(config.run_dir, "model-manager"))
         self.swap = ModelSwap(config)
+        self.shadow: Shadow | None = None
         self.to_decision = Sender(context, endpoint(config.run_dir, "decision"))
         self.to_supervisor = Sender(context, endpoint(config.run_dir, "supervisor"))
         height, width, channels = model.input_shape
@@ -111,24 +112,31 @@ class EngineLoop:
         """Model changes happen here, between two batches: every frame is scored by exactly one model."""
         request = self.control.receive(timeout_ms=0)
         if isinstance(request, SwapModel):
-            refusal = self.swap.start(request)
+            refusal = "another model is being shadow-tested; try again when it has finished" if self.shadow else ""
+            refusal = refusal or self.swap.start(request)
             if refusal:
                 self.to_manager.send(SwapResult(request.request_id, ok=False, model=self.model.label, reason=refusal))
         finished = self.swap.poll()
-        if finished is None:
-            return
-        request, candidate, reason = finished
-        if candidate is not None and candidate.input_shape != self.model.input_shape:
-            reason = f"input {candidate.input_shape} differs from the serving model's {self.model.input_shape}"
-            candidate.close()
-            candidate = None
-        if candidate is not None:
-            old, self.model = self.model, candidate
+        if finished is not None:
+            request, candidate, reason = finished
+            if candidate is not None and candidate.input_shape != self.model.input_shape:
+                reason = f"input {candidate.input_shape} differs from the serving model's {self.model.input_shape}"
+                candidate.close()
+                candidate = None
+            if candidate is None:
+                self.to_manager.send(SwapResult(request.request_id, ok=False, model=self.model.label, reason=reason))
+                return
+            self.shadow = Shadow(
+                request, candidate, until_ns=time.monotonic_ns() + int(self.config.engine.shadow_s * 1e9)
+            )
+        if self.shadow is not None and self.shadow.done():
+            shadow, self.shadow = self.shadow, None
+            old, self.model = self.model, shadow.candidate
             old.close()
-            log.info("swapped model: %s -> %s", old.label, candidate.label)
-        self.to_manager.send(
-            SwapResult(request_id=request.request_id, ok=candidate is not None, model=self.model.label, reason=reason)
-        )
+            log.info("swapped model: %s -> %s (%s)", old.label, self.model.label, shadow.summary(old))
+            self.to_manager.send(
+                SwapResult(shadow.request.request_id, ok=True, model=self.model.label, reason=shadow.summary(old))
+            )
 
     def _load(self, frames: list[FrameReady]) -> list[_Job]:
         """Copy each announced frame's ROI into the batch buffer; fail the ones that cannot be."""
@@ -149,6 +157,8 @@ class EngineLoop:
         finished = time.monotonic_ns()
         # Moving estimate of one batch's time, including the per-frame work around it.
         self.expected_batch_ns = int(0.8 * self.expected_batch_ns + 0.2 * (finished - started))
+        if self.shadow is not None:
+            self.shadow.observe(self.batch[: len(jobs)], scores, serving_threshold=self.model.threshold)
         for job in jobs:
             ready = job.ready
             map_slot = self.map_ring.acquire(ready.seq, now_ns=finished, reclaim_after_ns=2 * self.deadline_ns)
@@ -195,6 +205,36 @@ class EngineLoop:
         self.to_decision.close()
         self.to_supervisor.close()
         self.model.close()
+
+
+class Shadow:
+    """A loaded candidate scoring live frames beside the serving model before it takes over.
+
+    Its scores are never published; they predict how the reject rate will change. With
+    engine.shadow_s = 0 the phase ends at once and only the golden-image canary applies.
+    """
+
+    def __init__(self, request: SwapModel, candidate: ServingModel, *, until_ns: int) -> None:
+        self.request, self.candidate, self.until_ns = request, candidate, until_ns
+        self.frames = self.serving_rejects = self.candidate_rejects = 0
+
+    def observe(self, frames: np.ndarray, serving_scores: np.ndarray, *, serving_threshold: float) -> None:
+        candidate_scores, _ = self.candidate.infer(frames)
+        self.frames += len(frames)
+        self.serving_rejects += int(np.count_nonzero(serving_scores >= serving_threshold))
+        self.candidate_rejects += int(np.count_nonzero(candidate_scores >= self.candidate.threshold))
+
+    def done(self) -> bool:
+        return time.monotonic_ns() >= self.until_ns
+
+    def summary(self, serving: ServingModel) -> str:
+        if not self.frames:
+            return f"canary passed ({self.candidate.canary.n_images} golden images); no live frames shadow-scored"
+        before, after = 100 * self.serving_rejects / self.frames, 100 * self.candidate_rejects / self.frames
+        return (
+            f"canary passed; shadow-scored {self.frames} live frames: reject rate {before:.1f} % with "
+            f"{serving.label} -> {after:.1f} % predicted with {self.candidate.label}"
+        )
 
 
 class ModelSwap:
@@ -247,6 +287,7 @@ def load_serving_model(config: AgentConfig, bundle_dir: Path) -> ServingModel:
         require_signature=config.engine.require_signature,
         backend=config.engine.backend,
         threads=config.engine.threads,
+        canary_rtol=config.engine.canary_rtol,
     )
 
 

@@ -285,12 +285,14 @@ def test_a_new_model_swaps_in_at_one_sequence_number_without_losing_a_frame_and_
     folder, _ = replay
     subscriber = Subscriber(broker, VERDICTS)
     config = write_config(tmp_path, broker, trained_work, signing_key, folder, fps=20, loop=True, deadline_ms=1000)
+    config.write_text(config.read_text().replace("[engine]\n", "[engine]\nshadow_s = 1.0\n"))
     agent = start_agent(config)
     assert subscriber.wait_until(lambda: len(verdicts(subscriber)) >= 10, 60)
 
     newer = bundle_variant(trained_work / "bundle", tmp_path / "v2", signing_key, model_version="1.0.1")
     swapped = agent_cli("activate", "--config", str(config), str(newer))
     assert swapped.returncode == 0, swapped.stderr
+    assert "shadow-scored" in swapped.stdout and "reject rate" in swapped.stdout, swapped.stdout
     assert subscriber.wait_until(lambda: verdicts(subscriber)[-1]["model"] == "brick-test@1.0.1", 30)
 
     broken = bundle_variant(
