@@ -1,0 +1,347 @@
+"""Agent side of a push: BundleReceiver stages chunks on disk, checks and unpacks the archive, hands it on.
+
+See lineguard.agent.transfer.protocol for the topics, acks and resume rules.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from lineguard.agent.bundle import file_sha256
+from lineguard.agent.config import MqttConfig
+from lineguard.agent.transfer.archive import unpack_bundle
+from lineguard.agent.transfer.protocol import (
+    INBOX_MAX_BYTES,
+    MAX_ARCHIVE_BYTES,
+    SESSION_EXPIRY_S,
+    Ack,
+    ArchiveError,
+    PushTopics,
+    State,
+    TransferMeta,
+    _ranges,
+    make_client,
+    push_topics,
+)
+from lineguard.agent.transfer.staging import _Incoming, _load_staged, _remove
+
+log = logging.getLogger(__name__)
+
+
+OnBundle = Callable[[Path, str], tuple[bool, str]]
+
+
+class BundleReceiver:
+    """Agent side: its own paho client (MQTT 5, persistent session) and one worker thread that stages pushes.
+
+    Connects with the agent's MqttConfig (host, credentials, TLS, topic_prefix) as client id
+    `<mqtt.client_id or lineguard-<agent_id>>-deploy`, in the background, reconnecting on its own; subscribes to
+    `<prefix>/<agent_id>/model/push/+/meta` and `.../+/chunk/+`. It owns `staging_dir`: one folder per transfer
+    (archive.tar, transfer.json), resumed from disk when a receiver starts. When an archive is complete, its
+    sha256 checked and unpacked at staging_dir/<transfer_id>/bundle, `on_bundle(path, transfer_id) -> (ok,
+    reason)` runs on the worker thread (it may take its time; move or copy what it keeps: the folder is deleted
+    when it returns) and its answer is the verdict published on the ack and events topics.
+    """
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        *,
+        agent_id: str,
+        staging_dir: Path,
+        on_bundle: OnBundle,
+        abandon_after_s: float = 600.0,
+        max_archive_bytes: int = MAX_ARCHIVE_BYTES,
+    ) -> None:
+        push_topics(config.topic_prefix, agent_id, "check")  # ValueError for an agent id that is no topic level
+        if abandon_after_s <= 0 or max_archive_bytes <= 0:
+            msg = f"abandon_after_s and max_archive_bytes must be > 0, got {abandon_after_s}, {max_archive_bytes}"
+            raise ValueError(msg)
+        self._prefix, self._agent_id = config.topic_prefix, agent_id
+        self._subscription = f"{config.topic_prefix}/{agent_id}/model/push/"
+        self._staging_dir = staging_dir
+        self._on_bundle = on_bundle
+        self._abandon_after_s, self._max_archive_bytes = abandon_after_s, max_archive_bytes
+        self._sweep_interval_s = min(abandon_after_s / 4, 5.0)
+        staging_dir.mkdir(parents=True, exist_ok=True)
+        self._transfers = _load_staged(staging_dir)  # only the worker thread touches it after this
+        self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self._inbox_bytes = 0
+        self._lock = threading.Lock()  # guards _inbox_bytes
+        self._subscribed = threading.Event()
+        self._client = make_client(config, f"{config.client_id or 'lineguard-' + agent_id}-deploy")
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_disconnect = self._on_disconnect
+        self._closing = False
+        self._client.on_message = self._on_message
+        self._worker = threading.Thread(target=self._work, name="bundle-receiver", daemon=True)
+        self._worker.start()
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = SESSION_EXPIRY_S
+        self._client.connect_async(
+            config.host, config.port, config.keepalive_s, clean_start=False, properties=properties
+        )
+        self._client.loop_start()
+        log.info("bundle receiver %s: staging in %s, %d transfers on disk", agent_id, staging_dir, len(self._transfers))
+
+    def wait_subscribed(self, timeout_s: float) -> bool:
+        """True once the broker granted the push subscriptions (pushes before that wait in the broker's session)."""
+        return self._subscribed.wait(timeout_s)
+
+    def missing_chunks(self, transfer_id: str) -> list[int] | None:
+        """Chunk indices the staged transfer still needs, from its chunk map on disk; None if none is staged."""
+        push_topics(self._prefix, self._agent_id, transfer_id)  # ValueError for a name that is no folder of ours
+        try:
+            return sorted(_Incoming.load(self._staging_dir / transfer_id).missing())
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def close(self, *, timeout_s: float = 30.0) -> None:
+        """Finish the messages already received, then disconnect (the broker keeps the session for later ones)."""
+        self._closing = True
+        self._inbox.put(None)
+        self._worker.join(timeout_s)
+        if self._worker.is_alive():
+            log.warning("bundle receiver still busy after %g s (in on_bundle?); disconnecting anyway", timeout_s)
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def __enter__(self) -> BundleReceiver:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- paho's network thread: only hand messages to the worker -----------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            log.error("bundle receiver: broker refused the connection: %s; check mqtt.username/password", reason)
+            return
+        log.info("bundle receiver connected (session present: %s)", flags.session_present)
+        client.subscribe([(f"{self._subscription}+/meta", 1), (f"{self._subscription}+/chunk/+", 1)])
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self._subscribed.clear()
+        if not self._closing:
+            log.warning("bundle receiver lost its broker connection (%s); reconnecting", reason)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: list[Any], properties: Any) -> None:
+        if any(code.is_failure for code in codes):
+            log.error("bundle receiver: broker refused the subscriptions to %s: %s", self._subscription, codes)
+        else:
+            self._subscribed.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        size = len(message.payload)
+        with self._lock:
+            if "/chunk/" in message.topic and self._inbox_bytes + size > INBOX_MAX_BYTES:
+                log.warning(
+                    "bundle receiver backlog over %d bytes: dropped %s (asked for again)",
+                    INBOX_MAX_BYTES,
+                    message.topic,
+                )
+                return
+            self._inbox_bytes += size
+        self._inbox.put((message.topic, bytes(message.payload)))
+
+    # -- the worker thread ---------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        next_sweep_s = time.monotonic()
+        while True:
+            try:
+                item = self._inbox.get(timeout=self._sweep_interval_s)
+            except queue.Empty:
+                item = ("", b"")
+            if item is None:
+                return
+            try:
+                if item[0]:
+                    self._dispatch(*item)
+                if time.monotonic() >= next_sweep_s:
+                    next_sweep_s = time.monotonic() + self._sweep_interval_s
+                    self._sweep()
+            except Exception:  # top of the receiver's thread: one bad push must not stop the later ones
+                log.exception("bundle receiver failed on %s; carrying on", item[0] or "its sweep")
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        with self._lock:
+            self._inbox_bytes -= len(payload)
+        levels = topic[len(self._subscription) :].split("/")
+        try:
+            topics = push_topics(self._prefix, self._agent_id, levels[0])
+        except ValueError as error:
+            log.warning("ignoring a push on %s: %s", topic, error)
+            return
+        if levels[1:] == ["meta"]:
+            self._on_meta(topics, payload)
+        elif len(levels) == 3 and levels[1] == "chunk":
+            self._on_chunk(topics, levels[2], payload)
+
+    def _on_meta(self, topics: PushTopics, payload: bytes) -> None:
+        try:
+            meta = TransferMeta.decode(payload)
+            if meta.transfer_id != topics.transfer_id:
+                msg = f"transfer_id {meta.transfer_id!r} differs from the topic's {topics.transfer_id!r}"
+                raise ValueError(msg)
+        except ValueError as error:
+            self._publish_verdict(topics, None, "failed", f"meta is not valid: {error}")
+            return
+        current = self._transfers.get(meta.transfer_id)
+        if current is not None and current.meta.same_archive(meta):
+            if current.state == "receiving":  # a sender asking what is missing, maybe a new one: resume
+                log.info(
+                    "transfer %s: asked again; holding %d of %d chunks",
+                    meta.transfer_id,
+                    len(current.received),
+                    meta.chunk_count,
+                )
+                current.meta, current.updated_unix_s = meta, time.time()
+                current.save()
+                self._answer_meta(current)
+                return
+            if current.meta.push_id == meta.push_id:  # the same push asking again: repeat the verdict
+                self._publish_verdict(topics, current, current.state, current.reason)
+                return
+        if current is not None:
+            log.info("transfer %s: a new push replaces the staged one (%s)", meta.transfer_id, current.state)
+            self._discard(current)
+        if problem := self._refusal(meta):
+            self._publish_verdict(topics, None, "failed", problem, model=meta.model)
+            return
+        incoming = _Incoming.create(self._staging_dir / meta.transfer_id, meta)
+        self._transfers[meta.transfer_id] = incoming
+        log.info(
+            "transfer %s of %s started: %d bytes in %d chunks",
+            meta.transfer_id,
+            meta.model,
+            meta.total_bytes,
+            meta.chunk_count,
+        )
+        self._answer_meta(incoming)
+
+    def _answer_meta(self, incoming: _Incoming) -> None:
+        if incoming.complete:  # staged before a restart: install it now
+            self._finish(incoming)
+        else:
+            self._ack(incoming, "receiving", missing=_ranges(incoming.missing()))
+
+    def _on_chunk(self, topics: PushTopics, index_text: str, payload: bytes) -> None:
+        incoming = self._transfers.get(topics.transfer_id)
+        if incoming is None or incoming.state != "receiving":  # late duplicates, or meta not seen yet
+            log.debug(
+                "ignoring chunk %s of transfer %s (%s)", index_text, topics.transfer_id, incoming and incoming.state
+            )
+            return
+        index, problem = incoming.check(index_text, payload)
+        if index is None or problem:
+            log.warning("transfer %s: refused %s", topics.transfer_id, problem)
+            self._ack(incoming, "receiving", chunk=index, refused=problem)
+            return
+        if index not in incoming.received:
+            try:
+                incoming.store(index, payload)
+            except OSError as error:
+                self._conclude(incoming, "failed", f"cannot write chunk {index} to {incoming.archive}: {error}")
+                return
+        self._ack(incoming, "receiving", chunk=index)
+        if incoming.complete:
+            self._finish(incoming)
+
+    def _finish(self, incoming: _Incoming) -> None:
+        """Verify the whole archive, unpack it, let on_bundle judge it, publish the verdict."""
+        self._ack(incoming, "verifying")
+        try:
+            actual = file_sha256(incoming.archive)
+            if actual != incoming.meta.sha256:
+                msg = f"archive sha256 {actual[:12]}… differs from the meta's {incoming.meta.sha256[:12]}…: push again"
+                raise ArchiveError(msg)
+            _remove(incoming.bundle)
+            unpack_bundle(incoming.archive, incoming.bundle, max_bytes=incoming.meta.total_bytes)
+        except (ArchiveError, OSError) as error:
+            self._conclude(incoming, "failed", f"bundle archive refused: {error}")
+            return
+        try:
+            ok, reason = self._on_bundle(incoming.bundle, incoming.meta.transfer_id)
+        except Exception as error:  # the agent's code: its failure is this push's verdict, not the receiver's end
+            log.exception("on_bundle failed on transfer %s", incoming.meta.transfer_id)
+            ok, reason = False, f"on_bundle failed: {type(error).__name__}: {error}"
+        self._conclude(incoming, "received" if ok else "failed", str(reason))
+
+    def _conclude(self, incoming: _Incoming, state: State, reason: str) -> None:
+        incoming.state, incoming.reason, incoming.updated_unix_s = state, reason, time.time()
+        _remove(incoming.archive)
+        _remove(incoming.bundle)
+        incoming.save()  # only transfer.json stays, until the sweep: a sender asking again gets the verdict
+        self._publish_verdict(
+            push_topics(self._prefix, self._agent_id, incoming.meta.transfer_id), incoming, state, reason
+        )
+
+    def _sweep(self) -> None:
+        """Install transfers staged whole before a restart; fail and remove those idle for abandon_after_s."""
+        now = time.time()
+        for incoming in list(self._transfers.values()):
+            if incoming.state == "receiving" and incoming.complete and self._subscribed.is_set():
+                self._finish(incoming)
+                continue
+            idle_s = now - incoming.updated_unix_s
+            if idle_s < self._abandon_after_s:
+                continue
+            if incoming.state == "receiving":
+                reason = f"abandoned: nothing arrived for {idle_s:.0f} s (abandon_after_s={self._abandon_after_s:g}); push again"
+                self._conclude(incoming, "failed", reason)
+            self._discard(incoming)
+
+    def _discard(self, incoming: _Incoming) -> None:
+        _remove(incoming.folder)
+        self._transfers.pop(incoming.meta.transfer_id, None)
+
+    def _refusal(self, meta: TransferMeta) -> str:
+        if meta.total_bytes > self._max_archive_bytes:
+            return f"archive is {meta.total_bytes} bytes; this agent takes at most {self._max_archive_bytes} (max_archive_bytes)"
+        free = shutil.disk_usage(self._staging_dir).free
+        if free < 2 * meta.total_bytes:  # the archive, then the unpacked bundle beside it
+            return f"staging folder {self._staging_dir} has {free} bytes free; this push needs {2 * meta.total_bytes}"
+        return ""
+
+    def _ack(
+        self,
+        incoming: _Incoming,
+        state: State,
+        *,
+        missing: tuple[tuple[int, int], ...] | None = None,
+        chunk: int | None = None,
+        refused: str = "",
+    ) -> None:
+        ack = Ack(
+            incoming.meta.transfer_id, state, len(incoming.received), incoming.meta.chunk_count, missing, chunk, refused
+        )
+        topics = push_topics(self._prefix, self._agent_id, incoming.meta.transfer_id)
+        self._client.publish(topics.ack, ack.encode(), qos=1)
+
+    def _publish_verdict(
+        self, topics: PushTopics, incoming: _Incoming | None, state: State, reason: str, *, model: str = ""
+    ) -> None:
+        """The final answer on the ack topic and, as an event, on `<prefix>/<agent_id>/model/events`."""
+        received, count = (len(incoming.received), incoming.meta.chunk_count) if incoming else (0, 0)
+        model = incoming.meta.model if incoming else model
+        ack = Ack(topics.transfer_id, state, received, count, reason=reason)
+        self._client.publish(topics.ack, ack.encode(), qos=1)
+        event = {"transfer_id": topics.transfer_id, "model": model, "state": state, "reason": reason}
+        self._client.publish(topics.events, json.dumps(event, separators=(",", ":")).encode(), qos=1)
+        level = logging.INFO if state == "received" else logging.ERROR
+        log.log(level, "transfer %s of %s %s: %s", topics.transfer_id, model or "?", state, reason)
