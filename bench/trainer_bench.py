@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lineguard.trainer.export import cpu_session, export_onnx
-from lineguard.trainer.models.patchcore import load_patchcore
+from lineguard.trainer.models import load_model
 from lineguard.trainer.sample_data import SampleDataSpec, make_sample_dataset
 
 
@@ -70,7 +70,7 @@ def main() -> None:
         )
         (data,) = make_sample_dataset(root / "data", categories=(args.category,), spec=spec)
         fit_seconds, peak_mib = time_fit(data, root / "out", args.image_size, args.fit_args)
-        model = load_patchcore(root / "out" / "model")
+        _, model = load_model(root / "out" / "model")
         config = model.config
         onnx_path = export_onnx(
             model, root / "model.onnx", height=config.input_height, width=config.input_width, channels=config.channels

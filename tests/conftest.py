@@ -61,6 +61,31 @@ def trained_work(sample_root: Path, signing_key: Path, tmp_path_factory: pytest.
     return out
 
 
+# Short training for the epoch-trained models: enough to check the contract end to end, not accuracy.
+QUICK_TRAINING = {"fastflow": ("--epochs", "3"), "fcdd": ("--epochs", "3")}
+
+
+@pytest.fixture(scope="session")
+def trained_model_work(
+    sample_root: Path, signing_key: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], Path]:
+    """trained_model_work(kind): a work folder after a short `lineguard-train run --model kind`, built once per kind."""
+    from lineguard.trainer.__main__ import main
+
+    built: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            out = tmp_path_factory.mktemp(f"work-{kind}")
+            arguments = ["run", str(sample_root), "--out", str(out), "--sign-key", str(signing_key), "--model", kind]
+            arguments += [*QUICK_TRAINING[kind], "--model-id", f"brick-{kind}", "--model-version", "1.0.0"]
+            assert main(arguments) == 0
+            built[kind] = out
+        return built[kind]
+
+    return get
+
+
 # Real Mosquitto brokers on loopback ports (tests/broker.py), shared by agent and deploy tests.
 @pytest.fixture(scope="session")
 def mosquitto_installed() -> None:

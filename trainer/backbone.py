@@ -21,6 +21,8 @@ BACKBONES: tuple[str, ...] = ("efficientnet-lite0", "efficientnet-lite1", "effic
 # A stage is named by its output stride exponent: stage 3 = stride 8, stage 4 = stride 16, ...
 STAGES: tuple[int, ...] = (2, 3, 4, 5)
 
+STATIC_PADDING_SIZE = 256  # any multiple of 32 gives the same pads; see EfficientNetLiteFeatures
+
 IMAGENET_MEAN_RGB: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -58,7 +60,11 @@ class EfficientNetLiteFeatures(nn.Module):
             raise ModelError(msg)
         from efficientnet_lite_pytorch import EfficientNet
 
-        network = EfficientNet.from_name(backbone, image_size=None)
+        # Static "same" padding: TensorFlow-style padding of a stride-2 conv depends only on the
+        # parity of its input, and every input that is a multiple of 32 stays even through all five
+        # halvings, so pads computed for 256 hold for every allowed size. The library's dynamic
+        # padding would trace into the ONNX graph as a crop to the export size.
+        network = EfficientNet.from_name(backbone, image_size=STATIC_PADDING_SIZE)
         state = torch.load(_weights_path(backbone), map_location="cpu", weights_only=True)
         network.load_state_dict(state, strict=True)
         self.backbone_name = backbone

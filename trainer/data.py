@@ -66,8 +66,14 @@ class Dataset:
         return hasher.hexdigest()
 
 
-def discover_dataset(path: Path, *, calibration_fraction: float = 0.5, seed: int = 0) -> Dataset:
-    """Read an MVTec-style folder or a CSV manifest; derive a calibration split if there is none."""
+def discover_dataset(
+    path: Path, *, calibration_fraction: float = 0.5, seed: int = 0, allow_train_defects: bool = False
+) -> Dataset:
+    """Read an MVTec-style folder or a CSV manifest; derive a calibration split if there is none.
+
+    Labelled defects in the train split (CSV rows `nok,train` or train/<defect-type>/ folders) are
+    refused unless allow_train_defects: only semi-supervised models (FCDD) learn from them.
+    """
     if not path.exists():
         msg = f"dataset {path} does not exist: pass an MVTec-style folder or a CSV manifest"
         raise DatasetError(msg)
@@ -82,8 +88,14 @@ def discover_dataset(path: Path, *, calibration_fraction: float = 0.5, seed: int
         if not dataset.split(split_name):
             msg = f"{path}: the {split_name} split holds no images"
             raise DatasetError(msg)
-    if any(s.label == 1 for s in dataset.train):
-        msg = f"{path}: the train split holds defect (nok) images; one-class models learn from good images only"
+    if not allow_train_defects and any(s.label == 1 for s in dataset.train):
+        msg = (
+            f"{path}: the train split holds defect (nok) images; one-class models learn from good images only: "
+            "move them to calibration/test, or train fcdd, which can use a few labelled defects"
+        )
+        raise DatasetError(msg)
+    if not any(s.label == 0 for s in dataset.train):
+        msg = f"{path}: the train split holds no good (ok) images"
         raise DatasetError(msg)
     return dataset
 
@@ -99,6 +111,8 @@ def _read_mvtec_folder(root: Path, calibration_fraction: float, seed: int) -> Da
         msg = f"{root} has no test folder: add DATA/test/good/ and DATA/test/<defect-type>/ with labelled images"
         raise DatasetError(msg)
     train = tuple(Sample(p, 0, GOOD) for p in _images_in(root / "train" / GOOD))
+    train_defects = sorted(p for p in (root / "train").iterdir() if p.is_dir() and p.name != GOOD)
+    train += tuple(Sample(p, 1, folder.name) for folder in train_defects for p in _images_in(folder))
     test = _read_labelled_folder(root, "test")
     notes: list[str] = []
     if (root / "calibration").is_dir():
@@ -292,7 +306,7 @@ def load_images(
 
 def to_model_input(image: np.ndarray, *, height: int, width: int, channels: int) -> np.ndarray:
     """One decoded image to (height, width, channels) uint8."""
-    if channels == 1 and image.ndim == 3:
+    if channels == 1 and image.ndim == 3 and image.shape[2] == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     elif channels == 3 and image.ndim == 2:
         image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)

@@ -1,7 +1,8 @@
 """ONNX export with a parity check: the graph the agent runs must score what torch scored.
 
 One graph per model: `image` (N, H, W, C) uint8 in, `score` (N,) and `anomaly_map` (N, H, W)
-float32 out, normalisation inside. The batch axis is dynamic. Export fails loudly when ONNX
+float32 out, normalisation inside. The batch axis is dynamic; so are height and width for
+fully convolutional models, whose parity is then also checked at a second size. Export fails loudly when ONNX
 Runtime disagrees with torch beyond tolerance, so a bad graph never reaches a bundle.
 """
 
@@ -45,11 +46,14 @@ class ParityReport:
         return asdict(self)
 
 
-def export_onnx(model: torch.nn.Module, path: Path, *, height: int, width: int, channels: int) -> Path:
-    """Trace the model into an ONNX graph with a dynamic batch axis."""
+def export_onnx(
+    model: torch.nn.Module, path: Path, *, height: int, width: int, channels: int, variable_size: bool = False
+) -> Path:
+    """Trace the model into an ONNX graph with a dynamic batch axis (and dynamic height and width if variable_size)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros((2, height, width, channels), dtype=torch.uint8)
-    dynamic_axes = {INPUT_NAME: {0: "n"}, "score": {0: "n"}, "anomaly_map": {0: "n"}}
+    image_axes = {0: "n", 1: "height", 2: "width"} if variable_size else {0: "n"}
+    dynamic_axes = {INPUT_NAME: image_axes, "score": {0: "n"}, "anomaly_map": image_axes}
     with warnings.catch_warnings():
         # The TorchScript exporter gives a plain static graph for a fixed-size model; torch
         # deprecates it in favour of the dynamo exporter, which needs onnxscript.

@@ -21,29 +21,28 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lineguard.agent.bundle import DatasetInfo, InputSpec, Manifest, ModelInfo
 
 from . import calibrate as calibration_math
-from .data import Dataset, detect_channels, discover_dataset, load_images, load_masks, read_image
+from .data import Dataset, detect_channels, discover_dataset, load_images, load_masks, read_image, to_model_input
 from .errors import TrainerError
 from .evaluate import split_metrics
 from .export import OPSET, check_parity, export_onnx, write_parity_report
-from .models.patchcore import (
-    CONFIG_FILE,
-    PatchCore,
-    PatchCoreConfig,
-    fit_patchcore,
-    load_patchcore,
-    save_patchcore,
-)
+from .models import MODELS, load_model, model_kind
+from .models.base import ModelKind, TrainingImages, read_model_record, save_model
+from .models.fastflow import FastFlowConfig
+from .models.fcdd import FcddConfig
+from .models.patchcore import PatchCoreConfig
 from .package import BundleContents, write_bundle
 from .report import ReportInputs, render_report
 from .scoring import SplitScores, load_split_scores, save_split_scores, score_images
 
 log = logging.getLogger(__name__)
 
-MODEL_KINDS = ("patchcore",)
+MODEL_KINDS = tuple(MODELS)
+ModelConfig = PatchCoreConfig | FastFlowConfig | FcddConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,41 +109,85 @@ def _write_json(path: Path, data: object) -> None:
 
 def detect_dataset_channels(data: DataOptions) -> int:
     """1 when the dataset's first training image is grey, else 3."""
-    dataset = discover_dataset(data.path, calibration_fraction=data.calibration_fraction, seed=data.seed)
+    dataset = discover_dataset(
+        data.path, calibration_fraction=data.calibration_fraction, seed=data.seed, allow_train_defects=True
+    )
     return detect_channels(dataset.train)
 
 
-def fit(data: DataOptions, work: Workdir, config: PatchCoreConfig, *, progress: bool = True) -> PatchCore:
-    """Fit a model on the train split and save it under OUT/model."""
-    dataset = discover_dataset(data.path, calibration_fraction=data.calibration_fraction, seed=data.seed)
+def kind_of(config: ModelConfig) -> ModelKind:
+    """The model kind a config belongs to."""
+    for kind in MODELS.values():
+        if isinstance(config, kind.config_type):
+            return kind
+    msg = f"{type(config).__name__} is not the config of a known model ({', '.join(MODELS)})"
+    raise TrainerError(msg)
+
+
+def _discover(data: DataOptions, kind: ModelKind | None = None) -> Dataset:
+    return discover_dataset(
+        data.path,
+        calibration_fraction=data.calibration_fraction,
+        seed=data.seed,
+        allow_train_defects=kind is None or kind.uses_defects,
+    )
+
+
+def _training_images(
+    dataset: Dataset, kind: ModelKind, config: ModelConfig, source_shape: tuple[int, int]
+) -> TrainingImages:
+    size = {"height": config.input_height, "width": config.input_width, "channels": config.channels}
+    good = tuple(s for s in dataset.train if s.label == 0)
+    defects = tuple(s for s in dataset.train if s.label == 1)
+    validation = dataset.calibration if kind.uses_validation else ()
+    return TrainingImages(
+        good=load_images(good, **size, source_size=source_shape),
+        validation=load_images(validation, **size, source_size=source_shape) if validation else None,
+        validation_labels=np.array([s.label for s in validation], np.int64) if validation else None,
+        defects=load_images(defects, **size, source_size=source_shape) if defects else None,
+    )
+
+
+def fit(data: DataOptions, work: Workdir, config: ModelConfig, *, progress: bool = True) -> torch.nn.Module:
+    """Fit a model on the train split (early stopping on calibration where the model trains in epochs); save it."""
+    kind = kind_of(config)
+    dataset = _discover(data, kind)
     started = time.perf_counter()
     source_shape = read_image(dataset.train[0].path).shape[:2]
-    images = load_images(
-        dataset.train,
-        height=config.input_height,
-        width=config.input_width,
-        channels=config.channels,
-        source_size=source_shape,
-    )
-    model = fit_patchcore(config, images, progress=progress)
+    images = _training_images(dataset, kind, config, source_shape)
+    model = kind.fit(config, images, progress)
     train_seconds = time.perf_counter() - started
-    save_patchcore(model, work.model_dir)
+    save_model(kind, model, work.model_dir)
+    notes = list(dataset.notes)
+    if images.validation is not None:
+        notes.append(
+            "Early stopping watched the calibration split's image AUROC, so calibration metrics are slightly optimistic; "
+            "the test split is untouched."
+        )
+    if images.defects is not None:
+        notes.append(f"{len(images.defects)} labelled defect images of the train split were used as outliers.")
     _write_json(
         work.training_file,
         {
+            "model": kind.name,
             "dataset": {"name": dataset.name, "path": str(data.path), "digest": dataset.digest()},
             "n_train": len(dataset.train),
             "source_size": list(source_shape),
             "train_seconds": round(train_seconds, 2),
-            "bank_size": model.bank_size,
-            "notes": list(dataset.notes),
+            "description": {key: str(value) for key, value in kind.describe(model).items()},
+            "notes": notes,
         },
     )
-    log.info("fitted %s on %d images in %.1f s", config.backbone, len(dataset.train), train_seconds)
+    log.info("fitted %s (%s) on %d images in %.1f s", kind.name, config.backbone, len(dataset.train), train_seconds)
     return model
 
 
-def _score_split(model: PatchCore, dataset: Dataset, split: str, source_size: tuple[int, int]) -> SplitScores:
+def load_fitted(work: Workdir) -> tuple[ModelKind, torch.nn.Module]:
+    """The model saved under OUT/model and its kind."""
+    return load_model(work.require(work.model_dir, "fit"))
+
+
+def _score_split(model: torch.nn.Module, dataset: Dataset, split: str, source_size: tuple[int, int]) -> SplitScores:
     samples = dataset.split(split)
     config = model.config
     images = load_images(
@@ -167,9 +210,9 @@ def _score_split(model: PatchCore, dataset: Dataset, split: str, source_size: tu
 def calibrate(data: DataOptions, work: Workdir, method_text: str) -> dict[str, object]:
     """Score the calibration split and choose the threshold; writes OUT/calibration.json."""
     method = calibration_math.parse_threshold_method(method_text)
-    model = load_patchcore(work.require(work.model_dir, "fit"))
+    _, model = load_fitted(work)
     training = _read_json(work.require(work.training_file, "fit"))
-    dataset = discover_dataset(data.path, calibration_fraction=data.calibration_fraction, seed=data.seed)
+    dataset = _discover(data)
     _check_same_dataset(dataset, training)
     split = _score_split(model, dataset, "calibration", tuple(training["source_size"]))
     save_split_scores(split, work.scores_file("calibration"))
@@ -190,10 +233,10 @@ def _check_same_dataset(dataset: Dataset, training: dict) -> None:
 
 def evaluate(data: DataOptions, work: Workdir) -> dict[str, dict[str, object]]:
     """Score the test split and write OUT/report/metrics.json for calibration and test."""
-    model = load_patchcore(work.require(work.model_dir, "fit"))
+    _, model = load_fitted(work)
     training = _read_json(work.require(work.training_file, "fit"))
     threshold = float(_read_json(work.require(work.calibration_file, "calibrate"))["threshold"])
-    dataset = discover_dataset(data.path, calibration_fraction=data.calibration_fraction, seed=data.seed)
+    dataset = _discover(data)
     test = _score_split(model, dataset, "test", tuple(training["source_size"]))
     save_split_scores(test, work.scores_file("test"))
     calibration = load_split_scores(work.require(work.scores_file("calibration"), "calibrate"))
@@ -205,18 +248,17 @@ def evaluate(data: DataOptions, work: Workdir) -> dict[str, dict[str, object]]:
 def report(work: Workdir, *, title: str | None = None) -> Path:
     """Render OUT/report/index.html from the saved scores and metrics."""
     training = _read_json(work.require(work.training_file, "fit"))
-    model_config = _read_json(work.model_dir / CONFIG_FILE)
+    record = read_model_record(work.model_dir)
+    model_config = record["config"]
     splits = {
         name: load_split_scores(work.require(work.scores_file(name), "evaluate")) for name in ("calibration", "test")
     }
     inputs = ReportInputs(
-        title=title or f"{training['dataset']['name']} — patchcore / {model_config['backbone']}",
+        title=title or f"{training['dataset']['name']} — {record['kind']} / {model_config['backbone']}",
         model={
-            "model": "patchcore",
-            "backbone": model_config["backbone"],
-            "stages": ", ".join(map(str, model_config["stages"])),
+            "model": record["kind"],
             "input size": f"{model_config['input_width']}x{model_config['input_height']}x{model_config['channels']}",
-            "memory bank": f"{training['bank_size']} patches ({model_config['bank_dtype']})",
+            **training["description"],
             "train images": training["n_train"],
             "train time (s)": training["train_seconds"],
             "dataset digest": training["dataset"]["digest"][:16],
@@ -231,10 +273,15 @@ def report(work: Workdir, *, title: str | None = None) -> Path:
 
 def export(work: Workdir) -> Path:
     """Export OUT/export/model.onnx and check its parity with torch on the calibration images."""
-    model = load_patchcore(work.require(work.model_dir, "fit"))
+    kind, model = load_fitted(work)
     config = model.config
     onnx_path = export_onnx(
-        model, work.onnx_file, height=config.input_height, width=config.input_width, channels=config.channels
+        model,
+        work.onnx_file,
+        height=config.input_height,
+        width=config.input_width,
+        channels=config.channels,
+        variable_size=kind.variable_size,
     )
     calibration = load_split_scores(work.require(work.scores_file("calibration"), "calibrate"))
     parity = check_parity(model, onnx_path, calibration.images)
@@ -245,6 +292,23 @@ def export(work: Workdir) -> Path:
         parity.max_score_rel_diff,
         parity.max_map_rel_diff,
     )
+    if kind.variable_size:
+        height, width = alternate_size(config.input_height, config.input_width)
+        resized = np.stack(
+            [
+                to_model_input(image, height=height, width=width, channels=config.channels)
+                for image in calibration.images[:4]
+            ]
+        )
+        other = check_parity(model, onnx_path, resized)
+        write_parity_report(other, onnx_path.with_name(f"parity-{width}x{height}.json"))
+        log.info(
+            "ONNX parity at %dx%d: scores %.1e, maps %.1e",
+            width,
+            height,
+            other.max_score_rel_diff,
+            other.max_map_rel_diff,
+        )
     return onnx_path
 
 
@@ -253,19 +317,21 @@ def bundle(
 ) -> Manifest:
     """Gather model, threshold, metrics and golden images into OUT/bundle, signed when a key is given."""
     training = _read_json(work.require(work.training_file, "fit"))
-    config_raw = _read_json(work.model_dir / CONFIG_FILE)
+    record = read_model_record(work.require(work.model_dir, "fit"))
+    kind, config_raw = model_kind(record["kind"]), record["config"]
     calibration_split = load_split_scores(work.require(work.scores_file("calibration"), "calibrate"))
     metrics = _read_json(work.require(work.metrics_file, "evaluate"))
     contents = BundleContents(
-        model_id=model_id or _safe_id(f"{training['dataset']['name']}-patchcore"),
+        model_id=model_id or _safe_id(f"{training['dataset']['name']}-{kind.name}"),
         model_version=model_version or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
         onnx_path=work.require(work.onnx_file, "export"),
-        model_info=ModelInfo(kind="patchcore", backbone=config_raw["backbone"], opset=OPSET, parameters=config_raw),
+        model_info=ModelInfo(kind=kind.name, backbone=config_raw["backbone"], opset=OPSET, parameters=config_raw),
         input_spec=InputSpec(
             height=config_raw["input_height"],
             width=config_raw["input_width"],
             channels=config_raw["channels"],
             pixel_format="mono8" if config_raw["channels"] == 1 else "rgb8",
+            variable_size=kind.variable_size,
         ),
         dataset=DatasetInfo(
             name=training["dataset"]["name"],
@@ -279,6 +345,11 @@ def bundle(
         calibration_split=calibration_split,
     )
     return write_bundle(work.bundle_dir, contents, sign_key=sign_key)
+
+
+def alternate_size(height: int, width: int) -> tuple[int, int]:
+    """A second input size (multiples of 32, about 1.25x) to prove a variable-size graph really is one."""
+    return (max(round(height * 1.25 / 32) * 32, height + 32), max(round(width * 1.25 / 32) * 32, width + 32))
 
 
 def _safe_id(text: str) -> str:

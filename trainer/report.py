@@ -172,7 +172,7 @@ def _sample(maps: np.ndarray, limit: int = 2_000_000) -> np.ndarray:
     return flat[:: max(1, flat.size // limit)]
 
 
-def _operating_point(split: SplitScores, threshold: float) -> tuple[float, float, float]:
+def operating_point(split: SplitScores, threshold: float) -> tuple[float, float, float]:
     """(false-positive rate, recall, precision) of rejecting at score >= threshold."""
     rejected = split.scores >= threshold
     tp, fp = int(np.sum(rejected & (split.labels == 1))), int(np.sum(rejected & (split.labels == 0)))
@@ -181,7 +181,7 @@ def _operating_point(split: SplitScores, threshold: float) -> tuple[float, float
     return fpr, recall, tp / (tp + fp) if tp + fp else 1.0
 
 
-def _axes(title: str) -> tuple[Figure, Axes]:
+def styled_axes(title: str) -> tuple[Figure, Axes]:
     fig = Figure(figsize=(4.6, 3.5), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     ax.set_title(title, fontsize=10, loc="left")
@@ -209,8 +209,8 @@ def _roc_chart(stem: str, split: SplitScores, ctx: _Context) -> _Chart:
     if not split.has_both_classes:
         return _Chart(None, _one_class_note("ROC", split))
     fpr, tpr, _ = roc_curve(split.labels, split.scores)
-    op_fpr, op_tpr, _ = _operating_point(split, ctx.threshold)
-    fig, ax = _axes("ROC")
+    op_fpr, op_tpr, _ = operating_point(split, ctx.threshold)
+    fig, ax = styled_axes("ROC")
     ax.plot([0, 1], [0, 1], color="#bbbbbb", lw=1, ls=":")
     auroc = roc_auc_score(split.labels, split.scores)
     ax.plot(fpr, tpr, color=CURVE_COLOUR, lw=2, label=f"AUROC {auroc:.3f}")
@@ -225,9 +225,9 @@ def _pr_chart(stem: str, split: SplitScores, ctx: _Context) -> _Chart:
     if not split.has_both_classes:
         return _Chart(None, _one_class_note("Precision-recall", split))
     precision, recall, _ = precision_recall_curve(split.labels, split.scores)
-    _, op_recall, op_precision = _operating_point(split, ctx.threshold)
+    _, op_recall, op_precision = operating_point(split, ctx.threshold)
     ap = average_precision_score(split.labels, split.scores)
-    fig, ax = _axes("Precision-recall")
+    fig, ax = styled_axes("Precision-recall")
     ax.axhline(float(np.mean(split.labels == 1)), color="#bbbbbb", lw=1, ls=":")
     ax.plot(recall, precision, color=CURVE_COLOUR, lw=2, drawstyle="steps-post", label=f"AP {ap:.3f}")
     _mark(ax, op_recall, op_precision, f"threshold: precision {op_precision:.0%}, recall {op_recall:.0%}")
@@ -240,7 +240,7 @@ def _pr_chart(stem: str, split: SplitScores, ctx: _Context) -> _Chart:
 def _histogram_chart(stem: str, split: SplitScores, ctx: _Context) -> _Chart:
     if not split.scores.size:
         return _Chart(None, "Score histogram skipped: this split holds no images.")
-    fig, ax = _axes("Anomaly scores")
+    fig, ax = styled_axes("Anomaly scores")
     for label, noun, colour in ((0, "good", GOOD_COLOUR), (1, "defect", DEFECT_COLOUR)):
         scores = split.scores[split.labels == label]
         if scores.size:
@@ -339,13 +339,13 @@ def _number(value: object) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _fmt(value: object, kind: str = "num") -> str:
+def format_value(value: object, kind: str = "num") -> str:
     """value for the page, "—" when missing or not finite; kind: "num", "ratio" (0.973) or "pct" (97.3 %)."""
     number = _number(value)
     if number is None:
         if value is None or isinstance(value, (float, np.floating)):
             return DASH
-        return ", ".join(_fmt(v) for v in value) if isinstance(value, (list, tuple)) else str(value) or DASH
+        return ", ".join(format_value(v) for v in value) if isinstance(value, (list, tuple)) else str(value) or DASH
     if kind == "pct":
         return _pct(number)
     if kind == "ratio":
@@ -370,7 +370,7 @@ def _rate_card(label: str, rate: object, confidence: object, noun: str) -> _Card
     level = _number(confidence)
     level_text = DASH if level is None else f"{level * 100:g}\u00a0%"
     interval = f"({_pct(rate.get('low'), unit=False)}\u2013{_pct(rate.get('high'))}, {level_text})"
-    counts = f"{_fmt(rate.get('count'))} of {_fmt(rate.get('total'))} {noun} parts in calibration"
+    counts = f"{format_value(rate.get('count'))} of {format_value(rate.get('total'))} {noun} parts in calibration"
     return _Card(label, _pct(rate.get("rate")), f"{interval} · {counts}", tone)
 
 
@@ -378,11 +378,15 @@ def _headline(inputs: ReportInputs) -> tuple[_Card, ...]:
     split = "test" if "test" in inputs.metrics else next(iter(inputs.metrics), "")
     metrics, calibration = inputs.metrics.get(split, {}), inputs.calibration
     return (
-        _Card("Image AUROC", _fmt(metrics.get("image_auroc"), "ratio"), f"{split or DASH} split"),
-        _Card("F1 at threshold", _fmt(metrics.get("f1"), "ratio"), f"{split or DASH} split"),
+        _Card("Image AUROC", format_value(metrics.get("image_auroc"), "ratio"), f"{split or DASH} split"),
+        _Card("F1 at threshold", format_value(metrics.get("f1"), "ratio"), f"{split or DASH} split"),
         _rate_card("False rejects", calibration.get("false_reject"), calibration.get("confidence"), "good"),
         _rate_card("Escapes", calibration.get("escape"), calibration.get("confidence"), "defect"),
-        _Card("Threshold", _fmt(calibration.get("threshold")), f"method: {_fmt(calibration.get('method'))}"),
+        _Card(
+            "Threshold",
+            format_value(calibration.get("threshold")),
+            f"method: {format_value(calibration.get('method'))}",
+        ),
     )
 
 
@@ -392,13 +396,15 @@ def _metric_rows(metrics: dict[str, dict[str, object]]) -> list[tuple[str, list[
     rows = [row for row in _METRIC_ROWS if row[0] not in _OPTIONAL_ROWS or row[0] in present]
     known = {row[0] for row in _METRIC_ROWS} | {"confusion"}
     rows += [(key, key.replace("_", " ").capitalize(), "num") for key in sorted(present - known)]
-    return [(label, [_fmt(split.get(key), kind) for split in metrics.values()]) for key, label, kind in rows]
+    return [(label, [format_value(split.get(key), kind) for split in metrics.values()]) for key, label, kind in rows]
 
 
 def _confusions(metrics: dict[str, dict[str, object]]) -> list[dict[str, str] | None]:
     """Each split's confusion counts formatted, or None when the split has none."""
     cells = [split.get("confusion") for split in metrics.values()]
-    return [{k: _fmt(c.get(k)) for k in ("tn", "fp", "fn", "tp")} if isinstance(c, dict) else None for c in cells]
+    return [
+        {k: format_value(c.get(k)) for k in ("tn", "fp", "fn", "tp")} if isinstance(c, dict) else None for c in cells
+    ]
 
 
 def _page(inputs: ReportInputs, views: list[_SplitView], ctx: _Context) -> str:
@@ -413,13 +419,13 @@ def _page(inputs: ReportInputs, views: list[_SplitView], ctx: _Context) -> str:
         title=inputs.title,
         cards=_headline(inputs),
         notes=inputs.notes,
-        model=[(str(key), _fmt(value)) for key, value in inputs.model.items()],
+        model=[(str(key), format_value(value)) for key, value in inputs.model.items()],
         columns=list(inputs.metrics),
         metric_rows=_metric_rows(inputs.metrics),
         confusions=_confusions(inputs.metrics),
         splits=views,
-        map_range=[_fmt(v) for v in ctx.map_range],
-        threshold=_fmt(ctx.threshold),
+        map_range=[format_value(v) for v in ctx.map_range],
+        threshold=format_value(ctx.threshold),
         colours={"good": GOOD_COLOUR, "defect": DEFECT_COLOUR, "threshold": THRESHOLD_COLOUR},
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )

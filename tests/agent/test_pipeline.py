@@ -30,8 +30,12 @@ VERDICTS = "lineguard/line-1/cam0/verdict"
 @pytest.fixture(scope="module")
 def replay(trained_work: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[str, int, float]]]:
     """The test split's images in one folder, in a known order, with the trainer's label and score for each."""
-    test = load_split_scores(trained_work / "scores" / "test.npz")
-    folder = tmp_path_factory.mktemp("replay")
+    return replay_of(trained_work, tmp_path_factory.mktemp("replay"))
+
+
+def replay_of(work: Path, folder: Path) -> tuple[Path, list[tuple[str, int, float]]]:
+    test = load_split_scores(work / "scores" / "test.npz")
+    folder.mkdir(parents=True, exist_ok=True)
     expected = []
     for index, (path, label, score) in enumerate(zip(test.paths, test.labels, test.scores, strict=True)):
         name = f"{index:03d}_{Path(path).parent.name}_{Path(path).name}"
@@ -159,6 +163,35 @@ def test_every_replayed_frame_gets_one_verdict_and_defects_are_rejected_as_the_r
     assert defects_caught >= 0.8
     status = [json.loads(p) for t, p in subscriber.messages if t == "lineguard/agent-1/status"]
     assert status and status[-1]["online"] is False  # a clean stop says so
+    backend = status[-1]["backend"]  # which back end scored, and why the others were skipped
+    assert (
+        backend["name"] == "onnxruntime-cpu"
+        and "skipped tensorrt: the bundle has no TensorRT engine" in backend["detail"]
+    )
+
+
+@pytest.mark.parametrize("kind", ["fastflow", "fcdd"])
+def test_fastflow_and_fcdd_bundles_run_in_the_agent_unchanged(
+    kind, broker, trained_model_work, signing_key, tmp_path, start_agent
+):
+    work = trained_model_work(kind)
+    manifest = json.loads((work / "bundle" / "manifest.json").read_text())
+    assert manifest["model"]["kind"] == kind and manifest["input"]["variable_size"] is True
+    folder, expected = replay_of(work, tmp_path / "replay")
+    subscriber = Subscriber(broker, "lineguard/#")
+    config = write_config(tmp_path, broker, work, signing_key, folder, fps=10, loop=False, deadline_ms=2000)
+    agent = start_agent(config)
+    ok = subscriber.wait_until(lambda: len(verdicts(subscriber)) >= len(expected), 90)
+    assert ok, f"{len(verdicts(subscriber))} of {len(expected)} verdicts"
+    assert stop(agent) == 0
+    received = verdicts(subscriber)
+    assert sorted(v["seq"] for v in received) == list(range(1, len(expected) + 1))
+    threshold = manifest["threshold"]["value"]
+    for v in received:
+        name, _label, trainer_score = expected[v["seq"] - 1]
+        assert v["model"] == f"brick-{kind}@1.0.0"
+        assert v["score"] == pytest.approx(trainer_score, rel=1e-4, abs=1e-5), name
+        assert v["verdict"] == ("reject" if trainer_score >= threshold else "accept"), (name, v)
 
 
 def test_killing_the_engine_mid_stream_fails_safe_and_loses_no_frame(

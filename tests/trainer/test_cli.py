@@ -84,3 +84,9 @@ def test_keygen_writes_a_key_pair(tmp_path):
     assert main(["keygen", str(tmp_path / "op.pem")]) == 0
     assert (tmp_path / "op.pem").exists() and (tmp_path / "op.pub").exists()
     assert main(["keygen", str(tmp_path / "op.pem")]) == 2  # never overwrite silently
+
+
+def test_an_option_of_another_model_is_refused_with_the_fix(sample_root, tmp_path, capsys):
+    code = main(["fit", str(sample_root), "--out", str(tmp_path), "--model", "fastflow", "--bank-size", "512"])
+    assert code == 2
+    assert "--bank-size do(es) not apply to fastflow" in capsys.readouterr().err

@@ -206,3 +206,13 @@ def test_stratified_split_keeps_every_class_on_both_sides():
     for side in (first, rest):
         assert {s.defect_type for s in side} == {"good", "crack"}
     assert len(first) + len(rest) == 10
+
+
+def test_labelled_defects_in_train_are_refused_for_one_class_models_and_read_for_fcdd(tmp_path):
+    root = make_mvtec(tmp_path / "parts")
+    write_image(root / "train" / "scratch" / "s0.png", value=250)
+    with pytest.raises(DatasetError, match="train fcdd"):
+        discover_dataset(root)
+    dataset = discover_dataset(root, allow_train_defects=True)
+    defects = [s for s in dataset.train if s.label == 1]
+    assert [(s.path.name, s.defect_type) for s in defects] == [("s0.png", "scratch")]

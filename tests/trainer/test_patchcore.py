@@ -9,7 +9,7 @@ from skimage import data as skdata
 
 from lineguard.trainer.errors import ExportError, ModelError
 from lineguard.trainer.export import OUTPUT_NAMES, check_parity, compare_outputs, cpu_session, export_onnx
-from lineguard.trainer.models.patchcore import PatchCoreConfig, fit_patchcore, load_patchcore, save_patchcore
+from lineguard.trainer.models.patchcore import PatchCoreConfig, fit_patchcore
 from lineguard.trainer.scoring import score_images
 
 
@@ -48,18 +48,6 @@ def test_outputs_have_the_contract_shapes_and_types(grey_model):
     assert scores.shape == (3,) and maps.shape == (3, 64, 64)
     assert scores.dtype == torch.float32 and maps.dtype == torch.float32
     assert torch.all(scores >= 0)
-
-
-def test_a_saved_model_loads_with_identical_scores(grey_model, tmp_path):
-    save_patchcore(grey_model, tmp_path / "model")
-    loaded = load_patchcore(tmp_path / "model")
-    images = crops(1, 2, seed=5)
-    np.testing.assert_array_equal(score_images(grey_model, images)[0], score_images(loaded, images)[0])
-
-
-def test_loading_from_an_empty_folder_says_to_fit_first(tmp_path):
-    with pytest.raises(ModelError, match="run `lineguard-train fit` first"):
-        load_patchcore(tmp_path)
 
 
 def test_the_bank_is_capped_by_count_and_by_ram():

@@ -2,17 +2,15 @@
 
 `PatchCore` is the pure, exportable module: raw uint8 frames in, image score and anomaly map
 out, with ImageNet normalisation, the bank search and the smoothing all inside the graph.
-`fit_patchcore` builds one from good images; `save_patchcore`/`load_patchcore` persist it
-without pickle (a JSON config beside a state dict read with `weights_only=True`).
+`fit_patchcore` builds one from good images; `build_patchcore` restores a saved one. The
+graph resizes every stage to a fixed patch grid, so it scores the trained input size only.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -21,14 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..backbone import BACKBONES, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, STAGES, EfficientNetLiteFeatures
+from ..backbone import BACKBONES, STAGES, EfficientNetLiteFeatures
 from ..coreset import DEFAULT_MAX_CANDIDATES, CoresetSpec, greedy_coreset
 from ..errors import ModelError
+from .base import ModelKind, TrainingImages
+from .layers import ImageNetInput, blur, gaussian_kernel
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "patchcore.json"
-WEIGHTS_FILE = "patchcore.pt"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,20 +94,14 @@ class PatchEmbedder(nn.Module):
         super().__init__()
         self.features = EfficientNetLiteFeatures(config.backbone, config.stages)
         self.neighbourhood = config.neighbourhood
-        self.channels = config.channels
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN_RGB).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("inv_std", 1.0 / (torch.tensor(IMAGENET_STD_RGB).view(1, 3, 1, 1) * 255.0))
+        self.input = ImageNetInput(config.channels)
 
     @property
     def feature_dim(self) -> int:
         return sum(self.features.channels)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2).float()
-        if self.channels == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = (x - self.mean) * self.inv_std
-        maps = self.features(x)
+        maps = self.features(self.input(images))
         pad = self.neighbourhood // 2
         # Zero padding counts (as in PatchCore's unfold): border patches stay distinguishable by how many
         # neighbours they have, so they match border patches; averaging only the valid neighbours makes
@@ -138,7 +129,7 @@ class PatchCore(nn.Module):
         self.embedder = embedder
         bank_dtype = torch.float16 if config.bank_dtype == "float16" else torch.float32
         self.register_buffer("memory_bank", memory_bank.to(bank_dtype).contiguous())
-        self.register_buffer("blur_kernel", _gaussian_kernel(config.blur_sigma))
+        self.register_buffer("blur_kernel", gaussian_kernel(config.blur_sigma))
         self.eval()
 
     @property
@@ -164,27 +155,8 @@ class PatchCore(nn.Module):
         scores = distances.flatten(1).amax(dim=1)
         size = (self.config.input_height, self.config.input_width)
         anomaly_map = F.interpolate(distances, size=size, mode="bilinear", align_corners=False)
-        anomaly_map = _blur(anomaly_map, self.blur_kernel)
+        anomaly_map = blur(anomaly_map, self.blur_kernel)
         return scores, anomaly_map[:, 0]
-
-
-def _gaussian_kernel(sigma: float) -> torch.Tensor:
-    """1-D Gaussian taps, (K,), K = 2 * ceil(4 sigma) + 1; a single 1.0 when sigma is 0."""
-    if sigma == 0:
-        return torch.ones(1)
-    radius = math.ceil(4 * sigma)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-(x**2) / (2 * sigma**2))
-    return kernel / kernel.sum()
-
-
-def _blur(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur of (N, 1, H, W) maps with reflected borders."""
-    radius = kernel.shape[0] // 2
-    if radius == 0:
-        return maps
-    maps = F.conv2d(F.pad(maps, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(maps, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
 
 
 def fit_patchcore(
@@ -221,24 +193,36 @@ def fit_patchcore(
     return PatchCore(config, embedder, patches[indices].clone())
 
 
-def save_patchcore(model: PatchCore, directory: Path) -> None:
-    """Write the config as JSON and the buffers as a plain state dict (no pickled objects)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_FILE).write_text(json.dumps(asdict(model.config), indent=2) + "\n")
-    torch.save(model.state_dict(), directory / WEIGHTS_FILE)
-
-
-def load_patchcore(directory: Path) -> PatchCore:
-    """Load a model written by save_patchcore."""
-    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    if not config_path.is_file() or not weights_path.is_file():
-        msg = f"no fitted PatchCore in {directory} (expected {CONFIG_FILE} and {WEIGHTS_FILE}); run `lineguard-train fit` first"
+def build_patchcore(config: PatchCoreConfig, state: dict[str, torch.Tensor]) -> PatchCore:
+    """Rebuild a fitted PatchCore from its config and state dict (the bank size comes from the state)."""
+    bank = state.get("memory_bank")
+    if bank is None:
+        msg = "the saved PatchCore weights hold no memory_bank; refit the model"
         raise ModelError(msg)
-    raw = json.loads(config_path.read_text())
-    raw["stages"] = tuple(raw["stages"])
-    config = PatchCoreConfig(**raw)
-    state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    embedder = PatchEmbedder(config)
-    model = PatchCore(config, embedder, torch.zeros_like(state["memory_bank"], dtype=torch.float32))
+    model = PatchCore(config, PatchEmbedder(config), torch.zeros_like(bank, dtype=torch.float32))
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def _fit(config: PatchCoreConfig, images: TrainingImages, progress: bool) -> PatchCore:
+    return fit_patchcore(config, images.good, progress=progress)
+
+
+def describe_patchcore(model: PatchCore) -> dict[str, object]:
+    config = model.config
+    return {
+        "backbone": config.backbone,
+        "stages": ", ".join(map(str, config.stages)),
+        "memory bank": f"{model.bank_size} patches ({config.bank_dtype})",
+    }
+
+
+KIND = ModelKind(
+    name="patchcore",
+    config_type=PatchCoreConfig,
+    fit=_fit,
+    build=build_patchcore,
+    describe=describe_patchcore,
+    variable_size=False,
+    summary="nearest-neighbour distance to a coreset of normal patch features; best with few images",
+)
