@@ -5,6 +5,8 @@ A bundle is a directory:
     manifest.sig    Ed25519 signature over the exact bytes of manifest.json (JSON record)
     model.onnx      raw uint8 frames in; `score` (N) and `anomaly_map` (N, H, W) out
     golden/*.png    images with expected scores, for the canary check before a swap
+    engines/*.plan  optional TensorRT engines built from model.onnx, one per GPU kind, TensorRT
+                    version and precision (`lineguard-train build-engine`), each with its parity figures
 The signature covers the manifest and the manifest covers every file, so one check proves all.
 No pickle anywhere.
 """
@@ -102,6 +104,38 @@ class DatasetInfo(_Record):
     n_test: int
 
 
+class EngineParity(_Record):
+    """How the engine scored against ONNX Runtime when it was built."""
+
+    n_golden: int = Field(ge=0, description="Golden images compared with their expected scores.")
+    max_score_rel_diff: float = Field(ge=0, description="Worst relative score difference on the golden images.")
+    score_rtol: float = Field(gt=0, description="The tolerance for this precision.")
+    n_verdicts: int = Field(
+        ge=0, description="Images whose accept/reject verdicts were compared (golden + calibration)."
+    )
+    verdicts_changed: int = Field(
+        ge=0, description="Verdicts that differ from ONNX Runtime's at the threshold (0 to pass)."
+    )
+
+
+class EngineInfo(_Record):
+    """A TensorRT engine built from the bundle's ONNX graph for one GPU kind and TensorRT version."""
+
+    file: str = Field(pattern=r"^engines/[A-Za-z0-9._-]+\.plan$", description="Path of the plan inside the bundle.")
+    precision: Literal["fp32", "fp16", "int8"]
+    search_precision: Literal["fp32", "fp16"] = Field(description="Precision of the memory-bank search layers.")
+    gpu_name: str = Field(min_length=1, description="GPU the engine was built on, as the driver names it.")
+    compute_capability: str = Field(pattern=r"^[0-9]+\.[0-9]+$", description="e.g. 9.0 for Hopper, 8.7 for Orin.")
+    tensorrt_version: str = Field(
+        pattern=r"^[0-9]+(\.[0-9]+)*$", description="TensorRT that built it; plans only load on the same version."
+    )
+    max_batch: int = Field(
+        ge=1, description="Largest batch of the optimisation profile (the agent's engine.max_batch)."
+    )
+    built_utc: str
+    parity: EngineParity
+
+
 class Manifest(_Record):
     schema_version: int = Field(SCHEMA_VERSION, description="Bundle format version.")
     model_id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
@@ -116,6 +150,19 @@ class Manifest(_Record):
     metrics: dict[str, dict[str, object]] = Field(description="metrics.json of the report: calibration and test.")
     golden: tuple[GoldenImage, ...]
     files: dict[str, str] = Field(description="Relative path -> sha256 of every file but the manifest and signature.")
+    engines: tuple[EngineInfo, ...] = Field((), description="TensorRT engines built for this model; none = ONNX only.")
+
+
+def manifest_json(manifest: Manifest) -> bytes:
+    """The canonical bytes of manifest.json (what the signature covers).
+
+    An empty `engines` list is left out, so a bundle without engines stays readable by agents
+    that predate them (they refuse unknown keys).
+    """
+    data = manifest.model_dump(mode="json")
+    if not data["engines"]:
+        del data["engines"]
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
 def file_sha256(path: Path) -> str:
@@ -199,7 +246,7 @@ def _check_files(bundle_dir: Path, manifest: Manifest) -> None:
         if actual != expected:
             msg = f"{relative} in {bundle_dir} has sha256 {actual[:12]}…, manifest says {expected[:12]}…: the file was altered"
             raise BundleError(msg)
-    for name in (manifest.model.onnx_file, *(g.file for g in manifest.golden)):
+    for name in (manifest.model.onnx_file, *(g.file for g in manifest.golden), *(e.file for e in manifest.engines)):
         if name not in listed:
             msg = f"manifest names {name}, which is not among its files; rebuild the bundle"
             raise BundleError(msg)
@@ -210,11 +257,14 @@ __all__ = [
     "SCHEMA_VERSION",
     "SIGNATURE_FILE",
     "BundleError",
+    "EngineInfo",
+    "EngineParity",
     "InputSpec",
     "Manifest",
     "SignatureError",
     "ThresholdSpec",
     "file_sha256",
+    "manifest_json",
     "parse_manifest",
     "verify_bundle",
 ]

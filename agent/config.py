@@ -64,7 +64,11 @@ class EngineConfig(_Section):
     bundle: Path = Field(Path("model-store/active"), description="Model bundle directory to serve at start-up.")
     trusted_keys: tuple[Path, ...] = Field((), description="Public keys (.pub) whose signatures are accepted.")
     require_signature: bool = Field(True, description="Refuse unsigned bundles (turn off only on a bench).")
-    backend: Literal["auto", "tensorrt", "cuda", "cpu"] = Field("auto", description="Inference back end.")
+    backend: Literal["auto", "tensorrt", "cuda", "cpu"] = Field(
+        "auto",
+        description="Inference back end: tensorrt = the bundle's TensorRT engine for this GPU; cuda, cpu = ONNX "
+        "Runtime; auto = the first of those three that works.",
+    )
     max_batch: int = Field(
         1, ge=1, le=64, description="Largest micro-batch of frames per inference (1 on CPUs; raise on GPUs)."
     )
@@ -72,6 +76,9 @@ class EngineConfig(_Section):
         0.0, ge=0, description="Longest wait for a micro-batch to fill; 0 = batch only frames already waiting."
     )
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = runtime default.")
+    cuda_graph: bool = Field(
+        False, description="TensorRT back end: replay each batch size as a captured CUDA graph (less launch overhead)."
+    )
     shadow_s: float = Field(
         0.0,
         ge=0,

@@ -95,10 +95,20 @@ class SwapResult:
     reason: str
 
 
-Message = FrameReady | FrameFailed | Scored | ScoreFailed | Heartbeat | SwapModel | SwapResult
+@dataclass(frozen=True, slots=True)
+class EngineStatus:
+    """engine -> decision, every second: which model serves on which back end, and why (for the status topic)."""
+
+    model: str
+    backend: str
+    detail: str
+
+
+Message = FrameReady | FrameFailed | Scored | ScoreFailed | Heartbeat | SwapModel | SwapResult | EngineStatus
 
 _TYPES: dict[str, type] = {
-    cls.__name__: cls for cls in (FrameReady, FrameFailed, Scored, ScoreFailed, Heartbeat, SwapModel, SwapResult)
+    cls.__name__: cls
+    for cls in (FrameReady, FrameFailed, Scored, ScoreFailed, Heartbeat, SwapModel, SwapResult, EngineStatus)
 }
 
 

@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 bad input (the message says what to fix), 1 unexpected 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -18,7 +19,9 @@ from lineguard.agent.signing import KeyFileError, SignatureError, generate_key_p
 
 from . import pipeline
 from .backbone import BACKBONES
+from .compare import compare_models
 from .errors import TrainerError
+from .models import model_kind
 
 log = logging.getLogger("lineguard.trainer")
 
@@ -58,18 +61,14 @@ def _add_out_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="work folder shared by the steps")
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", choices=pipeline.MODEL_KINDS, default="patchcore")
-    group.add_argument("--backbone", choices=BACKBONES, default="efficientnet-lite0")
+def _add_model_arguments(parser: argparse.ArgumentParser, *, choose_one: bool = True) -> None:
+    group = parser.add_argument_group("model", "settings left out take the model's defaults (see README)")
+    if choose_one:
+        group.add_argument("--model", choices=pipeline.MODEL_KINDS, default="patchcore")
+    group.add_argument("--backbone", choices=BACKBONES)
+    group.add_argument("--stages", type=_stages, help="backbone stages by stride exponent (3 = stride 8), e.g. 3,4")
     group.add_argument(
-        "--stages", type=_stages, default=(3, 4), help="backbone stages by stride exponent (3 = stride 8), default 3,4"
-    )
-    group.add_argument(
-        "--image-size",
-        type=_image_size,
-        default=(256, 256),
-        help="model input, N or WIDTHxHEIGHT, multiple of 32 (default 256)",
+        "--image-size", type=_image_size, help="model input, N or WIDTHxHEIGHT, multiple of 32 (default 256)"
     )
     group.add_argument(
         "--channels",
@@ -77,17 +76,40 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="1 = grey, 3 = RGB; auto follows the first training image",
     )
-    group.add_argument(
-        "--coreset-ratio", type=float, default=0.1, help="share of training patches kept in the bank (default 0.1)"
+    patchcore = parser.add_argument_group("patchcore")
+    patchcore.add_argument("--coreset-ratio", type=float, help="share of training patches kept in the bank (0.1)")
+    patchcore.add_argument("--bank-size", type=int, help="cap on memory-bank patches (4096)")
+    patchcore.add_argument("--bank-mb", type=float, help="cap on memory-bank RAM in MiB (64)")
+    patchcore.add_argument("--bank-dtype", choices=("float32", "float16"), help="memory-bank storage type (float32)")
+    trained = parser.add_argument_group("fastflow and fcdd")
+    trained.add_argument("--epochs", type=int, help="most training epochs (40)")
+    trained.add_argument(
+        "--patience", type=int, help="stop after this many epochs without a better calibration AUROC (8)"
     )
-    group.add_argument("--bank-size", type=int, default=4096, help="cap on memory-bank patches (default 4096)")
-    group.add_argument("--bank-mb", type=float, default=64.0, help="cap on memory-bank RAM in MiB (default 64)")
-    group.add_argument(
-        "--bank-dtype", choices=("float32", "float16"), default="float32", help="memory-bank storage type"
+    trained.add_argument("--learning-rate", type=float, help="Adam learning rate (fastflow 2e-3, fcdd 1e-3)")
+    trained.add_argument("--flow-steps", type=int, help="fastflow: coupling steps per stage (8)")
+    trained.add_argument("--outliers-per-image", type=float, help="fcdd: confetti outliers per good image (2)")
+    parser.add_argument_group("patchcore and fastflow").add_argument(
+        "--blur-sigma", type=float, help="Gaussian smoothing of the anomaly map, pixels (4)"
     )
-    group.add_argument(
-        "--blur-sigma", type=float, default=4.0, help="Gaussian smoothing of the anomaly map, pixels (default 4)"
-    )
+
+
+# argparse dest -> config field; an option given for a model without that field is refused (`run`, `fit`)
+# or skipped (`compare`, where the options are shared by every model compared).
+_MODEL_OPTIONS = {
+    "backbone": "backbone",
+    "stages": "stages",
+    "coreset_ratio": "coreset_ratio",
+    "bank_size": "max_bank_size",
+    "bank_mb": "max_bank_mb",
+    "bank_dtype": "bank_dtype",
+    "epochs": "epochs",
+    "patience": "patience",
+    "learning_rate": "learning_rate",
+    "flow_steps": "flow_steps",
+    "outliers_per_image": "outliers_per_image",
+    "blur_sigma": "blur_sigma",
+}
 
 
 def _add_threshold_argument(parser: argparse.ArgumentParser) -> None:
@@ -96,10 +118,14 @@ def _add_threshold_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_bundle_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_sign_key_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sign-key", type=Path, help="Ed25519 private key (from `keygen`); without it the bundle is unsigned"
     )
+
+
+def _add_bundle_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_sign_key_argument(parser)
     parser.add_argument("--model-id", help="bundle model id (default: <dataset>-<model>)")
     parser.add_argument("--model-version", help="bundle model version (default: UTC timestamp)")
 
@@ -108,22 +134,65 @@ def _data_options(args: argparse.Namespace) -> pipeline.DataOptions:
     return pipeline.DataOptions(args.data, calibration_fraction=args.calibration_fraction, seed=args.seed)
 
 
-def _model_config(args: argparse.Namespace) -> pipeline.PatchCoreConfig:
-    channels = int(args.channels) if args.channels != "auto" else pipeline.detect_dataset_channels(_data_options(args))
-    height, width = args.image_size
-    return pipeline.PatchCoreConfig(
-        input_height=height,
-        input_width=width,
-        channels=channels,
-        backbone=args.backbone,
-        stages=args.stages,
-        coreset_ratio=args.coreset_ratio,
-        max_bank_size=args.bank_size,
-        max_bank_mb=args.bank_mb,
-        bank_dtype=args.bank_dtype,
-        blur_sigma=args.blur_sigma,
-        seed=args.seed,
+def _model_config(args: argparse.Namespace, *, strict: bool = True) -> pipeline.ModelConfig:
+    """The config of args.model from the model options; strict refuses options the model lacks, else skips them."""
+    kind = model_kind(args.model)
+    fields = {f.name for f in dataclasses.fields(kind.config_type)}
+    given = {dest: field for dest, field in _MODEL_OPTIONS.items() if getattr(args, dest) is not None}
+    if strict and (foreign := [f"--{dest.replace('_', '-')}" for dest, field in given.items() if field not in fields]):
+        msg = f"{', '.join(foreign)} do(es) not apply to {kind.name}; drop it or choose another --model"
+        raise TrainerError(msg)
+    values: dict[str, object] = {field: getattr(args, dest) for dest, field in given.items() if field in fields}
+    if args.image_size is not None:
+        values["input_height"], values["input_width"] = args.image_size
+    values["channels"] = (
+        int(args.channels) if args.channels != "auto" else pipeline.detect_dataset_channels(_data_options(args))
     )
+    values["seed"] = args.seed
+    return kind.config_type(**values)
+
+
+def _model_names(text: str) -> tuple[str, ...]:
+    """'patchcore,fcdd' -> ("patchcore", "fcdd"), each a known model kind, each once."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if unknown := [name for name in names if name not in pipeline.MODEL_KINDS]:
+        msg = f"unknown model {', '.join(map(repr, unknown))}; choose from {', '.join(pipeline.MODEL_KINDS)}"
+        raise argparse.ArgumentTypeError(msg)
+    if not names or len(set(names)) != len(names):
+        msg = f"list each model once, comma-separated, e.g. {','.join(pipeline.MODEL_KINDS)}; got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return names
+
+
+def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--models",
+        type=_model_names,
+        default=",".join(pipeline.MODEL_KINDS),
+        help=f"comma-separated models to compare (default {','.join(pipeline.MODEL_KINDS)}); "
+        "a model option reaches only the models that have it",
+    )
+    _add_model_arguments(parser, choose_one=False)
+
+
+def _model_configs(args: argparse.Namespace) -> list[pipeline.ModelConfig]:
+    """One config per name in args.models from the shared model options, each model taking the ones it has."""
+    if args.channels == "auto":  # detect once, not once per model
+        channels = pipeline.detect_dataset_channels(_data_options(args))
+        args = argparse.Namespace(**{**vars(args), "channels": str(channels)})
+    return [_model_config(argparse.Namespace(**{**vars(args), "model": name}), strict=False) for name in args.models]
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    data, configs = _data_options(args), _model_configs(args)
+    result = compare_models(data, args.out, configs, threshold=args.threshold, sign_key=args.sign_key, progress=True)
+    for row in result.rows:
+        print(
+            f"{row.model:<10} image_auroc {_fmt(row.image_auroc)}  f1 {_fmt(row.f1)}  "
+            f"{row.cpu_ms_per_image:.1f} ms/image  {row.bundle_bytes:,} bytes  {args.out / row.report}"
+        )
+    print(f"pick       {result.pick}")
+    print(f"comparison {result.html_path}")
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
@@ -174,6 +243,17 @@ COMMANDS: dict[
         "fit, calibrate, evaluate, export, bundle and report in one go",
         (_add_data_arguments, _add_out_argument, _add_model_arguments, _add_threshold_argument, _add_bundle_arguments),
         _cmd_run,
+    ),
+    "compare": (
+        "run every step for several models into OUT/<model>/ and compare them in OUT/comparison.html",
+        (
+            _add_data_arguments,
+            _add_out_argument,
+            _add_compare_arguments,
+            _add_threshold_argument,
+            _add_sign_key_argument,
+        ),
+        _cmd_compare,
     ),
     "fit": (
         "fit a model on the train split",
@@ -231,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("key", type=Path, help="private key path; the public key goes beside it as .pub")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing key")
     keygen.set_defaults(handler=_cmd_keygen)
+    from .engines.command import add_build_engine_parser  # TensorRT engines (issue 5): its own module
+
+    add_build_engine_parser(commands)
     return parser
 
 

@@ -19,3 +19,7 @@ class ExportError(TrainerError):
 
 class ModelError(TrainerError):
     """A model cannot be built, fitted or loaded with the given settings."""
+
+
+class EngineBuildError(TrainerError):
+    """A TensorRT engine cannot be built, fails its parity check, or would not fit its memory budget."""

@@ -21,7 +21,9 @@ from lineguard import __version__
 from lineguard.agent.bundle import (
     MANIFEST_FILE,
     SIGNATURE_FILE,
+    BundleError,
     DatasetInfo,
+    EngineInfo,
     GoldenImage,
     InputSpec,
     Manifest,
@@ -29,8 +31,10 @@ from lineguard.agent.bundle import (
     ScoreNormalisation,
     ThresholdSpec,
     file_sha256,
+    manifest_json,
+    verify_bundle,
 )
-from lineguard.agent.signing import load_private_key, sign
+from lineguard.agent.signing import SignatureError, key_id, load_private_key, sign
 
 from .export import cpu_session, run_onnx
 from .scoring import SplitScores
@@ -77,17 +81,67 @@ def write_bundle(bundle_dir: Path, contents: BundleContents, *, sign_key: Path |
         golden=tuple(golden),
         files=files,
     )
-    manifest_bytes = (json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n").encode()
-    (bundle_dir / MANIFEST_FILE).write_bytes(manifest_bytes)
+    _write_manifest(bundle_dir, manifest, sign_key=sign_key)
+    return manifest
+
+
+def _write_manifest(bundle_dir: Path, manifest: Manifest, *, sign_key: Path | None) -> None:
+    """Write manifest.json and, with a key, manifest.sig; each file is replaced atomically."""
+    manifest_bytes = manifest_json(manifest)
+    _replace_file(bundle_dir / MANIFEST_FILE, manifest_bytes)
     if sign_key is not None:
         record = sign(manifest_bytes, load_private_key(sign_key))
-        (bundle_dir / SIGNATURE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        _replace_file(bundle_dir / SIGNATURE_FILE, (json.dumps(record, indent=2) + "\n").encode())
         log.info("bundle %s signed by key %s", bundle_dir, record["key_id"])
     else:
         log.warning(
             "bundle %s is UNSIGNED: agents refuse it unless signatures are disabled; pass --sign-key", bundle_dir
         )
-    return manifest
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    partial.replace(path)
+
+
+def check_engine_target(bundle_dir: Path, *, sign_key: Path | None) -> Manifest:
+    """Verify a bundle an engine is to be added to; the manifest, or why it cannot take one.
+
+    A signed bundle must come with the key that signed it (its new manifest is re-signed), so
+    adding an engine can never launder an altered bundle. Run before a long build, and again
+    before the engine is written.
+    """
+    if (bundle_dir / SIGNATURE_FILE).is_file() and sign_key is None:
+        msg = f"{bundle_dir} is signed: pass --sign-key with the key that signed it, so the new manifest is signed too"
+        raise BundleError(msg)
+    trusted = [load_private_key(sign_key).public_key()] if sign_key is not None else []
+    try:
+        return verify_bundle(bundle_dir, trusted, require_signature=False)
+    except SignatureError as error:
+        msg = f"{bundle_dir} does not verify with --sign-key {sign_key} (key {key_id(trusted[0])}): {error}"
+        raise SignatureError(msg) from error
+
+
+def add_engine(bundle_dir: Path, plan: bytes, info: EngineInfo, *, sign_key: Path | None) -> Manifest:
+    """Put a TensorRT plan into a bundle at info.file, list it in the manifest and re-sign.
+
+    An engine already listed under the same file is replaced. Returns the re-verified manifest.
+    """
+    manifest = check_engine_target(bundle_dir, sign_key=sign_key)
+    plan_path = bundle_dir / info.file
+    plan_path.parent.mkdir(exist_ok=True)
+    _replace_file(plan_path, plan)
+    updated = Manifest.model_validate(
+        {
+            **manifest.model_dump(),
+            "files": {**manifest.files, info.file: file_sha256(plan_path)},
+            "engines": (*(e for e in manifest.engines if e.file != info.file), info),
+        }
+    )
+    _write_manifest(bundle_dir, updated, sign_key=sign_key)
+    trusted = [load_private_key(sign_key).public_key()] if sign_key is not None else []
+    return verify_bundle(bundle_dir, trusted, require_signature=sign_key is not None)
 
 
 def _threshold_fields(calibration: dict[str, object]) -> dict[str, object]:

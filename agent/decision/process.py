@@ -21,7 +21,7 @@ from ..bundle import MANIFEST_FILE, BundleError, Manifest, parse_manifest, verif
 from ..config import AgentConfig
 from ..engine.preprocess import Preprocessor
 from ..ipc import Receiver, Sender, endpoint
-from ..messages import FrameFailed, FrameReady, Heartbeat, Message, Scored, ScoreFailed
+from ..messages import EngineStatus, FrameFailed, FrameReady, Heartbeat, Message, Scored, ScoreFailed
 from ..metrics import PipelineMetrics
 from ..models import serving_bundle, store_root
 from ..mqtt import MqttPublisher, topics
@@ -67,6 +67,7 @@ class DecisionLoop:
         self._last_status_t = time.monotonic()
         spec = manifest.input
         self._heatmap_input = np.empty((spec.height, spec.width, spec.channels), np.uint8)
+        self.engine_status: EngineStatus | None = None
 
     # receive, act, send
     def step(self) -> None:
@@ -89,6 +90,8 @@ class DecisionLoop:
             self._publish_failsafe(message.camera, message.seq, message.t_capture_ns, message.reason, cause="capture")
         elif isinstance(message, Scored):
             self._on_scored(message)
+        elif isinstance(message, EngineStatus):
+            self.engine_status = message
         elif isinstance(message, ScoreFailed):
             if self._is_early(message):
                 return
@@ -306,6 +309,9 @@ class DecisionLoop:
             "fps": fps,
             "queue_depth": len(self.pending),
             "mqtt_queued": self.publisher.queued,
+            "backend": None
+            if self.engine_status is None
+            else {"name": self.engine_status.backend, "detail": self.engine_status.detail},
             "ts": time.time(),
         }
 

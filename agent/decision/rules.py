@@ -35,3 +35,17 @@ def decide(score: float, anomaly_map: np.ndarray | None, *, threshold: float, mi
             )
         return Decision("reject", f"score {score:.4g} >= threshold {threshold:.4g}, defect area {area} px")
     return Decision("reject", f"score {score:.4g} >= threshold {threshold:.4g}")
+
+
+def rows_needing_maps(scores: np.ndarray, *, threshold: float, min_defect_area_px: int, heatmap: str) -> list[int]:
+    """Batch rows whose anomaly map `decide` or the heatmap will read; the engine copies out only these.
+
+    scores: (N,) float32. Heatmaps of "all" or "every-nth" frames need every map (decision counts
+    the frames, so the engine cannot tell which is the nth); otherwise only rows at or above the
+    threshold, when heatmaps of rejects are published or a minimum defect area is set.
+    """
+    if heatmap in ("all", "every-nth"):
+        return list(range(len(scores)))
+    if heatmap == "rejects" or min_defect_area_px > 0:
+        return [int(row) for row in np.flatnonzero(np.asarray(scores) >= threshold)]
+    return []

@@ -12,7 +12,8 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..bundle import BundleError, Manifest, verify_bundle
-from .backends import Backend, load_backend
+from .backends import Backend, BackendRequest, Inference, Selection, load_backend
+from .cuda import CudaError
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +40,44 @@ class ServingModel:
         backend: str = "auto",
         threads: int = 0,
         canary_rtol: float = 1e-3,
+        max_batch: int = 1,
+        cuda_graph: bool = False,
     ) -> None:
         self.bundle_dir = bundle_dir
         self.manifest: Manifest = verify_bundle(bundle_dir, trusted_keys, require_signature=require_signature)
-        self.backend: Backend = load_backend(backend, bundle_dir / self.manifest.model.onnx_file, threads=threads)
         spec = self.manifest.input
         self.input_shape = (spec.height, spec.width, spec.channels)
-        self.backend.infer(np.zeros((1, *self.input_shape), np.uint8))  # warm-up: first-run allocations
-        self.canary = self._run_canary(canary_rtol)
-        if not self.canary.passed:
+        self.max_batch = max_batch
+        request = BackendRequest(bundle_dir, self.manifest, threads=threads, max_batch=max_batch, cuda_graph=cuda_graph)
+        selection = load_backend(backend, request)
+        problem = self._check(selection, canary_rtol)
+        if problem and backend == "auto" and selection.engine is not None:
+            # A native engine that fails here must not serve; ONNX Runtime may.
+            log.warning("TensorRT engine %s failed its canary: %s; trying ONNX Runtime", selection.engine.file, problem)
+            selection.backend.close()
+            selection = load_backend(backend, request, exclude=("tensorrt",))
+            problem = self._check(selection, canary_rtol)
+        if problem:
             self.backend.close()
-            msg = (
-                f"canary failed for {self.label}: golden images score {self.canary.worst_rel_diff:.2e} relative off "
-                f"(tolerance {canary_rtol:.0e}) on {self.backend.name}; the bundle or this runtime is broken"
-            )
+            msg = f"canary failed for {self.label}: {problem} on {self.backend.name}; the bundle or this runtime is broken"
             raise BundleError(msg)
         log.info("serving %s on %s; canary %.1e", self.label, self.backend.name, self.canary.worst_rel_diff)
+
+    def _check(self, selection: Selection, canary_rtol: float) -> str:
+        """Serve on selection's back end: warm it up, run the canary; "" when it passed, else what failed."""
+        self.backend: Backend = selection.backend
+        self.backend_summary = selection.summary
+        # A reduced-precision engine passed its own tolerance against ONNX Runtime when it was built.
+        rtol = max(canary_rtol, selection.engine.parity.score_rtol) if selection.engine else canary_rtol
+        try:
+            self.backend.infer(np.zeros((1, *self.input_shape), np.uint8))  # warm-up: first-run allocations
+            self.canary = self._run_canary(rtol)
+        except CudaError as error:
+            self.canary = CanaryResult(passed=False, worst_rel_diff=float("inf"), tolerance=rtol, n_images=0)
+            return f"the first inference failed ({error})"
+        if not self.canary.passed:
+            return f"golden images score {self.canary.worst_rel_diff:.2e} relative off (tolerance {rtol:.0e})"
+        return ""
 
     @property
     def label(self) -> str:
@@ -65,30 +88,38 @@ class ServingModel:
     def threshold(self) -> float:
         return self.manifest.threshold.value
 
-    def infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """frames: (N, H, W, C) uint8 at the input size -> (scores (N,), maps (N, H, W)) float32."""
+    def infer(self, frames: np.ndarray) -> Inference:
+        """frames: (N, H, W, C) uint8 at the input size, N <= max_batch -> scores (N,), maps on request."""
         return self.backend.infer(frames)
 
     def _run_canary(self, rtol: float) -> CanaryResult:
         golden = self.manifest.golden
         if not golden:
             return CanaryResult(passed=True, worst_rel_diff=0.0, tolerance=rtol, n_images=0)
-        frames = np.stack([self._read_golden(g.file) for g in golden])
-        scores, _ = self.infer(frames)
+        frames = read_golden_images(self.bundle_dir, self.manifest)
+        batches = range(0, len(frames), self.max_batch)
+        scores = np.concatenate([self.infer(frames[i : i + self.max_batch]).scores for i in batches])
         expected = np.array([g.expected_score for g in golden], np.float64)
         rel = np.abs(scores - expected) / np.maximum(np.abs(expected), 1e-12)
         worst = float(rel.max())
         return CanaryResult(passed=worst <= rtol, worst_rel_diff=worst, tolerance=rtol, n_images=len(golden))
 
-    def _read_golden(self, name: str) -> np.ndarray:
-        flag = cv2.IMREAD_GRAYSCALE if self.input_shape[2] == 1 else cv2.IMREAD_COLOR
-        image = cv2.imread(str(self.bundle_dir / name), flag)
-        if image is None or image.shape[:2] != self.input_shape[:2]:
-            msg = f"golden image {name} in {self.bundle_dir} is unreadable or not {self.input_shape[1]}x{self.input_shape[0]}"
-            raise BundleError(msg)
-        if self.input_shape[2] == 3:
-            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-        return image.reshape(self.input_shape)
-
     def close(self) -> None:
         self.backend.close()
+
+
+def read_golden_images(bundle_dir: Path, manifest: Manifest) -> np.ndarray:
+    """(G, H, W, C) uint8: the bundle's golden images as the graph takes them (grey, or RGB)."""
+    spec = manifest.input
+    shape = (spec.height, spec.width, spec.channels)
+    frames = np.empty((len(manifest.golden), *shape), np.uint8)
+    for index, golden in enumerate(manifest.golden):
+        flag = cv2.IMREAD_GRAYSCALE if spec.channels == 1 else cv2.IMREAD_COLOR
+        image = cv2.imread(str(bundle_dir / golden.file), flag)
+        if image is None or image.shape[:2] != shape[:2]:
+            msg = f"golden image {golden.file} in {bundle_dir} is unreadable or not {spec.width}x{spec.height}"
+            raise BundleError(msg)
+        if spec.channels == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        frames[index] = image.reshape(shape)
+    return frames

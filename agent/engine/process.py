@@ -20,12 +20,13 @@ import zmq
 
 from ..bundle import BundleError
 from ..config import AgentConfig
+from ..decision.rules import rows_needing_maps
 from ..ipc import Receiver, Sender, endpoint
-from ..messages import FrameReady, Heartbeat, Scored, ScoreFailed, SwapModel, SwapResult
+from ..messages import EngineStatus, FrameReady, Heartbeat, Scored, ScoreFailed, SwapModel, SwapResult
 from ..models import serving_bundle
 from ..ring import AttachedRings, RingError, ShmRing
 from ..signing import SignatureError, load_trusted_keys
-from .backends import BackendUnavailable
+from .backends import BackendUnavailable, Inference
 from .model import ServingModel
 from .preprocess import InputMismatch, Preprocessor
 
@@ -153,18 +154,16 @@ class EngineLoop:
 
     def _score(self, jobs: list[_Job]) -> None:
         started = time.monotonic_ns()
-        scores, maps = self.model.infer(self.batch[: len(jobs)])
+        inference = self.model.infer(self.batch[: len(jobs)])
+        scores = inference.scores
         finished = time.monotonic_ns()
         # Moving estimate of one batch's time, including the per-frame work around it.
         self.expected_batch_ns = int(0.8 * self.expected_batch_ns + 0.2 * (finished - started))
+        map_slots = self._publish_maps(jobs, inference, now_ns=finished)
         if self.shadow is not None:
             self.shadow.observe(self.batch[: len(jobs)], scores, serving_threshold=self.model.threshold)
         for job in jobs:
-            ready = job.ready
-            map_slot = self.map_ring.acquire(ready.seq, now_ns=finished, reclaim_after_ns=2 * self.deadline_ns)
-            if map_slot is not None:
-                self.map_ring.array(map_slot)[...] = maps[job.index]
-                self.map_ring.publish(map_slot, ready.seq, t_capture_ns=ready.t_capture_ns)
+            ready, map_slot = job.ready, map_slots.get(job.index)
             self.to_decision.send(
                 Scored(
                     camera=ready.camera,
@@ -177,6 +176,29 @@ class EngineLoop:
                     t_engine_end_ns=finished,
                 )
             )
+
+    def _publish_maps(self, jobs: list[_Job], inference: Inference, *, now_ns: int) -> dict[int, int]:
+        """Put the maps decision will read (rejects, sampled heatmaps) into the map ring: {batch row: map slot}."""
+        decision = self.config.decision
+        threshold = decision.threshold if decision.threshold is not None else self.model.threshold
+        rows = rows_needing_maps(
+            inference.scores,
+            threshold=threshold,
+            min_defect_area_px=decision.min_defect_area_px,
+            heatmap=decision.heatmap,
+        )
+        if not rows:
+            return {}
+        maps = inference.maps(rows)
+        slots = {}
+        for row, anomaly_map in zip(rows, maps, strict=True):
+            ready = jobs[row].ready
+            map_slot = self.map_ring.acquire(ready.seq, now_ns=now_ns, reclaim_after_ns=2 * self.deadline_ns)
+            if map_slot is not None:
+                self.map_ring.array(map_slot)[...] = anomaly_map
+                self.map_ring.publish(map_slot, ready.seq, t_capture_ns=ready.t_capture_ns)
+                slots[row] = map_slot
+        return slots
 
     def _preprocessor(self, ready: FrameReady, frame_shape: tuple[int, ...]) -> Preprocessor:
         key = (ready.camera, (frame_shape[0], frame_shape[1], frame_shape[2]))
@@ -195,6 +217,10 @@ class EngineLoop:
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + HEARTBEAT_S
             self.to_supervisor.send(Heartbeat(process="engine", pid=os.getpid(), t_ns=time.monotonic_ns()))
+            # Repeated, so a restarted decision process learns it too; one small message a second.
+            self.to_decision.send(
+                EngineStatus(model=self.model.label, backend=self.model.backend.name, detail=self.model.backend_summary)
+            )
 
     def close(self) -> None:
         self.rings.close()
@@ -219,7 +245,7 @@ class Shadow:
         self.frames = self.serving_rejects = self.candidate_rejects = 0
 
     def observe(self, frames: np.ndarray, serving_scores: np.ndarray, *, serving_threshold: float) -> None:
-        candidate_scores, _ = self.candidate.infer(frames)
+        candidate_scores = self.candidate.infer(frames).scores
         self.frames += len(frames)
         self.serving_rejects += int(np.count_nonzero(serving_scores >= serving_threshold))
         self.candidate_rejects += int(np.count_nonzero(candidate_scores >= self.candidate.threshold))
@@ -288,6 +314,8 @@ def load_serving_model(config: AgentConfig, bundle_dir: Path) -> ServingModel:
         backend=config.engine.backend,
         threads=config.engine.threads,
         canary_rtol=config.engine.canary_rtol,
+        max_batch=config.engine.max_batch,
+        cuda_graph=config.engine.cuda_graph,
     )
 
 

@@ -1,6 +1,7 @@
 import pytest
 
 from lineguard.agent.messages import (
+    EngineStatus,
     FrameFailed,
     FrameReady,
     Heartbeat,
@@ -30,6 +31,7 @@ EXAMPLES = [
     Heartbeat(process="engine", pid=42, t_ns=5, queue_depth=1),
     SwapModel(request_id="r1", bundle_dir="/var/lib/lineguard/models/m@2"),
     SwapResult(request_id="r1", ok=False, model="m@1", reason="canary failed"),
+    EngineStatus(model="m@1", backend="tensorrt", detail="back end tensorrt (engines/x.plan); skipped cuda: ..."),
 ]
 
 

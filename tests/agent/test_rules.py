@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lineguard.agent.decision.rules import decide
+from lineguard.agent.decision.rules import decide, rows_needing_maps
 
 
 def test_a_score_below_the_threshold_is_accepted_and_at_it_rejected():
@@ -25,3 +25,18 @@ def test_a_non_finite_score_is_a_failsafe_never_an_accept(score):
 
 def test_a_minimum_area_without_a_map_is_a_failsafe():
     assert decide(5.0, None, threshold=1.0, min_defect_area_px=10).verdict == "failsafe"
+
+
+@pytest.mark.parametrize(
+    ("heatmap", "min_area", "rows"),
+    [
+        ("rejects", 0, [1, 3]),  # heatmaps of rejects: only frames at or above the threshold
+        ("none", 0, []),  # nobody reads a map
+        ("none", 5, [1, 3]),  # the area rule reads the maps of would-be rejects
+        ("all", 0, [0, 1, 2, 3]),
+        ("every-nth", 0, [0, 1, 2, 3]),  # decision counts frames; the engine cannot tell which is nth
+    ],
+)
+def test_the_engine_copies_out_only_the_maps_the_decision_will_read(heatmap, min_area, rows):
+    scores = np.array([0.5, 1.0, float("nan"), 3.0], np.float32)
+    assert rows_needing_maps(scores, threshold=1.0, min_defect_area_px=min_area, heatmap=heatmap) == rows

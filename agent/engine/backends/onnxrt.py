@@ -1,23 +1,25 @@
-"""ONNX Runtime back end: TensorRT, CUDA or CPU execution providers.
+"""ONNX Runtime back end: CUDA or CPU execution provider.
 
 onnxruntime-gpu lists GPU providers even where CUDA libraries are missing and then silently
 runs on the CPU, so the session's actual providers are checked after creation: a back end
-that did not get its device refuses to start instead of pretending.
+that did not get its device refuses to start instead of pretending. Native TensorRT engines
+run in backends/tensorrt.py, not through ONNX Runtime's TensorRT provider (which would build
+an engine at every start).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .base import BackendUnavailable
+from .base import BackendUnavailable, Inference
 
 log = logging.getLogger(__name__)
 
 PROVIDERS = {
-    "tensorrt": "TensorrtExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "cpu": "CPUExecutionProvider",
 }
@@ -55,9 +57,13 @@ class OnnxRuntimeBackend:
         self.detail = ",".join(actual)
         self._input_name = self._session.get_inputs()[0].name
 
-    def infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def infer(self, frames: np.ndarray) -> Inference:
         scores, maps = self._session.run(["score", "anomaly_map"], {self._input_name: frames})
-        return scores, maps
+
+        def fetch_maps(rows: Sequence[int]) -> np.ndarray:
+            return maps[list(rows)]
+
+        return Inference(scores, fetch_maps)
 
     def close(self) -> None:
         del self._session

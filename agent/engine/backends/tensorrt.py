@@ -1,0 +1,221 @@
+"""Native TensorRT back end: a plan from the bundle on one CUDA stream (TensorRT 10 name-based API).
+
+Per batch: frames are copied into a page-locked staging buffer, then one asynchronous copy to
+the device, `execute_async_v3`, and an asynchronous copy of the N scores back, all on the
+engine's own stream (optionally replayed as one CUDA graph per batch size); one synchronise.
+Anomaly maps stay on the device until `Inference.maps(rows)` copies back the rows the decision
+needs (rejects, sampled heatmaps). Normalisation runs inside the engine (uint8 in); ROI crop
+and resize stay on the CPU (engine/preprocess.py). CUDA calls go through cuda-python
+(engine/cuda.py says why not pycuda).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from ..cuda import CudaError, CudaGraph, Stream, runtime
+from .base import BackendUnavailable, Inference
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+SCORE_NAME = "score"
+MAP_NAME = "anomaly_map"
+
+
+def import_tensorrt() -> ModuleType:
+    """The tensorrt module, or BackendUnavailable saying how to get it."""
+    try:
+        import tensorrt
+    except ImportError as error:
+        msg = (
+            "tensorrt is not installed: pip install 'lineguard[tensorrt]' on x86_64; on a Jetson it comes with JetPack"
+        )
+        raise BackendUnavailable(msg) from error
+    return tensorrt
+
+
+def row_runs(rows: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Group batch rows into runs of consecutive rows: [(first row, position in rows, count)].
+
+    rows [0, 1, 2, 5, 6] -> [(0, 0, 3), (5, 3, 2)]: one copy per run instead of one per row.
+    """
+    runs: list[tuple[int, int, int]] = []
+    for position, row in enumerate(rows):
+        if runs and runs[-1][0] + runs[-1][2] == row and runs[-1][1] + runs[-1][2] == position:
+            first, at, count = runs[-1]
+            runs[-1] = (first, at, count + 1)
+        else:
+            runs.append((row, position, 1))
+    return runs
+
+
+class TensorRTBackend:
+    """A deserialised TensorRT plan with its execution context, stream and buffers for max_batch frames."""
+
+    def __init__(self, plan_path: Path, *, max_batch: int, cuda_graph: bool = False) -> None:
+        trt = import_tensorrt()
+        try:
+            cudart = runtime()
+        except ImportError as error:
+            msg = "cuda-python is not installed: pip install 'lineguard[tensorrt]' (cuda-python matching the CUDA major version)"
+            raise BackendUnavailable(msg) from error
+        self._trt = trt
+        self._logger = trt.Logger(trt.Logger.WARNING)  # must outlive the runtime, which keeps a pointer to it
+        self._runtime = trt.Runtime(self._logger)
+        self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        if self._engine is None:
+            msg = f"TensorRT {trt.__version__} cannot load {plan_path}: built for another TensorRT version or GPU? rebuild it with `lineguard-train build-engine`"
+            raise BackendUnavailable(msg)
+        self.input_shape = self._check_tensors(plan_path, max_batch)
+        self.max_batch = max_batch
+        self._context = self._engine.create_execution_context()
+        if self._context is None:
+            msg = f"TensorRT could not create an execution context for {plan_path.name} (out of GPU memory?)"
+            raise BackendUnavailable(msg)
+        try:
+            self._stream = Stream(cudart)
+        except CudaError as error:
+            msg = f"CUDA could not create a stream for {plan_path.name}: {error}"
+            raise BackendUnavailable(msg) from error
+        try:
+            self._allocate()
+        except CudaError as error:
+            self._stream.close()
+            msg = f"CUDA could not allocate the buffers of {plan_path.name}: {error}"
+            raise BackendUnavailable(msg) from error
+        self._graphs: dict[int, CudaGraph] = {}
+        self._use_graphs = cuda_graph
+        self._shape_n = 0
+        self._generation = 0  # counts batches, so maps of an earlier batch are never mistaken for this one's
+        self.name = "tensorrt"
+        self.detail = f"{plan_path.name}, TensorRT {trt.__version__}" + (", CUDA graphs" if cuda_graph else "")
+
+    def _check_tensors(self, plan_path: Path, max_batch: int) -> tuple[int, int, int]:
+        """The engine's (H, W, C) input; BackendUnavailable unless its tensors are the bundle contract's."""
+        trt, engine = self._trt, self._engine
+        tensors = {engine.get_tensor_name(i): i for i in range(engine.num_io_tensors)}
+        expected = {INPUT_NAME: np.uint8, SCORE_NAME: np.float32, MAP_NAME: np.float32}
+        for name, dtype in expected.items():
+            if name not in tensors or np.dtype(trt.nptype(engine.get_tensor_dtype(name))) != np.dtype(dtype):
+                msg = (
+                    f"{plan_path} lacks tensor {name!r} of {np.dtype(dtype)} (it has {', '.join(tensors)}); rebuild it"
+                )
+                raise BackendUnavailable(msg)
+        if engine.get_tensor_mode(INPUT_NAME) != trt.TensorIOMode.INPUT:
+            msg = f"{plan_path}: {INPUT_NAME!r} is not an input; rebuild it"
+            raise BackendUnavailable(msg)
+        _, _, largest = engine.get_tensor_profile_shape(INPUT_NAME, 0)
+        if largest[0] < max_batch:
+            msg = f"{plan_path} takes at most {largest[0]} frames per batch, engine.max_batch is {max_batch}: rebuild with --max-batch {max_batch}"
+            raise BackendUnavailable(msg)
+        height, width, channels = (int(d) for d in tuple(largest)[1:])
+        return height, width, channels
+
+    def _allocate(self) -> None:
+        """Page-locked host and device buffers for max_batch frames; tensor addresses are set once."""
+        n, (height, width, channels) = self.max_batch, self.input_shape
+        stream = self._stream
+        self._host_frames = stream.pinned((n, height, width, channels), np.uint8)
+        self._host_scores = stream.pinned((n,), np.float32)
+        self._host_maps = stream.pinned((n, height, width), np.float32)
+        self._map_bytes = height * width * 4
+        self._device = {
+            INPUT_NAME: stream.device(self._host_frames.nbytes),
+            SCORE_NAME: stream.device(self._host_scores.nbytes),
+            MAP_NAME: stream.device(self._host_maps.nbytes),
+        }
+        for name, address in self._device.items():
+            if not self._context.set_tensor_address(name, address):
+                msg = f"TensorRT refused the address of tensor {name!r}"
+                raise CudaError(msg)
+
+    def infer(self, frames: np.ndarray) -> Inference:
+        """frames: (N, H, W, C) uint8, N <= max_batch -> scores now, maps on request."""
+        n = len(frames)
+        if not 1 <= n <= self.max_batch or frames.shape[1:] != self.input_shape:
+            msg = f"batch {frames.shape} does not fit this engine: up to {self.max_batch} x {self.input_shape}"
+            raise ValueError(msg)
+        np.copyto(self._host_frames[:n], frames)
+        self._set_batch(n)
+        graph = self._graph(n) if self._use_graphs else None
+        if graph is not None:
+            graph.launch()
+        else:
+            self._enqueue(n)
+        self._stream.synchronize()
+        self._generation += 1
+        generation = self._generation
+
+        def fetch_maps(rows: Sequence[int]) -> np.ndarray:
+            return self._fetch_maps(rows, n=n, generation=generation)
+
+        return Inference(self._host_scores[:n].copy(), fetch_maps)
+
+    def _set_batch(self, n: int) -> None:
+        if n != self._shape_n:
+            if not self._context.set_input_shape(INPUT_NAME, (n, *self.input_shape)):
+                msg = f"TensorRT refused batch {n} (profile up to {self.max_batch})"
+                raise ValueError(msg)
+            self._shape_n = n
+
+    def _enqueue(self, n: int) -> None:
+        """Queue copy in, inference, copy of the scores out on the engine's stream."""
+        self._stream.to_device(self._device[INPUT_NAME], self._host_frames[:n])
+        if not self._context.execute_async_v3(self._stream.handle):
+            msg = f"TensorRT execute_async_v3 failed for a batch of {n}"
+            raise CudaError(msg)
+        self._stream.to_host(self._host_scores[:n], self._device[SCORE_NAME])
+
+    def _graph(self, n: int) -> CudaGraph | None:
+        """The CUDA graph for batch n, captured on first use; None (and graphs off) when capture fails."""
+        graph = self._graphs.get(n)
+        if graph is None:
+            self._enqueue(n)  # TensorRT applies deferred shape changes on the first enqueue: never inside a capture
+            self._stream.synchronize()
+            try:
+                graph = self._graphs[n] = self._stream.capture(lambda: self._enqueue(n))
+            except CudaError as error:
+                log.warning("CUDA graph capture failed for batch %d (%s); running without graphs", n, error)
+                self._use_graphs = False
+                return None
+        return graph
+
+    def _fetch_maps(self, rows: Sequence[int], *, n: int, generation: int) -> np.ndarray:
+        if generation != self._generation:
+            msg = "anomaly maps of an earlier batch were requested after the next batch ran"
+            raise RuntimeError(msg)
+        if any(not 0 <= row < n for row in rows):
+            msg = f"rows {list(rows)} outside the batch of {n}"
+            raise IndexError(msg)
+        device_maps = self._device[MAP_NAME]
+        for first, at, count in row_runs(rows):
+            self._stream.to_host(self._host_maps[at : at + count], device_maps + first * self._map_bytes)
+        self._stream.synchronize()
+        return self._host_maps[: len(rows)]
+
+    def close(self) -> None:
+        for graph in self._graphs.values():
+            try:
+                graph.close()
+            except CudaError as error:
+                log.error("releasing a CUDA graph: %s", error)
+        self._graphs = {}
+        self._stream.close()
+        # The context must go before the engine, the engine before the runtime.
+        del self._context
+        del self._engine
+        del self._runtime
+
+
+def tensorrt_version() -> str | None:
+    """The installed TensorRT's version, or None when it is not installed."""
+    try:
+        return str(import_tensorrt().__version__)
+    except BackendUnavailable:
+        return None

@@ -1,0 +1,1 @@
+"""TensorRT engines for a bundle: memory and cost of the graph, INT8 calibration, build, parity."""
