@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,8 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from ..backbone import BACKBONES, STAGES
 from ..errors import ModelError
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.json"
 WEIGHTS_FILE = "weights.pt"
@@ -156,3 +161,84 @@ class BestWeights:
     def restore(self, model: nn.Module) -> None:
         if self._state is not None:
             model.load_state_dict(self._state)
+
+
+def input_problems(config: Any) -> list[str]:
+    """What is wrong with the settings every model shares: backbone, stages, input size and channels."""
+    problems = []
+    if config.backbone not in BACKBONES:
+        problems.append(f"unknown backbone {config.backbone!r}; choose one of {', '.join(BACKBONES)}")
+    if not config.stages or sorted(set(config.stages)) != list(config.stages) or not set(config.stages) <= set(STAGES):
+        problems.append(f"stages must be increasing values from {STAGES}, got {config.stages}")
+    if config.input_height % 32 or config.input_width % 32 or min(config.input_height, config.input_width) < 64:
+        problems.append(f"image size {config.input_height}x{config.input_width} must be >= 64 and a multiple of 32")
+    if config.channels not in (1, 3):
+        problems.append(f"channels must be 1 (grey) or 3 (RGB), got {config.channels}")
+    return problems
+
+
+def schedule_problems(config: Any) -> list[str]:
+    """What is wrong with the settings of models trained in epochs (and scored by their hottest pixels)."""
+    problems = []
+    if config.epochs < 1 or config.patience < 1 or config.batch_size < 1 or config.learning_rate <= 0:
+        problems.append("epochs, patience and batch_size must be >= 1 and learning_rate > 0")
+    if not 0 < config.score_fraction <= 1:
+        problems.append(f"score_fraction must be in (0, 1], got {config.score_fraction}")
+    return problems
+
+
+def check_training_size(config: Any, images: TrainingImages) -> None:
+    """ModelError unless the good images have the configured (H, W, C)."""
+    expected = (config.input_height, config.input_width, config.channels)
+    if images.good.shape[1:] != expected:
+        msg = f"training images must be (N, {', '.join(map(str, expected))}) uint8, got {images.good.shape}"
+        raise ModelError(msg)
+
+
+def train_epochs(
+    name: str,
+    model: nn.Module,
+    trainable: nn.Module,
+    config: Any,
+    *,
+    n_samples: int,
+    batch_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    validation_auroc: Callable[[], float | None],
+    progress: bool,
+    clip_grad_norm: float | None = None,
+) -> int:
+    """Adam over shuffled batches of sample indices; early stopping on validation AUROC; the best weights restored.
+
+    batch_loss(indices, generator) is one batch's loss; config carries epochs, patience,
+    batch_size, learning_rate, weight_decay and seed. Returns the number of epochs run.
+    """
+    optimiser = torch.optim.Adam(trainable.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    best = BestWeights(config.patience)
+    generator = torch.Generator().manual_seed(config.seed)
+    bar = tqdm(range(config.epochs), desc=name, unit="epoch", disable=not progress)
+    epochs_run, auroc = 0, None
+    for epoch in bar:
+        trainable.train()
+        losses = []
+        for batch in torch.randperm(n_samples, generator=generator).split(config.batch_size):
+            loss = batch_loss(batch, generator)
+            optimiser.zero_grad()
+            loss.backward()
+            if clip_grad_norm is not None:
+                nn.utils.clip_grad_norm_(trainable.parameters(), clip_grad_norm)
+            optimiser.step()
+            losses.append(loss.item())
+        trainable.eval()
+        epochs_run, epoch_loss = epoch + 1, float(np.mean(losses))
+        if not math.isfinite(epoch_loss):
+            msg = f"{name} training diverged at epoch {epoch} (loss {epoch_loss}); lower --learning-rate"
+            raise ModelError(msg)
+        auroc = validation_auroc()
+        best.update(model, epoch, validation=auroc, loss=epoch_loss)
+        bar.set_postfix(loss=f"{epoch_loss:.4f}", val_auroc="—" if auroc is None else f"{auroc:.4f}")
+        if best.should_stop:
+            break
+    best.restore(model)
+    kept = f"validation AUROC {best.best:.4f}" if auroc is not None else f"lowest loss {best.best_loss:.4f}"
+    log.info("%s: kept epoch %d of %d (%s)", name, best.best_epoch + 1, epochs_run, kept)
+    return epochs_run

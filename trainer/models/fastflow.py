@@ -11,7 +11,6 @@ scores any input size that is a multiple of 32.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,11 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from ..backbone import BACKBONES, STAGES, EfficientNetLiteFeatures
+from ..backbone import EfficientNetLiteFeatures
 from ..errors import ModelError
-from .base import BestWeights, ModelKind, TrainingImages
+from .base import ModelKind, TrainingImages, check_training_size, input_problems, schedule_problems, train_epochs
 from .layers import ImageNetInput, blur, gaussian_kernel, hottest_pixels, mean_of_hottest
 
 log = logging.getLogger(__name__)
@@ -38,7 +36,7 @@ class FastFlowConfig:
     channels: Literal[1, 3] = 3
     backbone: str = "efficientnet-lite0"
     stages: tuple[int, ...] = (3, 4)
-    flow_steps: int = 4
+    flow_steps: int = 8
     hidden_ratio: float = 0.5
     clamp: float = 2.0
     epochs: int = 40
@@ -51,25 +49,13 @@ class FastFlowConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.backbone not in BACKBONES:
-            problems.append(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
-        if not self.stages or sorted(set(self.stages)) != list(self.stages) or not set(self.stages) <= set(STAGES):
-            problems.append(f"stages must be increasing values from {STAGES}, got {self.stages}")
-        if self.input_height % 32 or self.input_width % 32 or min(self.input_height, self.input_width) < 64:
-            problems.append(f"image size {self.input_height}x{self.input_width} must be >= 64 and a multiple of 32")
-        if self.channels not in (1, 3):
-            problems.append(f"channels must be 1 (grey) or 3 (RGB), got {self.channels}")
+        problems = input_problems(self) + schedule_problems(self)
         if self.flow_steps < 1 or self.hidden_ratio <= 0 or self.clamp <= 0:
             problems.append(
                 f"flow_steps >= 1, hidden_ratio > 0 and clamp > 0 needed, got {self.flow_steps}, {self.hidden_ratio}, {self.clamp}"
             )
-        if self.epochs < 1 or self.patience < 1 or self.batch_size < 1 or self.learning_rate <= 0:
-            problems.append("epochs, patience and batch_size must be >= 1 and learning_rate > 0")
         if self.blur_sigma < 0:
             problems.append(f"blur_sigma must be >= 0, got {self.blur_sigma}")
-        if not 0 < self.score_fraction <= 1:
-            problems.append(f"score_fraction must be in (0, 1], got {self.score_fraction}")
         if problems:
             raise ModelError("; ".join(problems))
 
@@ -200,49 +186,27 @@ def fit_fastflow(config: FastFlowConfig, images: TrainingImages, *, progress: bo
 
     The backbone is frozen, so features are extracted once and every epoch trains the flows alone.
     """
-    expected = (config.input_height, config.input_width, config.channels)
-    if images.good.shape[1:] != expected:
-        msg = f"training images must be (N, {', '.join(map(str, expected))}) uint8, got {images.good.shape}"
-        raise ModelError(msg)
+    check_training_size(config, images)
     torch.manual_seed(config.seed)
     model = FastFlow(config)
     train_features = _extract(model, images.good)
     model.set_feature_statistics(train_features)
     train_features = model.standardise(train_features)
     validation = model.standardise(_extract(model, images.validation)) if images.validation is not None else None
-    optimiser = torch.optim.Adam(model.flows.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    best = BestWeights(config.patience)
-    generator = torch.Generator().manual_seed(config.seed)
-    n = len(images.good)
-    bar = tqdm(range(config.epochs), desc="fastflow", unit="epoch", disable=not progress)
-    for epoch in bar:
-        model.flows.train()
-        losses = []
-        for batch in torch.randperm(n, generator=generator).split(config.batch_size):
-            nll = model.stage_nll([f[batch] for f in train_features])
-            loss = torch.stack([m.mean() for m in nll]).mean()
-            optimiser.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.flows.parameters(), 1.0)
-            optimiser.step()
-            losses.append(loss.item())
-        model.flows.eval()
-        epoch_loss = float(np.mean(losses))
-        auroc = _validation_auroc(model, validation, images.validation_labels)
-        best.update(model, epoch, validation=auroc, loss=epoch_loss)
-        bar.set_postfix(loss=f"{epoch_loss:.3f}", val_auroc="—" if auroc is None else f"{auroc:.4f}")
-        if not math.isfinite(epoch_loss):
-            msg = f"FastFlow training diverged at epoch {epoch} (loss {epoch_loss}); lower --learning-rate"
-            raise ModelError(msg)
-        if best.should_stop:
-            break
-    best.restore(model)
-    log.info(
-        "fastflow: best epoch %d of %d (%s %.4f)",
-        best.best_epoch,
-        epoch + 1,
-        "validation AUROC" if validation is not None else "-loss",
-        best.best or 0.0,
+
+    def batch_loss(batch: torch.Tensor, _: torch.Generator) -> torch.Tensor:
+        return torch.stack([m.mean() for m in model.stage_nll([f[batch] for f in train_features])]).mean()
+
+    train_epochs(
+        "fastflow",
+        model,
+        model.flows,
+        config,
+        n_samples=len(images.good),
+        batch_loss=batch_loss,
+        validation_auroc=lambda: _validation_auroc(model, validation, images.validation_labels),
+        progress=progress,
+        clip_grad_norm=1.0,
     )
     return model.eval()
 

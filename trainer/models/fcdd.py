@@ -23,11 +23,10 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
-from tqdm import tqdm
 
-from ..backbone import BACKBONES, STAGES, EfficientNetLiteFeatures
+from ..backbone import EfficientNetLiteFeatures
 from ..errors import ModelError
-from .base import BestWeights, ModelKind, TrainingImages
+from .base import ModelKind, TrainingImages, check_training_size, input_problems, schedule_problems, train_epochs
 from .layers import ImageNetInput, hottest_pixels, mean_of_hottest
 from .outliers import confetti_images
 
@@ -55,21 +54,9 @@ class FcddConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.backbone not in BACKBONES:
-            problems.append(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
-        if not self.stages or sorted(set(self.stages)) != list(self.stages) or not set(self.stages) <= set(STAGES):
-            problems.append(f"stages must be increasing values from {STAGES}, got {self.stages}")
-        if self.input_height % 32 or self.input_width % 32 or min(self.input_height, self.input_width) < 64:
-            problems.append(f"image size {self.input_height}x{self.input_width} must be >= 64 and a multiple of 32")
-        if self.channels not in (1, 3):
-            problems.append(f"channels must be 1 (grey) or 3 (RGB), got {self.channels}")
+        problems = input_problems(self) + schedule_problems(self)
         if self.head_channels < 1 or self.outliers_per_image <= 0 or self.upsample_sigma <= 0:
             problems.append("head_channels >= 1, outliers_per_image > 0 and upsample_sigma > 0 needed")
-        if self.epochs < 1 or self.patience < 1 or self.batch_size < 1 or self.learning_rate <= 0:
-            problems.append("epochs, patience and batch_size must be >= 1 and learning_rate > 0")
-        if not 0 < self.score_fraction <= 1:
-            problems.append(f"score_fraction must be in (0, 1], got {self.score_fraction}")
         if problems:
             raise ModelError("; ".join(problems))
 
@@ -184,10 +171,7 @@ def fit_fcdd(config: FcddConfig, images: TrainingImages, *, progress: bool = Fal
     The backbone is frozen: features of good images, outliers and validation images are
     extracted once, and each epoch trains the head alone on balanced batches.
     """
-    expected = (config.input_height, config.input_width, config.channels)
-    if images.good.shape[1:] != expected:
-        msg = f"training images must be (N, {', '.join(map(str, expected))}) uint8, got {images.good.shape}"
-        raise ModelError(msg)
+    check_training_size(config, images)
     torch.manual_seed(config.seed)
     model = Fcdd(config)
     good = _extract(model, images.good)
@@ -200,40 +184,29 @@ def fit_fcdd(config: FcddConfig, images: TrainingImages, *, progress: bool = Fal
     cell_labels = torch.cat([torch.zeros(len(good), *cell_masks.shape[1:]), cell_masks])
     defects = _extract(model, images.defects) if images.defects is not None else None
     validation = _extract(model, images.validation) if images.validation is not None else None
-    optimiser = torch.optim.Adam(model.head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    best = BestWeights(config.patience)
-    generator = torch.Generator().manual_seed(config.seed)
-    bar = tqdm(range(config.epochs), desc="fcdd", unit="epoch", disable=not progress)
-    for epoch in bar:
-        model.head.train()
-        losses = []
-        for batch in torch.randperm(len(features), generator=generator).split(config.batch_size):
-            loss = pixel_hsc_loss(model.distances(features[batch]), cell_labels[batch])
-            if defects is not None:  # labelled defects without masks: the image-level loss
-                pick = torch.randint(len(defects), (min(len(defects), len(batch)),), generator=generator)
-                loss = loss + hsc_loss(model.distances(defects[pick]), torch.ones(len(pick)))
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            losses.append(loss.item())
-        model.head.eval()
-        epoch_loss = float(np.mean(losses))
-        if not math.isfinite(epoch_loss):
-            msg = f"FCDD training diverged at epoch {epoch} (loss {epoch_loss}); lower --learning-rate"
-            raise ModelError(msg)
-        auroc = _validation_auroc(model, validation, images.validation_labels)
-        best.update(model, epoch, validation=auroc, loss=epoch_loss)
-        bar.set_postfix(loss=f"{epoch_loss:.4f}", val_auroc="—" if auroc is None else f"{auroc:.4f}")
-        if best.should_stop:
-            break
-    best.restore(model)
+
+    def batch_loss(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        loss = pixel_hsc_loss(model.distances(features[batch]), cell_labels[batch])
+        if defects is not None:  # labelled defects without masks: the image-level loss
+            pick = torch.randint(len(defects), (min(len(defects), len(batch)),), generator=generator)
+            loss = loss + hsc_loss(model.distances(defects[pick]), torch.ones(len(pick)))
+        return loss
+
     log.info(
-        "fcdd: kept epoch %d of %d; %d good, %d confetti, %d labelled defect images",
-        best.best_epoch + 1,
-        epoch + 1,
+        "fcdd: %d good, %d confetti, %d labelled defect images",
         len(good),
         n_synthetic,
         0 if defects is None else len(defects),
+    )
+    train_epochs(
+        "fcdd",
+        model,
+        model.head,
+        config,
+        n_samples=len(features),
+        batch_loss=batch_loss,
+        validation_auroc=lambda: _validation_auroc(model, validation, images.validation_labels),
+        progress=progress,
     )
     return model.eval()
 

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..backbone import BACKBONES, STAGES, EfficientNetLiteFeatures
+from ..backbone import EfficientNetLiteFeatures
 from ..coreset import DEFAULT_MAX_CANDIDATES, CoresetSpec, greedy_coreset
 from ..errors import ModelError
-from .base import ModelKind, TrainingImages
+from .base import ModelKind, TrainingImages, input_problems
 from .layers import ImageNetInput, blur, gaussian_kernel
 
 log = logging.getLogger(__name__)
@@ -52,15 +52,7 @@ class PatchCoreConfig:
             raise ModelError("; ".join(problems))
 
     def _architecture_problems(self) -> list[str]:
-        problems = []
-        if self.backbone not in BACKBONES:
-            problems.append(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
-        if not self.stages or sorted(set(self.stages)) != list(self.stages) or not set(self.stages) <= set(STAGES):
-            problems.append(f"stages must be increasing values from {STAGES}, got {self.stages}")
-        if self.input_height % 32 or self.input_width % 32 or min(self.input_height, self.input_width) < 64:
-            problems.append(f"image size {self.input_height}x{self.input_width} must be >= 64 and a multiple of 32")
-        if self.channels not in (1, 3):
-            problems.append(f"channels must be 1 (grey) or 3 (RGB), got {self.channels}")
+        problems = input_problems(self)
         if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
             problems.append(f"neighbourhood must be an odd number >= 1, got {self.neighbourhood}")
         if self.blur_sigma < 0:
