@@ -196,13 +196,16 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    work, data = pipeline.Workdir(args.out), _data_options(args)
-    pipeline.fit(data, work, _model_config(args))
-    pipeline.calibrate(data, work, args.threshold)
-    metrics = pipeline.evaluate(data, work)
-    pipeline.export(work)
-    manifest = pipeline.bundle(work, sign_key=args.sign_key, model_id=args.model_id, model_version=args.model_version)
-    index = pipeline.report(work)
+    work = pipeline.Workdir(args.out)
+    metrics, manifest, index = pipeline.run_all(
+        _data_options(args),
+        work,
+        _model_config(args),
+        threshold=args.threshold,
+        sign_key=args.sign_key,
+        model_id=args.model_id,
+        model_version=args.model_version,
+    )
     test = metrics["test"]
     print(
         f"bundle   {work.bundle_dir}  ({manifest.model_id} {manifest.model_version}, threshold {manifest.threshold.value:.4g} by {manifest.threshold.method})"

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import jinja2
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
@@ -23,7 +22,7 @@ from . import pipeline
 from .errors import TrainerError
 from .export import cpu_session, run_onnx
 from .models.base import ModelKind
-from .report import DPI, THRESHOLD_COLOUR, format_value, operating_point, styled_axes
+from .report import DPI, THRESHOLD_COLOUR, format_value, operating_point, styled_axes, template_environment
 from .scoring import SplitScores, load_split_scores
 
 log = logging.getLogger(__name__)
@@ -98,12 +97,7 @@ def compare_models(
     for index, (kind, config) in enumerate(zip(kinds, configs, strict=True), 1):
         log.info("compare: %s (%d of %d)", kind.name, index, len(kinds))
         work = pipeline.Workdir(out / kind.name)
-        pipeline.fit(data, work, config, progress=progress)
-        pipeline.calibrate(data, work, threshold)
-        pipeline.evaluate(data, work)
-        pipeline.export(work)
-        pipeline.bundle(work, sign_key=sign_key)
-        pipeline.report(work)
+        pipeline.run_all(data, work, config, threshold=threshold, sign_key=sign_key, progress=progress)
         rows.append(measure(work, kind, out))
     result = ComparisonResult(tuple(rows), pick_line(rows), out / "comparison.json", out / "comparison.html")
     document = {"dataset": str(data.path), "threshold_method": threshold, "cpu": cpu_facts(), "pick": result.pick}
@@ -263,14 +257,8 @@ def _write_html(result: ComparisonResult, out: Path) -> None:
     splits = {model: load_split_scores(work.scores_file("test")) for model, work in works.items()}
     test = next(iter(splits.values()))
     training = json.loads(works[result.rows[0].model].training_file.read_text())
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("lineguard.trainer", "templates"),
-        autoescape=True,  # select_autoescape() would not match the ".j2" suffix
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    html = env.get_template("comparison.html.j2").render(
+    template = template_environment().get_template("comparison.html.j2")
+    html = template.render(
         title=f"{training['dataset']['name']} — model comparison",
         pick=result.pick,
         columns=[label for _, label, _, _ in COLUMNS],

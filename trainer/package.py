@@ -16,6 +16,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from lineguard import __version__
 from lineguard.agent.bundle import (
@@ -105,6 +106,11 @@ def _replace_file(path: Path, data: bytes) -> None:
     partial.replace(path)
 
 
+def _public_keys_of(sign_key: Path | None) -> list[Ed25519PublicKey]:
+    """The public half of sign_key as a trusted-keys list; empty without a key."""
+    return [load_private_key(sign_key).public_key()] if sign_key is not None else []
+
+
 def check_engine_target(bundle_dir: Path, *, sign_key: Path | None) -> Manifest:
     """Verify a bundle an engine is to be added to; the manifest, or why it cannot take one.
 
@@ -115,7 +121,7 @@ def check_engine_target(bundle_dir: Path, *, sign_key: Path | None) -> Manifest:
     if (bundle_dir / SIGNATURE_FILE).is_file() and sign_key is None:
         msg = f"{bundle_dir} is signed: pass --sign-key with the key that signed it, so the new manifest is signed too"
         raise BundleError(msg)
-    trusted = [load_private_key(sign_key).public_key()] if sign_key is not None else []
+    trusted = _public_keys_of(sign_key)
     try:
         return verify_bundle(bundle_dir, trusted, require_signature=False)
     except SignatureError as error:
@@ -140,7 +146,7 @@ def add_engine(bundle_dir: Path, plan: bytes, info: EngineInfo, *, sign_key: Pat
         }
     )
     _write_manifest(bundle_dir, updated, sign_key=sign_key)
-    trusted = [load_private_key(sign_key).public_key()] if sign_key is not None else []
+    trusted = _public_keys_of(sign_key)
     return verify_bundle(bundle_dir, trusted, require_signature=sign_key is not None)
 
 

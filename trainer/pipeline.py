@@ -26,7 +26,16 @@ import torch
 from lineguard.agent.bundle import DatasetInfo, InputSpec, Manifest, ModelInfo
 
 from . import calibrate as calibration_math
-from .data import Dataset, detect_channels, discover_dataset, load_images, load_masks, read_image, to_model_input
+from .data import (
+    Dataset,
+    Sample,
+    detect_channels,
+    discover_dataset,
+    load_images,
+    load_masks,
+    read_image,
+    to_model_input,
+)
 from .errors import TrainerError
 from .evaluate import split_metrics
 from .export import OPSET, check_parity, export_onnx, write_parity_report
@@ -109,10 +118,7 @@ def _write_json(path: Path, data: object) -> None:
 
 def detect_dataset_channels(data: DataOptions) -> int:
     """1 when the dataset's first training image is grey, else 3."""
-    dataset = discover_dataset(
-        data.path, calibration_fraction=data.calibration_fraction, seed=data.seed, allow_train_defects=True
-    )
-    return detect_channels(dataset.train)
+    return detect_channels(_discover(data).train)
 
 
 def kind_of(config: ModelConfig) -> ModelKind:
@@ -136,15 +142,22 @@ def _discover(data: DataOptions, kind: ModelKind | None = None) -> Dataset:
 def _training_images(
     dataset: Dataset, kind: ModelKind, config: ModelConfig, source_shape: tuple[int, int]
 ) -> TrainingImages:
-    size = {"height": config.input_height, "width": config.input_width, "channels": config.channels}
-    good = tuple(s for s in dataset.train if s.label == 0)
+    def load(samples: tuple[Sample, ...]) -> np.ndarray:
+        return load_images(
+            samples,
+            height=config.input_height,
+            width=config.input_width,
+            channels=config.channels,
+            source_size=source_shape,
+        )
+
     defects = tuple(s for s in dataset.train if s.label == 1)
     validation = dataset.calibration if kind.uses_validation else ()
     return TrainingImages(
-        good=load_images(good, **size, source_size=source_shape),
-        validation=load_images(validation, **size, source_size=source_shape) if validation else None,
+        good=load(tuple(s for s in dataset.train if s.label == 0)),
+        validation=load(validation) if validation else None,
         validation_labels=np.array([s.label for s in validation], np.int64) if validation else None,
-        defects=load_images(defects, **size, source_size=source_shape) if defects else None,
+        defects=load(defects) if defects else None,
     )
 
 
@@ -284,14 +297,7 @@ def export(work: Workdir) -> Path:
         variable_size=kind.variable_size,
     )
     calibration = load_split_scores(work.require(work.scores_file("calibration"), "calibrate"))
-    parity = check_parity(model, onnx_path, calibration.images)
-    write_parity_report(parity, onnx_path.with_name("parity.json"))
-    log.info(
-        "ONNX parity on %d images: scores %.1e, maps %.1e",
-        parity.n_images,
-        parity.max_score_rel_diff,
-        parity.max_map_rel_diff,
-    )
+    _checked_parity(model, onnx_path, calibration.images, onnx_path.with_name("parity.json"))
     if kind.variable_size:
         height, width = alternate_size(config.input_height, config.input_width)
         resized = np.stack(
@@ -300,15 +306,7 @@ def export(work: Workdir) -> Path:
                 for image in calibration.images[:4]
             ]
         )
-        other = check_parity(model, onnx_path, resized)
-        write_parity_report(other, onnx_path.with_name(f"parity-{width}x{height}.json"))
-        log.info(
-            "ONNX parity at %dx%d: scores %.1e, maps %.1e",
-            width,
-            height,
-            other.max_score_rel_diff,
-            other.max_map_rel_diff,
-        )
+        _checked_parity(model, onnx_path, resized, onnx_path.with_name(f"parity-{width}x{height}.json"))
     return onnx_path
 
 
@@ -347,9 +345,44 @@ def bundle(
     return write_bundle(work.bundle_dir, contents, sign_key=sign_key)
 
 
+def _checked_parity(model: torch.nn.Module, onnx_path: Path, images: np.ndarray, report_path: Path) -> None:
+    """Compare ONNX Runtime with torch on images (ExportError past tolerance) and write the report."""
+    parity = check_parity(model, onnx_path, images)
+    write_parity_report(parity, report_path)
+    height, width = images.shape[1:3]
+    log.info(
+        "ONNX parity on %d images at %dx%d: scores %.1e, maps %.1e",
+        parity.n_images,
+        width,
+        height,
+        parity.max_score_rel_diff,
+        parity.max_map_rel_diff,
+    )
+
+
 def alternate_size(height: int, width: int) -> tuple[int, int]:
     """A second input size (multiples of 32, about 1.25x) to prove a variable-size graph really is one."""
     return (max(round(height * 1.25 / 32) * 32, height + 32), max(round(width * 1.25 / 32) * 32, width + 32))
+
+
+def run_all(
+    data: DataOptions,
+    work: Workdir,
+    config: ModelConfig,
+    *,
+    threshold: str,
+    sign_key: Path | None,
+    model_id: str | None = None,
+    model_version: str | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, dict[str, object]], Manifest, Path]:
+    """Every step in order (`lineguard-train run`): (metrics, bundle manifest, report index.html)."""
+    fit(data, work, config, progress=progress)
+    calibrate(data, work, threshold)
+    metrics = evaluate(data, work)
+    export(work)
+    manifest = bundle(work, sign_key=sign_key, model_id=model_id, model_version=model_version)
+    return metrics, manifest, report(work)
 
 
 def _safe_id(text: str) -> str:

@@ -407,15 +407,20 @@ def _confusions(metrics: dict[str, dict[str, object]]) -> list[dict[str, str] | 
     ]
 
 
-def _page(inputs: ReportInputs, views: list[_SplitView], ctx: _Context) -> str:
-    env = jinja2.Environment(
+def template_environment() -> jinja2.Environment:
+    """The jinja2 environment of the trainer's HTML templates (trainer/templates/*.j2)."""
+    return jinja2.Environment(
         loader=jinja2.PackageLoader("lineguard.trainer", "templates"),
         autoescape=True,  # select_autoescape() would not match the ".j2" suffix
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    return env.get_template("report.html.j2").render(
+
+
+def _page(inputs: ReportInputs, views: list[_SplitView], ctx: _Context) -> str:
+    template = template_environment().get_template("report.html.j2")
+    return template.render(
         title=inputs.title,
         cards=_headline(inputs),
         notes=inputs.notes,

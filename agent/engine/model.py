@@ -113,8 +113,8 @@ def read_golden_images(bundle_dir: Path, manifest: Manifest) -> np.ndarray:
     spec = manifest.input
     shape = (spec.height, spec.width, spec.channels)
     frames = np.empty((len(manifest.golden), *shape), np.uint8)
+    flag = cv2.IMREAD_GRAYSCALE if spec.channels == 1 else cv2.IMREAD_COLOR
     for index, golden in enumerate(manifest.golden):
-        flag = cv2.IMREAD_GRAYSCALE if spec.channels == 1 else cv2.IMREAD_COLOR
         image = cv2.imread(str(bundle_dir / golden.file), flag)
         if image is None or image.shape[:2] != shape[:2]:
             msg = f"golden image {golden.file} in {bundle_dir} is unreadable or not {spec.width}x{spec.height}"

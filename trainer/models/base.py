@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
@@ -161,6 +162,17 @@ class BestWeights:
     def restore(self, model: nn.Module) -> None:
         if self._state is not None:
             model.load_state_dict(self._state)
+
+
+def validation_auroc(
+    score: Callable[[Any], torch.Tensor], features: Any | None, labels: np.ndarray | None
+) -> float | None:
+    """Image AUROC of score(features) -> (N,) scores against labels; None without validation or without both classes."""
+    if features is None or labels is None or labels.min() == labels.max():
+        return None
+    with torch.inference_mode():
+        scores = score(features).numpy()
+    return float(roc_auc_score(labels, scores))
 
 
 def input_problems(config: Any) -> list[str]:

@@ -21,7 +21,15 @@ from torch import nn
 
 from ..backbone import EfficientNetLiteFeatures
 from ..errors import ModelError
-from .base import ModelKind, TrainingImages, check_training_size, input_problems, schedule_problems, train_epochs
+from .base import (
+    ModelKind,
+    TrainingImages,
+    check_training_size,
+    input_problems,
+    schedule_problems,
+    train_epochs,
+    validation_auroc,
+)
 from .layers import ImageNetInput, blur, gaussian_kernel, hottest_pixels, mean_of_hottest
 
 log = logging.getLogger(__name__)
@@ -167,6 +175,10 @@ class FastFlow(nn.Module):
         ]
         return blur(torch.stack(upsampled).mean(dim=0), self.blur_kernel)
 
+    def score_features(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Standardised stage features -> (N,) image scores, as forward scores frames."""
+        return mean_of_hottest(self.anomaly_maps(self.stage_nll(features)), self.score_pixels)
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         anomaly_map = self.anomaly_maps(self.stage_nll(self.standardised_features(images)))
         return mean_of_hottest(anomaly_map, self.score_pixels), anomaly_map[:, 0]
@@ -204,21 +216,11 @@ def fit_fastflow(config: FastFlowConfig, images: TrainingImages, *, progress: bo
         config,
         n_samples=len(images.good),
         batch_loss=batch_loss,
-        validation_auroc=lambda: _validation_auroc(model, validation, images.validation_labels),
+        validation_auroc=lambda: validation_auroc(model.score_features, validation, images.validation_labels),
         progress=progress,
         clip_grad_norm=1.0,
     )
     return model.eval()
-
-
-def _validation_auroc(model: FastFlow, features: list[torch.Tensor] | None, labels: np.ndarray | None) -> float | None:
-    if features is None or labels is None or labels.min() == labels.max():
-        return None
-    from sklearn.metrics import roc_auc_score
-
-    with torch.inference_mode():
-        scores = mean_of_hottest(model.anomaly_maps(model.stage_nll(features)), model.score_pixels).numpy()
-    return float(roc_auc_score(labels, scores))
 
 
 def build_fastflow(config: FastFlowConfig, state: dict[str, torch.Tensor]) -> FastFlow:

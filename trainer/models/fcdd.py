@@ -21,12 +21,19 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from ..backbone import EfficientNetLiteFeatures
 from ..errors import ModelError
-from .base import ModelKind, TrainingImages, check_training_size, input_problems, schedule_problems, train_epochs
+from .base import (
+    ModelKind,
+    TrainingImages,
+    check_training_size,
+    input_problems,
+    schedule_problems,
+    train_epochs,
+    validation_auroc,
+)
 from .layers import ImageNetInput, hottest_pixels, mean_of_hottest
 from .outliers import confetti_images
 
@@ -127,6 +134,10 @@ class Fcdd(nn.Module):
         weight = F.conv_transpose2d(torch.ones_like(distances), self.upsample_kernel, stride=stride, padding=padding)
         return spread / weight
 
+    def score_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Raw stacked features -> (N,) image scores, as forward scores frames."""
+        return mean_of_hottest(self.upsample(self.distances(features)), self.score_pixels)
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         distances = self.distances(self.stacked_features(images))
         anomaly_map = self.upsample(distances)
@@ -205,18 +216,10 @@ def fit_fcdd(config: FcddConfig, images: TrainingImages, *, progress: bool = Fal
         config,
         n_samples=len(features),
         batch_loss=batch_loss,
-        validation_auroc=lambda: _validation_auroc(model, validation, images.validation_labels),
+        validation_auroc=lambda: validation_auroc(model.score_features, validation, images.validation_labels),
         progress=progress,
     )
     return model.eval()
-
-
-def _validation_auroc(model: Fcdd, features: torch.Tensor | None, labels: np.ndarray | None) -> float | None:
-    if features is None or labels is None or labels.min() == labels.max():
-        return None
-    with torch.inference_mode():
-        scores = mean_of_hottest(model.upsample(model.distances(features)), model.score_pixels).numpy()
-    return float(roc_auc_score(labels, scores))
 
 
 def build_fcdd(config: FcddConfig, state: dict[str, torch.Tensor]) -> Fcdd:
