@@ -79,6 +79,11 @@ class EngineConfig(_Section):
     cuda_graph: bool = Field(
         False, description="TensorRT back end: replay each batch size as a captured CUDA graph (less launch overhead)."
     )
+    gpu_preprocess: bool = Field(
+        True,
+        description="TensorRT back end: copy only each frame's ROI from its ring slot to the GPU and convert and "
+        "resize it there (a small engine built on first use, cached in <state_dir>/engines); off = OpenCV on the CPU.",
+    )
     shadow_s: float = Field(
         0.0,
         ge=0,

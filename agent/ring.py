@@ -310,6 +310,11 @@ class ShmRing:
         self._check_slot(slot)
         return self._addresses[slot]
 
+    def segment(self) -> np.ndarray:
+        """The whole mapped segment, (size,) uint8, e.g. to page-lock it for DMA; holding it keeps the mapping."""
+        self._check_open()
+        return self._base
+
     def relabel(self, slot: int, seq: int, new_seq: int) -> None:
         """Writer: give a WRITING slot claimed for `seq` the number `new_seq` instead.
 

@@ -1,9 +1,10 @@
 """Stand-ins for cuda-python and TensorRT, so the code around them runs on machines without a GPU.
 
 The fake CUDA runtime keeps "device" memory in host buffers: copies are real memmoves and
-stream capture records them, so a test sees every byte a back end moves and when. The fake
-TensorRT runs its "engine" with ONNX Runtime (CPU) on the ONNX graph named in the plan, so the
-scores are the real model's. What this proves: our call sequence, buffer sizes, addresses and
+stream capture records them, so a test sees every byte a back end moves and when; 2-D copies
+refuse pageable host memory (CUDA's documented contract), so a test sees what was page-locked.
+The fake TensorRT runs its "engine" with ONNX Runtime (CPU) on the ONNX graph named in or carried
+by the plan (the model's, or a frame graph the fake builder parsed), so the outputs are real. What this proves: our call sequence, buffer sizes, addresses and
 error handling. What it cannot: that real TensorRT and CUDA behave as these fakes do.
 """
 
@@ -12,6 +13,7 @@ error handling. What it cannot: that real TensorRT and CUDA behave as these fake
 from __future__ import annotations
 
 import ctypes
+import json
 import sys
 import types
 from enum import IntEnum
@@ -26,8 +28,11 @@ PLAN_MAGIC = b"FAKEPLAN\n"
 
 class cudaError_t(IntEnum):
     cudaSuccess = 0
+    cudaErrorInvalidValue = 1
     cudaErrorMemoryAllocation = 2
     cudaErrorNoDevice = 100
+    cudaErrorHostMemoryAlreadyRegistered = 712
+    cudaErrorHostMemoryNotRegistered = 713
     cudaErrorStreamCaptureUnsupported = 900
 
 
@@ -54,6 +59,8 @@ class FakeCudart:
         self.capture_fails = capture_fails
         self.host: dict[int, Any] = {}
         self.device_memory: dict[int, Any] = {}
+        self.registered: dict[int, int] = {}  # cudaHostRegister: address -> bytes
+        self.register_fails = False  # True: cudaHostRegister refuses, as for memory the driver cannot pin
         self.copies: list[tuple[str, int]] = []  # (direction, bytes) of every executed copy
         self.capturing: list[Any] | None = None
         self.launches = 0
@@ -78,6 +85,29 @@ class FakeCudart:
     def cudaFree(self, address: int) -> tuple[cudaError_t]:
         return (cudaError_t.cudaSuccess,) if self.device_memory.pop(address, None) is not None else (cudaError_t(2),)
 
+    def cudaHostRegister(self, address: int, nbytes: int, flags: int) -> tuple[cudaError_t]:
+        if self.register_fails:
+            return (cudaError_t.cudaErrorInvalidValue,)
+        if any(address < start + size and start < address + nbytes for start, size in self.registered.items()):
+            return (cudaError_t.cudaErrorHostMemoryAlreadyRegistered,)
+        self.registered[address] = nbytes
+        return (cudaError_t.cudaSuccess,)
+
+    def cudaHostUnregister(self, address: int) -> tuple[cudaError_t]:
+        if self.registered.pop(address, None) is None:
+            return (cudaError_t.cudaErrorHostMemoryNotRegistered,)
+        return (cudaError_t.cudaSuccess,)
+
+    def _page_locked(self, address: int, nbytes: int) -> bool:
+        pinned = [(start, size) for start, size in self.registered.items()]
+        pinned += [(start, len(buffer)) for start, buffer in self.host.items()]
+        return any(start <= address and address + nbytes <= start + size for start, size in pinned)
+
+    def _on_device(self, address: int, nbytes: int) -> bool:
+        return any(
+            start <= address and address + nbytes <= start + len(buffer) for start, buffer in self.device_memory.items()
+        )
+
     # streams, copies, graphs
     def cudaStreamCreateWithFlags(self, flags: int) -> tuple[cudaError_t, str]:
         self.streams += 1
@@ -93,6 +123,28 @@ class FakeCudart:
     def cudaMemcpyAsync(self, dst: int, src: int, nbytes: int, kind: cudaMemcpyKind, stream: str) -> tuple[cudaError_t]:
         direction = "to_device" if kind == cudaMemcpyKind.cudaMemcpyHostToDevice else "to_host"
         self.enqueue(lambda: (ctypes.memmove(dst, src, nbytes), self.copies.append((direction, nbytes))))
+        return (cudaError_t.cudaSuccess,)
+
+    def cudaMemcpy2DAsync(
+        self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, kind: cudaMemcpyKind, stream: str
+    ) -> tuple[cudaError_t]:
+        """Host to device only; like CUDA's documented contract, it refuses pageable source memory."""
+        source_span = (height - 1) * spitch + width
+        valid = (
+            kind == cudaMemcpyKind.cudaMemcpyHostToDevice
+            and width <= min(spitch, dpitch)
+            and self._page_locked(src, source_span)
+            and self._on_device(dst, (height - 1) * dpitch + width)
+        )
+        if not valid:
+            return (cudaError_t.cudaErrorInvalidValue,)
+
+        def copy() -> None:
+            for row in range(height):
+                ctypes.memmove(dst + row * dpitch, src + row * spitch, width)
+            self.copies.append(("to_device_2d", width * height))
+
+        self.enqueue(copy)
         return (cudaError_t.cudaSuccess,)
 
     def enqueue(self, work: Any) -> None:
@@ -142,8 +194,13 @@ class FakeCudart:
 
 def fake_plan(onnx_path: Path, *, max_batch: int, input_shape: tuple[int, int, int]) -> bytes:
     """Plan bytes the fake runtime loads: which ONNX graph to run and the profile's batch and input."""
-    height, width, channels = input_shape
-    return PLAN_MAGIC + f"{onnx_path}\n{max_batch} {height} {width} {channels}\n".encode()
+    return _plan(str(onnx_path), {"image": (max_batch, *input_shape)})
+
+
+def _plan(onnx: str | bytes, largest: dict[str, tuple[int, ...]]) -> bytes:
+    """A fake plan: a JSON line (profile's largest shape per input, ONNX path) and, for an in-memory graph, its bytes."""
+    header = {"onnx": onnx if isinstance(onnx, str) else None, "largest": largest}
+    return PLAN_MAGIC + json.dumps(header).encode() + b"\n" + (onnx if isinstance(onnx, bytes) else b"")
 
 
 class FakeTensorRT(types.ModuleType):
@@ -165,6 +222,7 @@ class FakeTensorRT(types.ModuleType):
         if with_int8:
             self.IInt8EntropyCalibrator2 = type("IInt8EntropyCalibrator2", (), {"__init__": lambda s: None})
         self.built: list[FakeBuilder] = []
+        self.plans_built = 0
 
     def nptype(self, dtype: str) -> type:
         return {"float32": np.float32, "float16": np.float16, "uint8": np.uint8, "int64": np.int64}[dtype]
@@ -178,84 +236,107 @@ class FakeTensorRT(types.ModuleType):
         return builder
 
     def OnnxParser(self, network: FakeNetwork, logger: Any) -> Any:
-        def parse_from_file(path: str) -> bool:
-            network.onnx_path = Path(path)
-            import onnx
+        import onnx
 
-            model = onnx.load(path)
-            network.layers = [FakeLayer(node.name, self) for node in model.graph.node]
+        def parse_from_file(path: str) -> bool:
+            network.onnx = str(path)
+            network.layers = [FakeLayer(node.name, self) for node in onnx.load(path).graph.node]
             return True
 
-        return types.SimpleNamespace(parse_from_file=parse_from_file, num_errors=0, get_error=lambda i: "")
+        def parse(model: bytes) -> bool:
+            network.onnx = bytes(model)
+            network.layers = [FakeLayer(node.name, self) for node in onnx.load_from_string(model).graph.node]
+            return True
+
+        return types.SimpleNamespace(parse_from_file=parse_from_file, parse=parse, num_errors=0, get_error=lambda i: "")
 
 
 class FakeEngine:
-    """A 'deserialised plan': runs the named ONNX graph with ONNX Runtime on the fake device memory."""
+    """A 'deserialised plan': runs its ONNX graph with ONNX Runtime on the fake device memory."""
 
-    def __init__(self, trt: FakeTensorRT, onnx_path: Path, max_batch: int, input_shape: tuple[int, int, int]):
+    def __init__(self, trt: FakeTensorRT, onnx: str | bytes, largest: dict[str, tuple[int, ...]]):
         import onnxruntime as ort
 
-        self.trt, self.max_batch, self.input_shape = trt, max_batch, input_shape
-        self.session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        self.names = ["image", "score", "anomaly_map"]
-        self.num_io_tensors = 3
+        self.trt, self.largest = trt, largest
+        self.session = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name: _dtype(i.type) for i in self.session.get_inputs()}
+        self.outputs = {o.name: _dtype(o.type) for o in self.session.get_outputs()}
+        self.names = [*self.inputs, *self.outputs]
+        self.num_io_tensors = len(self.names)
 
     @classmethod
     def load(cls, trt: FakeTensorRT, plan: bytes) -> FakeEngine | None:
         if not plan.startswith(PLAN_MAGIC):
             return None
-        path, numbers = plan[len(PLAN_MAGIC) :].decode().splitlines()
-        max_batch, height, width, channels = (int(n) for n in numbers.split())
-        return cls(trt, Path(path), max_batch, (height, width, channels))
+        header, _, graph = plan[len(PLAN_MAGIC) :].partition(b"\n")
+        fields = json.loads(header)
+        largest = {name: tuple(shape) for name, shape in fields["largest"].items()}
+        return cls(trt, fields["onnx"] or graph, largest)
 
     def get_tensor_name(self, index: int) -> str:
         return self.names[index]
 
     def get_tensor_dtype(self, name: str) -> str:
-        return "uint8" if name == "image" else "float32"
+        return {**self.inputs, **self.outputs}[name]
 
     def get_tensor_mode(self, name: str) -> str:
-        return "input" if name == "image" else "output"
+        return "input" if name in self.inputs else "output"
 
     def get_tensor_profile_shape(self, name: str, profile: int) -> list[tuple[int, ...]]:
-        return [(1, *self.input_shape), (self.max_batch, *self.input_shape), (self.max_batch, *self.input_shape)]
+        largest = self.largest[name]
+        return [(1, *largest[1:]), largest, largest]
 
     def create_execution_context(self) -> FakeContext:
         return FakeContext(self)
+
+
+def _dtype(onnx_type: str) -> str:
+    return {"tensor(uint8)": "uint8", "tensor(float)": "float32"}[onnx_type]
 
 
 class FakeContext:
     def __init__(self, engine: FakeEngine) -> None:
         self.engine = engine
         self.addresses: dict[str, int] = {}
-        self.batch = 0
+        self.shapes: dict[str, tuple[int, ...]] = {}
         self.executions = 0
+
+    @property
+    def batch(self) -> int:
+        return next(iter(self.shapes.values()))[0]
 
     def set_tensor_address(self, name: str, address: int) -> bool:
         self.addresses[name] = address
         return True
 
     def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
-        if tuple(shape[1:]) != self.engine.input_shape or not 1 <= shape[0] <= self.engine.max_batch:
+        largest = self.engine.largest[name]
+        if tuple(shape[1:]) != largest[1:] or not 1 <= shape[0] <= largest[0]:
             return False
-        self.batch = shape[0]
+        self.shapes[name] = tuple(shape)
         return True
 
     def execute_async_v3(self, stream: str) -> bool:
-        n = self.batch
-        self.engine.trt.cudart.enqueue(lambda: self._run(n))
+        shapes = dict(self.shapes)
+        addresses = dict(self.addresses)  # TensorRT reads the addresses when the work is queued
+        self.engine.trt.cudart.enqueue(lambda: self._run(shapes, addresses))
         return True
 
-    def _run(self, n: int) -> None:
+    def _run(self, shapes: dict[str, tuple[int, ...]], addresses: dict[str, int]) -> None:
         self.executions += 1
-        height, width, channels = self.engine.input_shape
-        frames = _device_array(self.addresses["image"], (n, height, width, channels), np.uint8)
-        scores, maps = self.engine.session.run(["score", "anomaly_map"], {"image": frames.copy()})
-        _device_array(self.addresses["score"], (n,), np.float32)[...] = scores * self.engine.trt.score_scale
-        _device_array(self.addresses["anomaly_map"], (n, height, width), np.float32)[...] = maps
+        engine = self.engine
+        feed = {
+            name: _device_array(addresses[name], shapes[name], engine.trt.nptype(dtype)).copy()
+            for name, dtype in engine.inputs.items()
+        }
+        results = engine.session.run(list(engine.outputs), feed)
+        for name, result in zip(engine.outputs, results, strict=True):
+            if name == "score":
+                result = result * engine.trt.score_scale
+            _device_array(addresses[name], result.shape, result.dtype)[...] = result
 
 
-def _device_array(address: int, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+def _device_array(address: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     return np.frombuffer((ctypes.c_ubyte * nbytes).from_address(address), dtype=dtype).reshape(shape)
 
@@ -278,7 +359,7 @@ class FakeLayer:
 
 class FakeNetwork:
     def __init__(self) -> None:
-        self.onnx_path: Path | None = None
+        self.onnx: str | bytes | None = None  # the parsed file's path, or the graph parsed from memory
         self.layers: list[FakeLayer] = []
 
     @property
@@ -354,9 +435,9 @@ class FakeBuilder:
                 self.calibration_batches.append(size)
                 assert len(pointers) == 1 and pointers[0] in self.trt.cudart.device_memory
             calibrator.write_calibration_cache(b"table")
-        high = config.profiles[0].shapes["image"][2]
-        assert network.onnx_path is not None
-        return fake_plan(network.onnx_path, max_batch=high[0], input_shape=tuple(high[1:]))
+        assert network.onnx is not None
+        self.trt.plans_built += 1
+        return _plan(network.onnx, {name: tuple(high) for name, (_, _, high) in config.profiles[0].shapes.items()})
 
 
 def install(monkeypatch: pytest.MonkeyPatch, cudart: FakeCudart, trt: FakeTensorRT | None = None) -> None:

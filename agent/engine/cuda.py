@@ -90,11 +90,30 @@ class Stream:
         result = self.cudart.cudaMemcpyAsync(device_address, host.ctypes.data, host.nbytes, kind, self.handle)
         check(result, "cudaMemcpyAsync(host to device)")
 
+    def to_device_2d(
+        self, device_address: int, host_address: int, *, row_bytes: int, rows: int, host_pitch: int
+    ) -> None:
+        """Queue a copy of `rows` rows of `row_bytes`, `host_pitch` bytes apart on the host, to contiguous device memory.
+
+        This is how a ROI leaves a full frame: only its rows and columns cross PCIe. The host memory
+        must be page-locked (`HostRegistration`) for the copy to be asynchronous DMA.
+        """
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        result = self.cudart.cudaMemcpy2DAsync(
+            device_address, row_bytes, host_address, host_pitch, row_bytes, rows, kind, self.handle
+        )
+        check(result, "cudaMemcpy2DAsync(host to device)")
+
     def to_host(self, host: np.ndarray, device_address: int) -> None:
         """Queue a copy of host.nbytes from device_address into `host` (contiguous)."""
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         result = self.cudart.cudaMemcpyAsync(host.ctypes.data, device_address, host.nbytes, kind, self.handle)
         check(result, "cudaMemcpyAsync(device to host)")
+
+    def free(self, device_address: int) -> None:
+        """Free one buffer from `device` before close (a frame source that went away)."""
+        self._device.remove(device_address)
+        check(self.cudart.cudaFree(device_address), "cudaFree")
 
     def synchronize(self) -> None:
         check(self.cudart.cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
@@ -145,3 +164,30 @@ class CudaGraph:
 
     def close(self) -> None:
         check(self.stream.cudart.cudaGraphExecDestroy(self.executable), "cudaGraphExecDestroy")
+
+
+class HostRegistration:
+    """Existing host memory page-locked in place (cudaHostRegister), e.g. a whole shared-memory ring mapping.
+
+    DMA can then read a frame straight from its ring slot, with no staging copy. Holds `memory`
+    until `close`: unmapping registered memory would leave the driver pinning pages nobody owns.
+    """
+
+    def __init__(self, cudart: ModuleType, memory: np.ndarray) -> None:
+        if not memory.flags.c_contiguous or memory.nbytes == 0:
+            msg = "only a non-empty contiguous host array can be page-locked"
+            raise ValueError(msg)
+        self.cudart = cudart
+        self.address, self.nbytes = int(memory.ctypes.data), int(memory.nbytes)
+        flags = 0  # cudaHostRegisterDefault; ReadOnly would need a device attribute check first
+        check(cudart.cudaHostRegister(self.address, self.nbytes, flags), "cudaHostRegister")
+        self._memory: np.ndarray | None = memory
+
+    def close(self) -> None:
+        """Unregister (idempotent); the caller has synchronised every stream that copies from it."""
+        if self._memory is None:
+            return
+        try:
+            check(self.cudart.cudaHostUnregister(self.address), "cudaHostUnregister")
+        finally:
+            self._memory = None

@@ -12,7 +12,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..bundle import BundleError, Manifest, verify_bundle
-from .backends import Backend, BackendRequest, Inference, Selection, load_backend
+from .backends import Backend, BackendRequest, FrameSource, Inference, Selection, SlotBackend, SlotFrame, load_backend
 from .cuda import CudaError
 
 log = logging.getLogger(__name__)
@@ -42,13 +42,21 @@ class ServingModel:
         canary_rtol: float = 1e-3,
         max_batch: int = 1,
         cuda_graph: bool = False,
+        frame_plans: Path | None = None,
     ) -> None:
         self.bundle_dir = bundle_dir
         self.manifest: Manifest = verify_bundle(bundle_dir, trusted_keys, require_signature=require_signature)
         spec = self.manifest.input
         self.input_shape = (spec.height, spec.width, spec.channels)
         self.max_batch = max_batch
-        request = BackendRequest(bundle_dir, self.manifest, threads=threads, max_batch=max_batch, cuda_graph=cuda_graph)
+        request = BackendRequest(
+            bundle_dir,
+            self.manifest,
+            threads=threads,
+            max_batch=max_batch,
+            cuda_graph=cuda_graph,
+            frame_plans=frame_plans,
+        )
         selection = load_backend(backend, request)
         problem = self._check(selection, canary_rtol)
         if problem and backend == "auto" and selection.engine is not None:
@@ -91,6 +99,20 @@ class ServingModel:
     def infer(self, frames: np.ndarray) -> Inference:
         """frames: (N, H, W, C) uint8 at the input size, N <= max_batch -> scores (N,), maps on request."""
         return self.backend.infer(frames)
+
+    def attach_source(self, key: str, source: FrameSource) -> bool:
+        """True when the back end reads frames of `source` from their ring slots itself (GPU crop and resize).
+
+        False: prepare them with engine/preprocess.py and call infer. Cheap after the first call per source.
+        """
+        return isinstance(self.backend, SlotBackend) and self.backend.attach_source(key, source)
+
+    def infer_slots(self, frames: Sequence[SlotFrame]) -> Inference:
+        """Frames of attached sources, straight from their ring slots -> scores (N,) in order, maps on request."""
+        if not isinstance(self.backend, SlotBackend):
+            msg = f"back end {self.backend.name} cannot read ring slots; prepare frames and call infer()"
+            raise TypeError(msg)
+        return self.backend.infer_slots(frames)
 
     def _run_canary(self, rtol: float) -> CanaryResult:
         golden = self.manifest.golden

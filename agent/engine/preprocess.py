@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 
 from ..config import RoiConfig
+from .frame_graph import SourceFormat
 
 
 class InputMismatch(Exception):
@@ -25,14 +26,14 @@ class Preprocessor:
     roi: RoiConfig
     frame_shape: tuple[int, int, int]
     input_shape: tuple[int, int, int]
-    source_format: str  # mono8 | rgb8 | bgr8
+    source_format: SourceFormat
 
     def __post_init__(self) -> None:
         self.check()
 
     def check(self) -> None:
         frame_h, frame_w, frame_c = self.frame_shape
-        x, y, w, h = self._box()
+        x, y, w, h = self.box
         if x + w > frame_w or y + h > frame_h or w <= 0 or h <= 0:
             msg = f"ROI x={x} y={y} {w}x{h} does not fit the camera's {frame_w}x{frame_h} frames: fix cameras.roi"
             raise InputMismatch(msg)
@@ -52,7 +53,9 @@ class Preprocessor:
             )
             raise InputMismatch(msg)
 
-    def _box(self) -> tuple[int, int, int, int]:
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """(x, y, width, height) of the ROI in frame pixels, zero sizes resolved to the frame's edges."""
         frame_h, frame_w, _ = self.frame_shape
         roi = self.roi
         return roi.x, roi.y, roi.width or frame_w - roi.x, roi.height or frame_h - roi.y
@@ -62,7 +65,7 @@ class Preprocessor:
         if frame.shape != self.frame_shape:
             msg = f"frame is {frame.shape}, camera was configured for {self.frame_shape}"
             raise InputMismatch(msg)
-        x, y, w, h = self._box()
+        x, y, w, h = self.box
         region = frame[y : y + h, x : x + w]
         model_h, model_w, model_c = self.input_shape
         if model_c == 1 and region.shape[2] == 3:

@@ -1,4 +1,7 @@
-"""Engine process: FrameReady -> read slot, crop/resize -> micro-batch inference -> Scored.
+"""Engine process: FrameReady -> check slot, crop/resize -> micro-batch inference -> Scored.
+
+Crop and resize run on the GPU where the back end offers it (TensorRT with engine.gpu_preprocess:
+only slot addresses go to the back end), else on the CPU into a batch buffer (engine/preprocess.py).
 
 Receive, act, send. Frames already past their deadline are not scored (decision has failed
 them), so an engine that fell behind catches up instead of falling further behind. Anomaly
@@ -26,7 +29,7 @@ from ..messages import EngineStatus, FrameReady, Heartbeat, Scored, ScoreFailed,
 from ..models import serving_bundle
 from ..ring import AttachedRings, RingError, ShmRing
 from ..signing import SignatureError, load_trusted_keys
-from .backends import BackendUnavailable, Inference
+from .backends import BackendUnavailable, FrameSource, Inference, SlotFrame
 from .model import ServingModel
 from .preprocess import InputMismatch, Preprocessor
 
@@ -71,9 +74,9 @@ class EngineLoop:
 
     def step(self) -> None:
         self._collect()
-        jobs = self._load(self._take_batch())
+        jobs, slots = self._load(self._take_batch())
         if jobs:
-            self._score(jobs)
+            self._score(jobs, slots)
         self._between_batches()
         self._heartbeat()
 
@@ -139,28 +142,43 @@ class EngineLoop:
                 SwapResult(shadow.request.request_id, ok=True, model=self.model.label, reason=shadow.summary(old))
             )
 
-    def _load(self, frames: list[FrameReady]) -> list[_Job]:
-        """Copy each announced frame's ROI into the batch buffer; fail the ones that cannot be."""
-        jobs: list[_Job] = []
+    def _load(self, frames: list[FrameReady]) -> tuple[list[_Job], list[SlotFrame] | None]:
+        """Check each announced frame's slot (failing those that cannot be scored) and hand the rest on.
+
+        Returns the jobs, and on the GPU frame path the slots the back end reads itself; None: each
+        ROI was converted and resized into the batch buffer on the CPU.
+        """
+        found: list[tuple[FrameReady, ShmRing, np.ndarray, Preprocessor]] = []
         for ready in frames:
             try:
-                pixels = self.rings.read(ready.ring, ready.slot, ready.seq)
-                self._preprocessor(ready, pixels.shape)(pixels, self.batch[len(jobs)])
+                ring = self.rings.get(ready.ring)
+                pixels = ring.read(ready.slot, ready.seq)
+                found.append((ready, ring, pixels, self._preprocessor(ready, pixels.shape)))
             except (RingError, InputMismatch) as error:
                 self._fail(ready, str(error))
-                continue
+        # A shadow-tested candidate scores the same model-size frames on the host: that batch takes the CPU path.
+        on_gpu = self.shadow is None and all(
+            self.model.attach_source(ready.camera, FrameSource(ring, prep.box, prep.source_format))
+            for ready, ring, _, prep in found
+        )
+        if on_gpu:
+            slots = [SlotFrame(ready.camera, ring.address(ready.slot)) for ready, ring, _, _ in found]
+            return [_Job(ready, index) for index, (ready, *_) in enumerate(found)], slots
+        jobs: list[_Job] = []
+        for ready, _, pixels, prep in found:
+            prep(pixels, self.batch[len(jobs)])
             jobs.append(_Job(ready, len(jobs)))
-        return jobs
+        return jobs, None
 
-    def _score(self, jobs: list[_Job]) -> None:
+    def _score(self, jobs: list[_Job], slots: list[SlotFrame] | None) -> None:
         started = time.monotonic_ns()
-        inference = self.model.infer(self.batch[: len(jobs)])
+        inference = self.model.infer(self.batch[: len(jobs)]) if slots is None else self.model.infer_slots(slots)
         scores = inference.scores
         finished = time.monotonic_ns()
         # Moving estimate of one batch's time, including the per-frame work around it.
         self.expected_batch_ns = int(0.8 * self.expected_batch_ns + 0.2 * (finished - started))
         map_slots = self._publish_maps(jobs, inference, now_ns=finished)
-        if self.shadow is not None:
+        if self.shadow is not None:  # _load took the CPU path: self.batch holds this batch
             self.shadow.observe(self.batch[: len(jobs)], scores, serving_threshold=self.model.threshold)
         for job in jobs:
             ready, map_slot = job.ready, map_slots.get(job.index)
@@ -316,6 +334,7 @@ def load_serving_model(config: AgentConfig, bundle_dir: Path) -> ServingModel:
         canary_rtol=config.engine.canary_rtol,
         max_batch=config.engine.max_batch,
         cuda_graph=config.engine.cuda_graph,
+        frame_plans=config.state_dir / "engines" if config.engine.gpu_preprocess else None,
     )
 
 

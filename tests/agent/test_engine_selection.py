@@ -155,3 +155,30 @@ def test_asking_for_tensorrt_without_a_matching_engine_is_an_error(trained_work,
         load_backend("tensorrt", BackendRequest(trained_work / "bundle", manifest))
     with pytest.raises(BackendUnavailable, match="unknown back end"):
         load_backend("openvino", BackendRequest(trained_work / "bundle", manifest))
+
+
+def test_a_tensorrt_model_with_a_frame_plan_folder_reads_ring_slots_and_onnx_runtime_does_not(
+    bundle_with_engine, signing_key, monkeypatch, tmp_path
+):
+    from lineguard.agent.engine.backends import FrameSource, SlotFrame
+    from lineguard.agent.ring import ShmRing
+
+    cudart = FakeCudart()
+    install(monkeypatch, cudart, FakeTensorRT(cudart))
+    ring = ShmRing.create(f"lg-test-{id(tmp_path)}", slot_count=2, slot_shape=(300, 300, 1), dtype=np.uint8)
+    try:
+        source = FrameSource(ring, (0, 0, 300, 300), "mono8")
+        model = ServingModel(
+            bundle_with_engine, trusted_keys=trusted(signing_key), max_batch=4, frame_plans=tmp_path / "engines"
+        )
+        assert model.attach_source("cam0", source) and "GPU crop and resize" in model.backend.detail
+        assert model.infer_slots([SlotFrame("cam0", ring.address(1))]).scores.shape == (1,)
+        model.close()
+        assert not cudart.registered
+        cpu = ServingModel(bundle_with_engine, trusted_keys=trusted(signing_key), backend="cpu")
+        assert not cpu.attach_source("cam0", source)
+        with pytest.raises(TypeError, match="cannot read ring slots"):
+            cpu.infer_slots([SlotFrame("cam0", ring.address(1))])
+        cpu.close()
+    finally:
+        ring.close()

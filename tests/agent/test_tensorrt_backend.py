@@ -5,17 +5,24 @@ a real GPU runs in tests/trainer/test_tensorrt_build.py where TensorRT and a GPU
 """
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnxruntime as ort
 import pytest
-from fake_gpu import FakeCudart, FakeTensorRT, cudaError_t, fake_plan, install
+from fake_gpu import FakeBuilder, FakeCudart, FakeTensorRT, cudaError_t, fake_plan, install
+from skimage import data
 
-from lineguard.agent.engine.backends import BackendUnavailable
+from lineguard.agent.config import RoiConfig
+from lineguard.agent.engine.backends import BackendUnavailable, FrameSource, SlotFrame
 from lineguard.agent.engine.backends.tensorrt import TensorRTBackend, row_runs
+from lineguard.agent.engine.backends.tensorrt_frames import FramePlanCache
 from lineguard.agent.engine.cuda import CudaError, check
+from lineguard.agent.engine.preprocess import Preprocessor
+from lineguard.agent.ring import ShmRing
 
 SHAPE = (256, 256, 1)
 
@@ -150,3 +157,150 @@ def test_the_plan_in_a_copied_bundle_is_what_loads(cudart, plan, tmp_path):
     backend = TensorRTBackend(copy, max_batch=2)
     assert backend.name == "tensorrt" and "copy.plan" in backend.detail and "TensorRT 10.3.0.26" in backend.detail
     backend.close()
+
+
+# The GPU frame path: ROI rows straight from page-locked ring slots, converted and resized by a frame engine.
+
+MONO_BOX = (120, 40, 400, 400)  # x, y, width, height in a 640x480 mono8 frame: 400 -> 256, a 1.5625 factor
+COLOUR_BOX = (40, 0, 300, 300)  # in a 400x300 bgr8 frame, into the grey model: a 1.17 factor
+
+
+def camera_frames(n: int, shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    """(n, H, W, C) uint8: shifted crops of a real photograph, grey or RGB."""
+    height, width, channels = shape
+    photo = data.astronaut() if channels == 3 else data.brick()[..., None]
+    crops = [photo[10 * i + seed : 10 * i + seed + height, 5 * i : 5 * i + width] for i in range(n)]
+    return np.stack([cv2.resize(c, (width, height)).reshape(shape) if c.shape != shape else c for c in crops])
+
+
+@pytest.fixture
+def make_ring():
+    made: list[ShmRing] = []
+
+    def make(label: str, frames: np.ndarray) -> ShmRing:
+        name = f"lg-test-{os.getpid()}-{label}"
+        ring = ShmRing.create(name, slot_count=len(frames), slot_shape=frames.shape[1:], dtype=np.uint8)
+        for slot, frame in enumerate(frames):
+            ring.array(slot)[...] = frame
+        made.append(ring)
+        return ring
+
+    yield make
+    for ring in made:
+        ring.close()
+
+
+def on_the_cpu(onnx_path: Path, frames: np.ndarray, box, source_format: str) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and maps of the frames prepared by OpenCV (the path the GPU one replaces)."""
+    x, y, width, height = box
+    prep = Preprocessor(RoiConfig(x=x, y=y, width=width, height=height), frames.shape[1:], SHAPE, source_format)
+    return reference(onnx_path, np.stack([prep(frame, np.empty(SHAPE, np.uint8)) for frame in frames]))
+
+
+def gpu_backend(plan: Path, cache: Path) -> TensorRTBackend:
+    return TensorRTBackend(plan, max_batch=4, frame_plans=FramePlanCache(cache, "NVIDIA H200"))
+
+
+def test_frames_go_from_the_ring_slot_to_the_gpu_roi_only_and_score_as_on_the_cpu(
+    cudart, plan, onnx_path, make_ring, tmp_path
+):
+    frames = camera_frames(3, (480, 640, 1), seed=0)
+    ring = make_ring("mono", frames)
+    backend = gpu_backend(plan, tmp_path / "engines")
+    assert backend.attach_source("cam0", FrameSource(ring, MONO_BOX, "mono8"))
+    cudart.copies.clear()
+    inference = backend.infer_slots([SlotFrame("cam0", ring.address(slot)) for slot in range(3)])
+    # Only the 400 ROI rows of 400 bytes each crossed, not the 640x480 frame; no staging copy; scores back.
+    assert cudart.copies == [("to_device_2d", 400 * 400)] * 3 + [("to_host", 3 * 4)]
+    expected_scores, expected_maps = on_the_cpu(onnx_path, frames, MONO_BOX, "mono8")
+    np.testing.assert_allclose(inference.scores, expected_scores, rtol=1e-3)
+    np.testing.assert_allclose(inference.maps([2]), expected_maps[[2]], rtol=1e-3, atol=1e-3 * expected_maps.max())
+    backend.close()
+
+
+def test_a_batch_mixing_cameras_maps_back_to_its_own_order(cudart, plan, onnx_path, make_ring, tmp_path):
+    mono, colour = camera_frames(2, (480, 640, 1), seed=3), camera_frames(2, (300, 400, 3), seed=7)
+    mono_ring, colour_ring = make_ring("mono", mono), make_ring("colour", colour)
+    backend = gpu_backend(plan, tmp_path / "engines")
+    assert backend.attach_source("cam0", FrameSource(mono_ring, MONO_BOX, "mono8"))
+    assert backend.attach_source("cam1", FrameSource(colour_ring, COLOUR_BOX, "bgr8"))
+    batch = [
+        SlotFrame("cam1", colour_ring.address(0)),
+        SlotFrame("cam0", mono_ring.address(1)),
+        SlotFrame("cam1", colour_ring.address(1)),
+        SlotFrame("cam0", mono_ring.address(0)),
+    ]
+    inference = backend.infer_slots(batch)
+    mono_scores, mono_maps = on_the_cpu(onnx_path, mono, MONO_BOX, "mono8")
+    colour_scores, colour_maps = on_the_cpu(onnx_path, colour, COLOUR_BOX, "bgr8")
+    expected = [colour_scores[0], mono_scores[1], colour_scores[1], mono_scores[0]]
+    np.testing.assert_allclose(inference.scores, expected, rtol=1e-3)
+    maps = inference.maps([1, 2])
+    np.testing.assert_allclose(maps[0], mono_maps[1], rtol=1e-3, atol=1e-3 * mono_maps.max())
+    np.testing.assert_allclose(maps[1], colour_maps[1], rtol=1e-3, atol=1e-3 * colour_maps.max())
+    with pytest.raises(ValueError, match="attached sources"):
+        backend.infer_slots([SlotFrame("cam9", mono_ring.address(0))])
+    backend.close()
+
+
+def test_a_frame_engine_that_cannot_be_built_leaves_its_camera_on_the_cpu_path_with_one_warning(
+    cudart, plan, make_ring, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(FakeBuilder, "build_serialized_network", lambda self, network, config: None)
+    ring = make_ring("mono", camera_frames(1, (480, 640, 1), seed=0))
+    backend = gpu_backend(plan, tmp_path / "engines")
+    source = FrameSource(ring, MONO_BOX, "mono8")
+    with caplog.at_level(logging.WARNING):
+        assert not backend.attach_source("cam0", source)
+        assert not backend.attach_source("cam0", source)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "could not build the frame engine" in warnings[0].getMessage()
+    assert "prepared on the CPU" in warnings[0].getMessage() and not cudart.registered
+    backend.infer(frames(1))  # the CPU-prepared path still serves
+    backend.close()
+
+
+def test_without_a_plan_cache_or_when_page_locking_fails_frames_take_the_cpu_path(
+    cudart, plan, make_ring, tmp_path, caplog
+):
+    ring = make_ring("mono", camera_frames(1, (480, 640, 1), seed=0))
+    plain = TensorRTBackend(plan, max_batch=4)
+    assert not plain.attach_source("cam0", FrameSource(ring, MONO_BOX, "mono8"))
+    plain.close()
+    cudart.register_fails = True
+    backend = gpu_backend(plan, tmp_path / "engines")
+    with caplog.at_level(logging.WARNING):
+        assert not backend.attach_source("cam0", FrameSource(ring, MONO_BOX, "mono8"))
+    assert "cudaHostRegister failed" in caplog.text
+    backend.close()
+    assert not cudart.device_memory and not cudart.host
+
+
+def test_the_ring_is_page_locked_while_attached_and_released_on_reattach_and_close(cudart, plan, make_ring, tmp_path):
+    frames_ = camera_frames(2, (480, 640, 1), seed=0)
+    first, second = make_ring("first", frames_), make_ring("second", frames_)
+    backend = gpu_backend(plan, tmp_path / "engines")
+    assert backend.attach_source("cam0", FrameSource(first, MONO_BOX, "mono8"))
+    assert cudart.registered == {first.segment().ctypes.data: first.segment().nbytes}
+    assert backend.attach_source("cam0", FrameSource(first, MONO_BOX, "mono8"))  # known: nothing new
+    assert backend.attach_source("cam0", FrameSource(second, MONO_BOX, "mono8"))  # capture restarted
+    assert list(cudart.registered) == [second.segment().ctypes.data]
+    backend.close()
+    assert not cudart.registered and not cudart.device_memory and not cudart.host and cudart.streams == 0
+
+
+def test_the_frame_plan_is_built_once_and_reused_from_the_cache_on_the_next_start(
+    monkeypatch, plan, make_ring, tmp_path
+):
+    ring = make_ring("mono", camera_frames(1, (480, 640, 1), seed=0))
+    cache = tmp_path / "engines"
+    for start in range(2):
+        cudart = FakeCudart()
+        trt = FakeTensorRT(cudart)
+        install(monkeypatch, cudart, trt)
+        backend = gpu_backend(plan, cache)
+        assert backend.attach_source("cam0", FrameSource(ring, MONO_BOX, "mono8"))
+        backend.infer_slots([SlotFrame("cam0", ring.address(0))])
+        backend.close()
+        assert trt.plans_built == (1 if start == 0 else 0)
+    assert [p.name.startswith("frame-") and p.suffix == ".plan" for p in cache.iterdir()] == [True]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ...bundle import EngineInfo, Manifest
 from ..gpu import GpuInfo, detect_gpu, select_engine
-from .base import Backend, BackendUnavailable, Inference
+from .base import Backend, BackendUnavailable, FrameSource, Inference, SlotBackend, SlotFrame
 from .onnxrt import OnnxRuntimeBackend
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ class BackendRequest:
     threads: int = 0
     max_batch: int = 1
     cuda_graph: bool = False
+    frame_plans: Path | None = None  # TensorRT: crop and resize on the GPU, frame plans cached here; None = on the CPU
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,14 +69,20 @@ def load_backend(choice: str, request: BackendRequest, *, exclude: Collection[st
 
 def _native(request: BackendRequest, gpu: GpuInfo | None) -> tuple[Backend, EngineInfo | None, str]:
     from .tensorrt import TensorRTBackend, tensorrt_version
+    from .tensorrt_frames import FramePlanCache
 
     engines = request.manifest.engines
     version = tensorrt_version() if engines and gpu is not None else None
     choice = select_engine(engines, gpu, version, max_batch=request.max_batch)
     if choice.engine is None:
         raise BackendUnavailable(choice.reason)
+    assert gpu is not None  # select_engine chose an engine for it
+    frame_plans = FramePlanCache(request.frame_plans, gpu.name) if request.frame_plans is not None else None
     backend = TensorRTBackend(
-        request.bundle_dir / choice.engine.file, max_batch=request.max_batch, cuda_graph=request.cuda_graph
+        request.bundle_dir / choice.engine.file,
+        max_batch=request.max_batch,
+        cuda_graph=request.cuda_graph,
+        frame_plans=frame_plans,
     )
     spec = request.manifest.input
     if backend.input_shape != (spec.height, spec.width, spec.channels):
@@ -100,4 +107,14 @@ _LOADERS: dict[str, Callable[[BackendRequest, GpuInfo | None], tuple[Backend, En
 }
 
 
-__all__ = ["Backend", "BackendRequest", "BackendUnavailable", "Inference", "Selection", "load_backend"]
+__all__ = [
+    "Backend",
+    "BackendRequest",
+    "BackendUnavailable",
+    "FrameSource",
+    "Inference",
+    "Selection",
+    "SlotBackend",
+    "SlotFrame",
+    "load_backend",
+]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
+
+from ...ring import ShmRing
+from ..frame_graph import SourceFormat
 
 
 class BackendUnavailable(Exception):
@@ -38,3 +41,36 @@ class Backend(Protocol):
     def infer(self, frames: np.ndarray) -> Inference: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FrameSource:
+    """One camera's frames as they lie in its ring, and the part of them the model sees.
+
+    box: (x, y, width, height) of the ROI in frame pixels, checked against the frames already
+    (engine/preprocess.py). Equal only for the same ring object: a re-attached ring is a new source.
+    """
+
+    ring: ShmRing
+    box: tuple[int, int, int, int]
+    source_format: SourceFormat
+
+
+class SlotFrame(NamedTuple):
+    """One frame of a batch on the GPU frame path: its source's key and the address of its ring slot."""
+
+    source: str
+    address: int
+
+
+@runtime_checkable
+class SlotBackend(Backend, Protocol):
+    """A back end that also crops and resizes on its device, reading frames straight from their ring slots."""
+
+    def attach_source(self, key: str, source: FrameSource) -> bool:
+        """True when frames of `source` can go through infer_slots; False: preprocess them and call infer."""
+        ...
+
+    def infer_slots(self, frames: Sequence[SlotFrame]) -> Inference:
+        """N <= max_batch frames of attached sources, any mix and order -> scores in that order, maps on request."""
+        ...

@@ -1,25 +1,34 @@
 """Native TensorRT back end: a plan from the bundle on one CUDA stream (TensorRT 10 name-based API).
 
-Per batch: frames are copied into a page-locked staging buffer, then one asynchronous copy to
-the device, `execute_async_v3`, and an asynchronous copy of the N scores back, all on the
-engine's own stream (optionally replayed as one CUDA graph per batch size); one synchronise.
-Anomaly maps stay on the device until `Inference.maps(rows)` copies back the rows the decision
-needs (rejects, sampled heatmaps). Normalisation runs inside the engine (uint8 in); ROI crop
-and resize stay on the CPU (engine/preprocess.py). CUDA calls go through cuda-python
+Two ways in, both ending in `execute_async_v3` and an asynchronous copy of the N scores back on
+the engine's own stream, then one synchronise:
+- `infer_slots` (the GPU frame path, when a frame plan cache is given): each frame's ROI rows
+  go by DMA straight from its page-locked ring slot to the device, and a small per-camera
+  engine (engine/frame_graph.py) converts and resizes them into the model's input buffer
+  (backends/tensorrt_frames.py). No CPU pixel work, no staging copy.
+- `infer`: model-size frames the CPU prepared (engine/preprocess.py) are copied into a
+  page-locked staging buffer and sent in one copy. The canary, a shadow-tested candidate and
+  any camera whose frame engine cannot be built use this path.
+The model part may be replayed as one CUDA graph per batch size. Anomaly maps stay on the device
+until `Inference.maps(rows)` copies back the rows the decision needs (rejects, sampled heatmaps).
+Normalisation runs inside the model engine (uint8 in). CUDA calls go through cuda-python
 (engine/cuda.py says why not pycuda).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 
 from ..cuda import CudaError, CudaGraph, Stream, runtime
-from .base import BackendUnavailable, Inference
+from .base import BackendUnavailable, FrameSource, Inference, SlotFrame
+from .tensorrt_frames import FrameEngine, FrameEngineError, FramePlanCache, open_frame_engine
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +67,9 @@ def row_runs(rows: Sequence[int]) -> list[tuple[int, int, int]]:
 class TensorRTBackend:
     """A deserialised TensorRT plan with its execution context, stream and buffers for max_batch frames."""
 
-    def __init__(self, plan_path: Path, *, max_batch: int, cuda_graph: bool = False) -> None:
+    def __init__(
+        self, plan_path: Path, *, max_batch: int, cuda_graph: bool = False, frame_plans: FramePlanCache | None = None
+    ) -> None:
         trt = import_tensorrt()
         try:
             cudart = runtime()
@@ -89,12 +100,19 @@ class TensorRTBackend:
             self._stream.close()
             msg = f"CUDA could not allocate the buffers of {plan_path.name}: {error}"
             raise BackendUnavailable(msg) from error
-        self._graphs: dict[int, CudaGraph] = {}
+        self._graphs: dict[tuple[int, bool], CudaGraph] = {}  # (batch size, staged)
         self._use_graphs = cuda_graph
+        self._frame_plans = frame_plans
+        self._sources: dict[str, FrameEngine] = {}
+        self._refused: dict[str, FrameSource] = {}  # sources whose frame engine failed: CPU path, warned once
         self._shape_n = 0
         self._generation = 0  # counts batches, so maps of an earlier batch are never mistaken for this one's
         self.name = "tensorrt"
-        self.detail = f"{plan_path.name}, TensorRT {trt.__version__}" + (", CUDA graphs" if cuda_graph else "")
+        self.detail = (
+            f"{plan_path.name}, TensorRT {trt.__version__}"
+            + (", CUDA graphs" if cuda_graph else "")
+            + (", GPU crop and resize" if frame_plans else "")
+        )
 
     def _check_tensors(self, plan_path: Path, max_batch: int) -> tuple[int, int, int]:
         """The engine's (H, W, C) input; BackendUnavailable unless its tensors are the bundle contract's."""
@@ -125,6 +143,7 @@ class TensorRTBackend:
         self._host_scores = stream.pinned((n,), np.float32)
         self._host_maps = stream.pinned((n, height, width), np.float32)
         self._map_bytes = height * width * 4
+        self._frame_bytes = height * width * channels
         self._device = {
             INPUT_NAME: stream.device(self._host_frames.nbytes),
             SCORE_NAME: stream.device(self._host_scores.nbytes),
@@ -142,20 +161,87 @@ class TensorRTBackend:
             msg = f"batch {frames.shape} does not fit this engine: up to {self.max_batch} x {self.input_shape}"
             raise ValueError(msg)
         np.copyto(self._host_frames[:n], frames)
-        self._set_batch(n)
-        graph = self._graph(n) if self._use_graphs else None
-        if graph is not None:
-            graph.launch()
-        else:
-            self._enqueue(n)
-        self._stream.synchronize()
-        self._generation += 1
-        generation = self._generation
+        generation = self._execute(n, staged=True)
 
         def fetch_maps(rows: Sequence[int]) -> np.ndarray:
             return self._fetch_maps(rows, n=n, generation=generation)
 
         return Inference(self._host_scores[:n].copy(), fetch_maps)
+
+    def attach_source(self, key: str, source: FrameSource) -> bool:
+        """True when frames of `source` can go through infer_slots; False (infer with CPU-prepared frames) else.
+
+        The first call per source page-locks its ring and loads or builds its frame engine; a source
+        whose frame engine fails is reported once and stays on the CPU path until its ring changes.
+        """
+        if self._frame_plans is None:
+            return False
+        engine = self._sources.get(key)
+        if engine is not None and engine.source == source:
+            return True
+        if self._refused.get(key) == source:
+            return False
+        if engine is not None:  # its ring was re-attached (capture restarted) or its ROI changed
+            engine.close()
+            del self._sources[key]
+        try:
+            self._sources[key] = open_frame_engine(
+                self._trt,
+                self._runtime,
+                self._stream,
+                source,
+                cache=self._frame_plans,
+                max_batch=self.max_batch,
+                input_shape=self.input_shape,
+            )
+        except (FrameEngineError, RuntimeError, OSError) as error:  # RuntimeError: CudaError and TensorRT's own
+            log.warning("%s: no GPU crop and resize (%s); its frames are prepared on the CPU", key, error)
+            self._refused[key] = source
+            return False
+        self._refused.pop(key, None)
+        log.info("%s: frames go from the ring slot to the GPU (ROI %s, %s)", key, source.box, source.source_format)
+        return True
+
+    def infer_slots(self, frames: Sequence[SlotFrame]) -> Inference:
+        """N <= max_batch frames of attached sources, any mix and order -> scores in that order, maps on request.
+
+        Frames are grouped by source so each frame engine converts one contiguous run of the model's
+        input; `position` maps each frame back to its row in the engine's batch.
+        """
+        n = len(frames)
+        if not 1 <= n <= self.max_batch or any(frame.source not in self._sources for frame in frames):
+            msg = f"{n} slot frames from {sorted({f.source for f in frames})}: up to {self.max_batch} of attached sources {sorted(self._sources)}"
+            raise ValueError(msg)
+        order = sorted(range(n), key=lambda i: frames[i].source)  # stable: arrival order within a source
+        position = np.empty(n, np.intp)
+        position[order] = np.arange(n)
+        first = 0
+        for key, group in itertools.groupby(order, key=lambda i: frames[i].source):
+            members = list(group)
+            engine = self._sources[key]
+            for row, index in enumerate(members):
+                engine.copy(frames[index].address, row)
+            engine.run(len(members), self._device[INPUT_NAME] + first * self._frame_bytes)
+            first += len(members)
+        generation = self._execute(n, staged=False)
+
+        def fetch_maps(rows: Sequence[int]) -> np.ndarray:
+            return self._fetch_maps([int(position[row]) for row in rows], n=n, generation=generation)
+
+        return Inference(self._host_scores[position], fetch_maps)
+
+    def _execute(self, n: int, *, staged: bool) -> int:
+        """Run the model on n frames (first from the staging buffer when staged), scores back; the batch's generation."""
+        self._set_batch(n)
+        record = functools.partial(self._enqueue, n, staged=staged)
+        graph = self._graph((n, staged), record) if self._use_graphs else None
+        if graph is not None:
+            graph.launch()
+        else:
+            record()
+        self._stream.synchronize()
+        self._generation += 1
+        return self._generation
 
     def _set_batch(self, n: int) -> None:
         if n != self._shape_n:
@@ -164,24 +250,25 @@ class TensorRTBackend:
                 raise ValueError(msg)
             self._shape_n = n
 
-    def _enqueue(self, n: int) -> None:
-        """Queue copy in, inference, copy of the scores out on the engine's stream."""
-        self._stream.to_device(self._device[INPUT_NAME], self._host_frames[:n])
+    def _enqueue(self, n: int, *, staged: bool) -> None:
+        """Queue (when staged) the copy in, inference, copy of the scores out on the engine's stream."""
+        if staged:
+            self._stream.to_device(self._device[INPUT_NAME], self._host_frames[:n])
         if not self._context.execute_async_v3(self._stream.handle):
             msg = f"TensorRT execute_async_v3 failed for a batch of {n}"
             raise CudaError(msg)
         self._stream.to_host(self._host_scores[:n], self._device[SCORE_NAME])
 
-    def _graph(self, n: int) -> CudaGraph | None:
-        """The CUDA graph for batch n, captured on first use; None (and graphs off) when capture fails."""
-        graph = self._graphs.get(n)
+    def _graph(self, key: tuple[int, bool], record: Callable[[], None]) -> CudaGraph | None:
+        """The CUDA graph of `record` for (batch, staged), captured on first use; None (graphs off) when capture fails."""
+        graph = self._graphs.get(key)
         if graph is None:
-            self._enqueue(n)  # TensorRT applies deferred shape changes on the first enqueue: never inside a capture
+            record()  # TensorRT applies deferred shape changes on the first enqueue: never inside a capture
             self._stream.synchronize()
             try:
-                graph = self._graphs[n] = self._stream.capture(lambda: self._enqueue(n))
+                graph = self._graphs[key] = self._stream.capture(record)
             except CudaError as error:
-                log.warning("CUDA graph capture failed for batch %d (%s); running without graphs", n, error)
+                log.warning("CUDA graph capture failed for batch %d (%s); running without graphs", key[0], error)
                 self._use_graphs = False
                 return None
         return graph
@@ -200,6 +287,9 @@ class TensorRTBackend:
         return self._host_maps[: len(rows)]
 
     def close(self) -> None:
+        for engine in self._sources.values():
+            engine.close()  # before the stream: it synchronises and frees on it
+        self._sources, self._refused = {}, {}
         for graph in self._graphs.values():
             try:
                 graph.close()

@@ -1,0 +1,182 @@
+"""The TensorRT back end's GPU frame path: ROI rows straight from a page-locked ring slot, then a small engine.
+
+Per camera source: the ring's whole mapping is page-locked once (cudaHostRegister), a device buffer holds up
+to max_batch ROI crops, and a TensorRT engine built from engine/frame_graph.py turns them into model input
+(channel order or grey, INTER_AREA resampling) written straight into the model engine's input buffer. The
+frame plan is built on first use with the TensorRT builder (FP32: TF32 would move pixels by a grey level) and
+cached under `<state_dir>/engines/`, keyed by the graph, TensorRT version, GPU and batch size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ..cuda import CudaError, HostRegistration, Stream
+from ..frame_graph import IMAGE_NAME, ROI_NAME, frame_graph
+from .base import FrameSource
+
+log = logging.getLogger(__name__)
+
+
+class FrameEngineError(Exception):
+    """A source's frame engine cannot be built or loaded; its frames take the CPU path."""
+
+
+@dataclass(frozen=True, slots=True)
+class FramePlanCache:
+    """Where frame plans are kept, and the GPU they are built for (a plan runs only where it was built)."""
+
+    folder: Path
+    gpu_name: str
+
+    def path(self, graph: bytes, tensorrt_version: str, max_batch: int) -> Path:
+        key = hashlib.sha256(graph + f"\0{tensorrt_version}\0{self.gpu_name}\0{max_batch}".encode()).hexdigest()
+        return self.folder / f"frame-{key[:32]}.plan"
+
+
+def build_frame_plan(trt: ModuleType, graph: bytes, roi_shape: tuple[int, int, int], max_batch: int) -> bytes:
+    """Serialised FP32 engine of a frame graph with one profile, batch 1..max_batch of (h_roi, w_roi, C) frames."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(graph):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        msg = f"TensorRT {trt.__version__} cannot parse the frame graph: {errors}"
+        raise FrameEngineError(msg)
+    config = builder.create_builder_config()
+    if hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # 10-bit mantissas: area sums of 0..255 would round differently
+    profile = builder.create_optimization_profile()
+    profile.set_shape(ROI_NAME, (1, *roi_shape), (max_batch, *roi_shape), (max_batch, *roi_shape))
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        msg = f"TensorRT {trt.__version__} could not build the frame engine for {roi_shape} ROIs (its log says why)"
+        raise FrameEngineError(msg)
+    return bytes(plan)
+
+
+def frame_plan(
+    trt: ModuleType, cache: FramePlanCache, graph: bytes, roi_shape: tuple[int, int, int], max_batch: int
+) -> bytes:
+    """The cached plan for this graph, else a new one, saved for the next start (a build can take a minute)."""
+    path = cache.path(graph, str(trt.__version__), max_batch)
+    if path.is_file():
+        return path.read_bytes()
+    log.info("building the GPU frame engine for %s ROIs (first start with this camera and model)", roi_shape)
+    plan = build_frame_plan(trt, graph, roi_shape, max_batch)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_bytes(plan)
+        partial.replace(path)
+        log.info("frame engine cached in %s", path)
+    except OSError as error:
+        log.warning("cannot cache the frame engine in %s (%s); it is rebuilt at the next start", path, error)
+    return plan
+
+
+class FrameEngine:
+    """One source's frame path on the back end's stream: page-locked ring, device ROI buffer, frame engine."""
+
+    def __init__(
+        self, trt: ModuleType, runtime: Any, stream: Stream, source: FrameSource, *, plan: bytes, max_batch: int
+    ) -> None:
+        self.source, self.max_batch, self._stream = source, max_batch, stream
+        _, frame_w, channels = _frame_shape(source)
+        x, y, width, height = source.box
+        self._roi_shape = (height, width, channels)
+        self._row_bytes, self._rows, self._pitch = width * channels, height, frame_w * channels
+        self._offset = (y * frame_w + x) * channels
+        self._crop_bytes = width * height * channels
+        self._engine = runtime.deserialize_cuda_engine(plan)
+        if self._engine is None:
+            msg = f"TensorRT {trt.__version__} cannot load the frame plan (a damaged cache file? delete <state_dir>/engines/frame-*.plan)"
+            raise FrameEngineError(msg)
+        self._context = self._engine.create_execution_context()
+        if self._context is None:
+            msg = "TensorRT could not create an execution context for the frame engine (out of GPU memory?)"
+            raise FrameEngineError(msg)
+        self._roi = stream.device(max_batch * self._crop_bytes)
+        try:
+            self._pinned = HostRegistration(stream.cudart, source.ring.segment())
+        except CudaError:
+            stream.free(self._roi)
+            raise
+        if not self._context.set_tensor_address(ROI_NAME, self._roi):
+            self.close()
+            msg = f"TensorRT refused the address of the frame engine's {ROI_NAME!r}"
+            raise FrameEngineError(msg)
+        self._shape_n = 0
+
+    def copy(self, slot_address: int, row: int) -> None:
+        """Queue the DMA of one frame's ROI (only its rows and columns) into ROI row `row`."""
+        self._stream.to_device_2d(
+            self._roi + row * self._crop_bytes,
+            slot_address + self._offset,
+            row_bytes=self._row_bytes,
+            rows=self._rows,
+            host_pitch=self._pitch,
+        )
+
+    def run(self, n: int, image_address: int) -> None:
+        """Queue the conversion of ROI rows 0..n-1 into n model-input frames at image_address (device)."""
+        if n != self._shape_n:
+            if not self._context.set_input_shape(ROI_NAME, (n, *self._roi_shape)):
+                msg = f"the frame engine refused batch {n} (profile up to {self.max_batch})"
+                raise ValueError(msg)
+            self._shape_n = n
+        if not self._context.set_tensor_address(IMAGE_NAME, image_address):
+            msg = f"TensorRT refused the address of the frame engine's {IMAGE_NAME!r}"
+            raise CudaError(msg)
+        if not self._context.execute_async_v3(self._stream.handle):
+            msg = f"TensorRT execute_async_v3 failed for the frame engine, batch of {n}"
+            raise CudaError(msg)
+
+    def close(self) -> None:
+        """Wait for queued copies, then release the ROI buffer, the page-locking and the engine."""
+        for release in (self._stream.synchronize, lambda: self._stream.free(self._roi), self._pinned.close):
+            try:
+                release()
+            except CudaError as error:
+                log.error("releasing a frame source: %s", error)
+        del self._context
+        del self._engine
+
+
+def open_frame_engine(
+    trt: ModuleType,
+    runtime: Any,
+    stream: Stream,
+    source: FrameSource,
+    *,
+    cache: FramePlanCache,
+    max_batch: int,
+    input_shape: tuple[int, int, int],
+) -> FrameEngine:
+    """The frame engine of `source` for a model taking (h, w, C) input; FrameEngineError or CudaError when none."""
+    _, _, width, height = source.box
+    channels = _frame_shape(source)[2]
+    try:
+        graph = frame_graph((height, width), channels, source.source_format, input_shape)
+    except ImportError as error:
+        msg = f"onnx is not installed ({error}): pip install 'lineguard[tensorrt]' (or [jetson])"
+        raise FrameEngineError(msg) from error
+    except ValueError as error:
+        raise FrameEngineError(str(error)) from error
+    plan = frame_plan(trt, cache, graph, (height, width, channels), max_batch)
+    return FrameEngine(trt, runtime, stream, source, plan=plan, max_batch=max_batch)
+
+
+def _frame_shape(source: FrameSource) -> tuple[int, int, int]:
+    shape = source.ring.slot_shape
+    if len(shape) != 3:
+        msg = f"ring {source.ring.name!r} holds {shape} slots, not (H, W, C) frames"
+        raise FrameEngineError(msg)
+    return int(shape[0]), int(shape[1]), int(shape[2])
