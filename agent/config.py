@@ -82,7 +82,8 @@ class EngineConfig(_Section):
     gpu_preprocess: bool = Field(
         True,
         description="TensorRT back end: copy only each frame's ROI from its ring slot to the GPU and convert and "
-        "resize it there (a small engine built on first use, cached in <state_dir>/engines); off = OpenCV on the CPU.",
+        "resize it there (a small engine built in the background on first use, cached in <state_dir>/engines); "
+        "off = OpenCV on the CPU.",
     )
     shadow_s: float = Field(
         0.0,

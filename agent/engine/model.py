@@ -103,7 +103,8 @@ class ServingModel:
     def attach_source(self, key: str, source: FrameSource) -> bool:
         """True when the back end reads frames of `source` from their ring slots itself (GPU crop and resize).
 
-        False: prepare them with engine/preprocess.py and call infer. Cheap after the first call per source.
+        False: prepare them with engine/preprocess.py and call infer; also while the back end still builds the
+        source's frame engine in the background (it never blocks on a build). Cheap: call it every batch.
         """
         return isinstance(self.backend, SlotBackend) and self.backend.attach_source(key, source)
 

@@ -2,6 +2,8 @@
 
 Crop and resize run on the GPU where the back end offers it (TensorRT with engine.gpu_preprocess:
 only slot addresses go to the back end), else on the CPU into a batch buffer (engine/preprocess.py).
+A batch goes the GPU way only when every camera in it is attached; while a camera's frame engine is
+still being built (in the background), its batches take the CPU way.
 
 Receive, act, send. Frames already past their deadline are not scored (decision has failed
 them), so an engine that fell behind catches up instead of falling further behind. Anomaly
@@ -30,6 +32,7 @@ from ..models import serving_bundle
 from ..ring import AttachedRings, RingError, ShmRing
 from ..signing import SignatureError, load_trusted_keys
 from .backends import BackendUnavailable, FrameSource, Inference, SlotFrame
+from .background import lower_thread_priority
 from .model import ServingModel
 from .preprocess import InputMismatch, Preprocessor
 
@@ -157,9 +160,12 @@ class EngineLoop:
             except (RingError, InputMismatch) as error:
                 self._fail(ready, str(error))
         # A shadow-tested candidate scores the same model-size frames on the host: that batch takes the CPU path.
+        # Every camera is asked (a list, not a short-circuit), so each starts building its frame engine at once.
         on_gpu = self.shadow is None and all(
-            self.model.attach_source(ready.camera, FrameSource(ring, prep.box, prep.source_format))
-            for ready, ring, _, prep in found
+            [
+                self.model.attach_source(ready.camera, FrameSource(ring, prep.box, prep.source_format))
+                for ready, ring, _, prep in found
+            ]
         )
         if on_gpu:
             slots = [SlotFrame(ready.camera, ring.address(ready.slot)) for ready, ring, _, _ in found]
@@ -298,7 +304,7 @@ class ModelSwap:
         return ""
 
     def _load(self, request: SwapModel) -> None:
-        _lower_thread_priority()  # the serving model keeps the CPU; threads this one creates inherit the nice value
+        lower_thread_priority("the candidate model's loading")  # the serving model keeps the CPU
         try:
             candidate = load_serving_model(self.config, Path(request.bundle_dir))
             self._result = (request, candidate, "")
@@ -314,14 +320,6 @@ class ModelSwap:
         self._thread.join()
         self._thread, result, self._result = None, self._result, None
         return result
-
-
-def _lower_thread_priority() -> None:
-    """Nice the calling thread to 19 (Linux: per thread), so loading a candidate never delays scoring."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (OSError, AttributeError) as error:
-        log.debug("could not lower the model loader's priority: %s", error)
 
 
 def load_serving_model(config: AgentConfig, bundle_dir: Path) -> ServingModel:

@@ -1,42 +1,26 @@
 """Which back end serves: the bundle's engine for this GPU and TensorRT version, else ONNX Runtime, and why."""
 
 import logging
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_gpu import FakeCudart, FakeTensorRT, cudaError_t, fake_plan, install
+from bundle_tools import engine_info
+from fake_gpu import FakeCudart, FakeTensorRT, cudaError_t, install
 
-from lineguard.agent.bundle import BundleError, EngineInfo, EngineParity, verify_bundle
+from lineguard.agent.bundle import BundleError, verify_bundle
 from lineguard.agent.engine import gpu as gpu_module
 from lineguard.agent.engine.backends import BackendRequest, BackendUnavailable, load_backend
-from lineguard.agent.engine.gpu import GpuInfo, detect_gpu, gpu_slug, parse_nvidia_smi, select_engine, short_version
+from lineguard.agent.engine.gpu import GpuInfo, detect_gpu, gpu_slug, parse_nvidia_smi, select_engine
 from lineguard.agent.engine.model import ServingModel
 from lineguard.agent.signing import load_public_key, public_key_path
-from lineguard.trainer.package import add_engine
 
 H200 = GpuInfo("NVIDIA H200", "9.0")
 
 
-def engine(precision="fp16", *, gpu="NVIDIA H200", cc="9.0", trt="10.3.0.26", max_batch=8, rtol=1e-2) -> EngineInfo:
-    parity = EngineParity(n_golden=8, max_score_rel_diff=1e-4, score_rtol=rtol, n_verdicts=8, verdicts_changed=0)
-    return EngineInfo(
-        file=f"engines/{gpu_slug(gpu)}-sm{cc.replace('.', '')}-trt{short_version(trt)}-{precision}.plan",
-        precision=precision,
-        search_precision="fp32" if precision == "fp32" else "fp16",
-        gpu_name=gpu,
-        compute_capability=cc,
-        tensorrt_version=trt,
-        max_batch=max_batch,
-        built_utc="2026-11-30T00:00:00Z",
-        parity=parity,
-    )
-
-
 def test_the_fastest_engine_built_for_this_gpu_and_tensorrt_version_is_chosen():
-    engines = [engine("fp32"), engine("int8"), engine("fp16")]
+    engines = [engine_info("fp32"), engine_info("int8"), engine_info("fp16")]
     choice = select_engine(engines, H200, "10.3.0.30", max_batch=8)  # the build number may differ
     assert choice.engine is not None and choice.engine.precision == "int8"
     assert "matches NVIDIA H200 (sm90), TensorRT 10.3.0.30" in choice.reason
@@ -45,18 +29,18 @@ def test_the_fastest_engine_built_for_this_gpu_and_tensorrt_version_is_chosen():
 @pytest.mark.parametrize(
     ("candidate", "gpu", "version", "max_batch", "reason"),
     [
-        (engine(cc="8.6", gpu="NVIDIA A10"), H200, "10.3.0", 1, "compute capability 8.6, this GPU is 9.0"),
+        (engine_info(cc="8.6", gpu="NVIDIA A10"), H200, "10.3.0", 1, "compute capability 8.6, this GPU is 9.0"),
         (
-            engine(gpu="NVIDIA H100 80GB HBM3"),
+            engine_info(gpu="NVIDIA H100 80GB HBM3"),
             H200,
             "10.3.0",
             1,
             "built on NVIDIA H100 80GB HBM3, this GPU is NVIDIA H200",
         ),
-        (engine(), H200, "10.4.0.1", 1, "built with TensorRT 10.3.0.26, this agent has 10.4.0.1"),
-        (engine(max_batch=4), H200, "10.3.0", 8, "stops at batch 4, engine.max_batch is 8"),
-        (engine(), None, None, 1, "no CUDA GPU found"),
-        (engine(), H200, None, 1, "tensorrt is not installed"),
+        (engine_info(), H200, "10.4.0.1", 1, "built with TensorRT 10.3.0.26, this agent has 10.4.0.1"),
+        (engine_info(max_batch=4), H200, "10.3.0", 8, "stops at batch 4, engine.max_batch is 8"),
+        (engine_info(), None, None, 1, "no CUDA GPU found"),
+        (engine_info(), H200, None, 1, "tensorrt is not installed"),
     ],
 )
 def test_an_engine_for_another_target_is_skipped_with_the_reason(candidate, gpu, version, max_batch, reason):
@@ -85,16 +69,6 @@ def test_the_gpu_is_found_through_the_cuda_runtime_and_none_without_one(monkeypa
     for name in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
         monkeypatch.setitem(sys.modules, name, None)  # no cuda-python at all
     assert detect_gpu() is None
-
-
-@pytest.fixture
-def bundle_with_engine(trained_work: Path, signing_key: Path, tmp_path: Path, monkeypatch) -> Path:
-    """A copy of the trained bundle with a (fake) fp16 TensorRT engine for an H200, signed."""
-    bundle = Path(shutil.copytree(trained_work / "bundle", tmp_path / "bundle"))
-    info = engine("fp16", max_batch=4)
-    plan = fake_plan(bundle / "model.onnx", max_batch=4, input_shape=(256, 256, 1))
-    add_engine(bundle, plan, info, sign_key=signing_key)
-    return bundle
 
 
 def trusted(signing_key: Path):
@@ -171,6 +145,8 @@ def test_a_tensorrt_model_with_a_frame_plan_folder_reads_ring_slots_and_onnx_run
         model = ServingModel(
             bundle_with_engine, trusted_keys=trusted(signing_key), max_batch=4, frame_plans=tmp_path / "engines"
         )
+        assert not model.attach_source("cam0", source)  # its frame engine is being built in the background
+        assert model.backend.wait_for_frame_plans(timeout_s=60)
         assert model.attach_source("cam0", source) and "GPU crop and resize" in model.backend.detail
         assert model.infer_slots([SlotFrame("cam0", ring.address(1))]).scores.shape == (1,)
         model.close()

@@ -68,7 +68,11 @@ class SlotBackend(Backend, Protocol):
     """A back end that also crops and resizes on its device, reading frames straight from their ring slots."""
 
     def attach_source(self, key: str, source: FrameSource) -> bool:
-        """True when frames of `source` can go through infer_slots; False: preprocess them and call infer."""
+        """True when frames of `source` can go through infer_slots; False: preprocess them and call infer.
+
+        Never blocks: a back end that must first prepare the source (build an engine) does so in the
+        background and says False until it is ready.
+        """
         ...
 
     def infer_slots(self, frames: Sequence[SlotFrame]) -> Inference:

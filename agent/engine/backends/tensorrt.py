@@ -5,10 +5,12 @@ the engine's own stream, then one synchronise:
 - `infer_slots` (the GPU frame path, when a frame plan cache is given): each frame's ROI rows
   go by DMA straight from its page-locked ring slot to the device, and a small per-camera
   engine (engine/frame_graph.py) converts and resizes them into the model's input buffer
-  (backends/tensorrt_frames.py). No CPU pixel work, no staging copy.
+  (backends/tensorrt_frames.py). No CPU pixel work, no staging copy. A camera's frame engine
+  is built on a background thread the first time its frames arrive; until it is ready (a
+  TensorRT build can take a minute) its frames take the CPU path below, so none is late.
 - `infer`: model-size frames the CPU prepared (engine/preprocess.py) are copied into a
   page-locked staging buffer and sent in one copy. The canary, a shadow-tested candidate and
-  any camera whose frame engine cannot be built use this path.
+  any camera whose frame engine is being built or cannot be built use this path.
 The model part may be replayed as one CUDA graph per batch size. Anomaly maps stay on the device
 until `Inference.maps(rows)` copies back the rows the decision needs (rejects, sampled heatmaps).
 Normalisation runs inside the model engine (uint8 in). CUDA calls go through cuda-python
@@ -20,6 +22,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -28,7 +31,7 @@ import numpy as np
 
 from ..cuda import CudaError, CudaGraph, Stream, runtime
 from .base import BackendUnavailable, FrameSource, Inference, SlotFrame
-from .tensorrt_frames import FrameEngine, FrameEngineError, FramePlanCache, open_frame_engine
+from .tensorrt_frames import FrameEngine, FrameEngineError, FramePlanBuild, FramePlanCache, plan_inputs
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,7 @@ class TensorRTBackend:
         self._use_graphs = cuda_graph
         self._frame_plans = frame_plans
         self._sources: dict[str, FrameEngine] = {}
+        self._builds: dict[str, FramePlanBuild] = {}  # frame plans being built, by source key
         self._refused: dict[str, FrameSource] = {}  # sources whose frame engine failed: CPU path, warned once
         self._shape_n = 0
         self._generation = 0  # counts batches, so maps of an earlier batch are never mistaken for this one's
@@ -171,8 +175,11 @@ class TensorRTBackend:
     def attach_source(self, key: str, source: FrameSource) -> bool:
         """True when frames of `source` can go through infer_slots; False (infer with CPU-prepared frames) else.
 
-        The first call per source page-locks its ring and loads or builds its frame engine; a source
-        whose frame engine fails is reported once and stays on the CPU path until its ring changes.
+        The first call per source starts building (or loading from the cache) its frame plan on a
+        background thread and returns False, as do calls while it builds. The first call after the
+        build opens the frame engine here on the scoring thread (it page-locks the ring and allocates
+        on the back end's stream). A source whose frame engine fails is reported once and stays on
+        the CPU path until its ring changes.
         """
         if self._frame_plans is None:
             return False
@@ -185,14 +192,17 @@ class TensorRTBackend:
             engine.close()
             del self._sources[key]
         try:
-            self._sources[key] = open_frame_engine(
-                self._trt,
-                self._runtime,
-                self._stream,
-                source,
-                cache=self._frame_plans,
-                max_batch=self.max_batch,
-                input_shape=self.input_shape,
+            build = self._builds.get(key)
+            if build is None or build.inputs != plan_inputs(source):  # new, or its ROI size or format changed
+                self._builds[key] = FramePlanBuild(
+                    self._trt, source, cache=self._frame_plans, max_batch=self.max_batch, input_shape=self.input_shape
+                )
+                return False
+            if not build.done():
+                return False
+            del self._builds[key]
+            self._sources[key] = FrameEngine(
+                self._trt, self._runtime, self._stream, source, plan=build.plan(), max_batch=self.max_batch
             )
         except (FrameEngineError, RuntimeError, OSError) as error:  # RuntimeError: CudaError and TensorRT's own
             log.warning("%s: no GPU crop and resize (%s); its frames are prepared on the CPU", key, error)
@@ -201,6 +211,11 @@ class TensorRTBackend:
         self._refused.pop(key, None)
         log.info("%s: frames go from the ring slot to the GPU (ROI %s, %s)", key, source.box, source.source_format)
         return True
+
+    def wait_for_frame_plans(self, timeout_s: float) -> bool:
+        """Wait up to timeout_s for the frame plans being built; True when none is still building."""
+        deadline_s = time.monotonic() + timeout_s
+        return all(build.wait(max(0.0, deadline_s - time.monotonic())) for build in list(self._builds.values()))
 
     def infer_slots(self, frames: Sequence[SlotFrame]) -> Inference:
         """N <= max_batch frames of attached sources, any mix and order -> scores in that order, maps on request.
@@ -289,7 +304,9 @@ class TensorRTBackend:
     def close(self) -> None:
         for engine in self._sources.values():
             engine.close()  # before the stream: it synchronises and frees on it
-        self._sources, self._refused = {}, {}
+        # A build still running is dropped, not awaited: it holds nothing of this back end, and waiting
+        # could hold up the scoring thread (an old model closes there after a swap) for a minute.
+        self._sources, self._refused, self._builds = {}, {}, {}
         for graph in self._graphs.values():
             try:
                 graph.close()

@@ -5,22 +5,34 @@ to max_batch ROI crops, and a TensorRT engine built from engine/frame_graph.py t
 (channel order or grey, INTER_AREA resampling) written straight into the model engine's input buffer. The
 frame plan is built on first use with the TensorRT builder (FP32: TF32 would move pixels by a grey level) and
 cached under `<state_dir>/engines/`, keyed by the graph, TensorRT version, GPU and batch size.
+
+A build can take a minute, so it runs on a background thread (`FramePlanBuild`), one at a time, at the lowest
+CPU priority, while the camera's frames take the CPU path. That thread only makes plan bytes: it touches no
+CUDA object of the back end. Loading the plan, page-locking and the buffers (`FrameEngine`) happen on the
+scoring thread, which owns the back end's stream. The builder times its kernels on the GPU on streams of its
+own: a build may slow a few batches, never fail them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ..background import lower_thread_priority
 from ..cuda import CudaError, HostRegistration, Stream
-from ..frame_graph import IMAGE_NAME, ROI_NAME, frame_graph
+from ..frame_graph import IMAGE_NAME, ROI_NAME, SourceFormat, frame_graph
 from .base import FrameSource
 
 log = logging.getLogger(__name__)
+
+# One frame-plan build at a time in the process: builds compete for GPU memory, and two cameras with the same
+# ROI would build the same plan twice and race on its cache file (the second one now finds it cached).
+_ONE_BUILD_AT_A_TIME = threading.Lock()
 
 
 class FrameEngineError(Exception):
@@ -69,7 +81,10 @@ def frame_plan(
     path = cache.path(graph, str(trt.__version__), max_batch)
     if path.is_file():
         return path.read_bytes()
-    log.info("building the GPU frame engine for %s ROIs (first start with this camera and model)", roi_shape)
+    log.info(
+        "building the GPU frame engine for %s ROIs in the background (first start with this camera and model)",
+        roi_shape,
+    )
     plan = build_frame_plan(trt, graph, roi_shape, max_batch)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,28 +165,66 @@ class FrameEngine:
         del self._engine
 
 
-def open_frame_engine(
-    trt: ModuleType,
-    runtime: Any,
-    stream: Stream,
-    source: FrameSource,
-    *,
-    cache: FramePlanCache,
-    max_batch: int,
-    input_shape: tuple[int, int, int],
-) -> FrameEngine:
-    """The frame engine of `source` for a model taking (h, w, C) input; FrameEngineError or CudaError when none."""
+class FramePlanBuild:
+    """One source's frame plan, read from the cache or built on a background thread; poll `done()`, then `plan()`.
+
+    The thread is a daemon and holds nothing of the back end, so a back end that closes meanwhile just
+    drops it: the build finishes on its own and still caches its plan for the next start.
+    """
+
+    def __init__(
+        self,
+        trt: ModuleType,
+        source: FrameSource,
+        *,
+        cache: FramePlanCache,
+        max_batch: int,
+        input_shape: tuple[int, int, int],
+    ) -> None:
+        self.inputs = plan_inputs(source)
+        self._plan: bytes | None = None
+        self._error = ""
+        self._thread = threading.Thread(
+            target=self._run, args=(trt, cache, max_batch, input_shape), name="frame-plan-build", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, trt: ModuleType, cache: FramePlanCache, max_batch: int, input_shape: tuple[int, int, int]) -> None:
+        lower_thread_priority("a frame engine build")
+        # CUDA's current device is per thread: the back end never sets one, so both threads use device 0.
+        (height, width, channels), source_format = self.inputs
+        try:
+            with _ONE_BUILD_AT_A_TIME:
+                graph = frame_graph((height, width), channels, source_format, input_shape)
+                self._plan = frame_plan(trt, cache, graph, (height, width, channels), max_batch)
+        except ImportError as error:
+            self._error = f"onnx is not installed ({error}): pip install 'lineguard[tensorrt]' (or [jetson])"
+        except Exception as error:  # noqa: BLE001 - the top of this thread: any failure leaves the camera on the CPU path
+            self._error = str(error) or type(error).__name__
+
+    def done(self) -> bool:
+        """True once the plan is ready or its build has failed."""
+        return not self._thread.is_alive()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait up to timeout_s for the build; True when it is done."""
+        self._thread.join(timeout_s)
+        return self.done()
+
+    def plan(self) -> bytes:
+        """The serialised frame engine of a done build; FrameEngineError saying why the build failed."""
+        if not self.done():
+            msg = "the frame plan is still being built"
+            raise FrameEngineError(msg)
+        if self._plan is None:
+            raise FrameEngineError(self._error)
+        return self._plan
+
+
+def plan_inputs(source: FrameSource) -> tuple[tuple[int, int, int], SourceFormat]:
+    """What a source's frame plan depends on: the (h_roi, w_roi, C) of its ROI and its pixel format."""
     _, _, width, height = source.box
-    channels = _frame_shape(source)[2]
-    try:
-        graph = frame_graph((height, width), channels, source.source_format, input_shape)
-    except ImportError as error:
-        msg = f"onnx is not installed ({error}): pip install 'lineguard[tensorrt]' (or [jetson])"
-        raise FrameEngineError(msg) from error
-    except ValueError as error:
-        raise FrameEngineError(str(error)) from error
-    plan = frame_plan(trt, cache, graph, (height, width, channels), max_batch)
-    return FrameEngine(trt, runtime, stream, source, plan=plan, max_batch=max_batch)
+    return (height, width, _frame_shape(source)[2]), source.source_format
 
 
 def _frame_shape(source: FrameSource) -> tuple[int, int, int]:
