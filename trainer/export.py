@@ -73,8 +73,39 @@ def export_onnx(
         )
     import onnx
 
+    store_exact_halves(path)
     onnx.checker.check_model(str(path))
     return path
+
+
+def store_exact_halves(path: Path, *, min_bytes: int = 1 << 14) -> list[str]:
+    """Store large float32 initializers whose every value is a float16 as float16 plus a Cast; returns their names.
+
+    A float16 memory bank reaches the graph as float32: the exporter folds its Cast to float32
+    into the constant. Its values are still exact halves, so storing them as such loses nothing
+    and halves the bundle; ONNX Runtime and TensorRT fold the Cast again when they load it.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    halved: list[str] = []
+    for index, initializer in enumerate(list(graph.initializer)):
+        if initializer.data_type != TensorProto.FLOAT or 4 * int(np.prod(initializer.dims)) < min_bytes:
+            continue
+        values = numpy_helper.to_array(initializer)
+        half = values.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), values):
+            continue
+        name = initializer.name
+        graph.initializer[index].CopyFrom(numpy_helper.from_array(half, f"{name}_float16"))
+        graph.node.insert(0, helper.make_node("Cast", [f"{name}_float16"], [name], to=TensorProto.FLOAT))
+        halved.append(name)
+    if halved:
+        onnx.save(model, str(path))
+        log.info("stored %d initializer(s) as exact float16: %s", len(halved), ", ".join(halved))
+    return halved
 
 
 def cpu_session(path: Path) -> ort.InferenceSession:

@@ -3,12 +3,20 @@
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from skimage import data as skdata
 
 from lineguard.trainer.errors import ExportError, ModelError
-from lineguard.trainer.export import OUTPUT_NAMES, check_parity, compare_outputs, cpu_session, export_onnx
+from lineguard.trainer.export import (
+    OUTPUT_NAMES,
+    check_parity,
+    compare_outputs,
+    cpu_session,
+    export_onnx,
+    store_exact_halves,
+)
 from lineguard.trainer.models.patchcore import PatchCoreConfig, fit_patchcore
 from lineguard.trainer.scoring import score_images
 
@@ -96,6 +104,35 @@ def test_onnx_export_matches_torch_and_takes_raw_uint8_frames(tmp_path: Path, ch
     assert [o.name for o in session.get_outputs()] == list(OUTPUT_NAMES)
     scores, maps = session.run(None, {"image": images[:1]})
     assert scores.shape == (1,) and maps.shape == (1, 64, 96)
+    # The bank is in the graph once (no second copy for its norms), at the dtype it was kept in.
+    bank_elements = model.memory_bank.numel()
+    stored = [t for t in onnx.load(str(onnx_path)).graph.initializer if np.prod(t.dims) == bank_elements]
+    expected = onnx.TensorProto.FLOAT16 if bank_dtype == "float16" else onnx.TensorProto.FLOAT
+    assert [t.data_type for t in stored] == [expected]
+
+
+def test_only_large_initializers_of_exact_halves_are_stored_as_float16(tmp_path: Path):
+    halves = np.linspace(-2, 2, 64, dtype=np.float16).astype(np.float32).reshape(8, 8)
+    inexact = halves + np.float32(1e-4)
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("MatMul", ["x", "halves"], ["y"]),
+            onnx.helper.make_node("MatMul", ["y", "inexact"], ["z"]),
+        ],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8])],
+        [onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, 8])],
+        [onnx.numpy_helper.from_array(halves, "halves"), onnx.numpy_helper.from_array(inexact, "inexact")],
+    )
+    path = tmp_path / "g.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(path))
+    x = np.ones((1, 8), np.float32)
+    before = cpu_session(path).run(None, {"x": x})[0]
+    assert store_exact_halves(path, min_bytes=64 * 4 + 1) == []  # both below the size floor
+    assert store_exact_halves(path, min_bytes=64 * 4) == ["halves"]
+    types = {t.name: t.data_type for t in onnx.load(str(path)).graph.initializer}
+    assert types == {"halves_float16": onnx.TensorProto.FLOAT16, "inexact": onnx.TensorProto.FLOAT}
+    np.testing.assert_array_equal(cpu_session(path).run(None, {"x": x})[0], before)
 
 
 def test_parity_fails_loudly_when_the_graph_is_not_the_model(grey_model, tmp_path):

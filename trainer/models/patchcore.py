@@ -121,6 +121,10 @@ class PatchCore(nn.Module):
         self.embedder = embedder
         bank_dtype = torch.float16 if config.bank_dtype == "float16" else torch.float32
         self.register_buffer("memory_bank", memory_bank.to(bank_dtype).contiguous())
+        # Not saved: derived from the bank. Precomputed so the graph holds the bank once (as the
+        # matrix product's operand) and does not recompute K norms for every frame.
+        bank = self.memory_bank.float()
+        self.register_buffer("bank_squared_norms", (bank * bank).sum(dim=1), persistent=False)
         self.register_buffer("blur_kernel", gaussian_kernel(config.blur_sigma))
         self.eval()
 
@@ -133,11 +137,10 @@ class PatchCore(nn.Module):
         features = self.embedder(images)
         n, d, h, w = features.shape
         patches = features.permute(0, 2, 3, 1).reshape(n, h * w, d)
-        bank = self.memory_bank.float()
         squared = (
             (patches * patches).sum(dim=2, keepdim=True)
-            - 2.0 * torch.matmul(patches, bank.t())
-            + (bank * bank).sum(dim=1).view(1, 1, -1)
+            - 2.0 * torch.matmul(patches, self.memory_bank.float().t())
+            + self.bank_squared_norms.view(1, 1, -1)
         )
         nearest = squared.amin(dim=2).clamp(min=0.0).sqrt()
         return nearest.view(n, 1, h, w)
@@ -191,7 +194,7 @@ def build_patchcore(config: PatchCoreConfig, state: dict[str, torch.Tensor]) -> 
     if bank is None:
         msg = "the saved PatchCore weights hold no memory_bank; refit the model"
         raise ModelError(msg)
-    model = PatchCore(config, PatchEmbedder(config), torch.zeros_like(bank, dtype=torch.float32))
+    model = PatchCore(config, PatchEmbedder(config), bank.float())  # the bank norms are derived at construction
     model.load_state_dict(state, strict=True)
     return model.eval()
 
