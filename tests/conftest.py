@@ -62,7 +62,7 @@ def trained_work(sample_root: Path, signing_key: Path, tmp_path_factory: pytest.
 
 
 # Short training for the epoch-trained models: enough to check the contract end to end, not accuracy.
-QUICK_TRAINING = {"fastflow": ("--epochs", "3"), "fcdd": ("--epochs", "3")}
+QUICK_TRAINING = {"fastflow": ("--epochs", "3"), "fcdd": ("--epochs", "3", "--outliers-per-image", "2")}
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -49,7 +50,7 @@ def with_validation(good: np.ndarray, seed: int = 1) -> TrainingImages:
 QUICK = {
     "patchcore": PatchCoreConfig(input_height=64, input_width=64, channels=1, max_bank_size=256),
     "fastflow": FastFlowConfig(input_height=64, input_width=64, channels=1, epochs=4, batch_size=4),
-    "fcdd": FcddConfig(input_height=64, input_width=64, channels=1, epochs=4, batch_size=8),
+    "fcdd": FcddConfig(input_height=64, input_width=64, channels=1, epochs=4, batch_size=8, outliers_per_image=2),
 }
 
 
@@ -130,9 +131,24 @@ def test_confetti_outliers_are_deterministic_and_change_only_part_of_the_image()
     np.testing.assert_array_equal(first, again)
     changed = np.any(first != image, axis=2)
     assert 0.0 < changed.mean() < 0.6
-    assert where[changed].min() > 0 and not changed[where == 0].any()  # the mask says where the blobs went
+    assert where[changed].min() > 0 and not changed[where == 0].any()  # the mask says where the pieces went
     images, masks = confetti_images(gravel_crops(2), 5, seed=0)
     assert images.shape == (5, 64, 64, 1) and masks.shape == (5, 64, 64)
+
+
+def test_confetti_pieces_are_blobs_and_thin_strokes():
+    """Strokes are what taught FCDD thin defects. Elongation = area / width^2 (width at the widest
+    point): an ellipse of the blobs' axis ratios stays below pi / 4 * 4.5 = 3.5, a stroke is
+    length / width, 5 or more."""
+    rng = np.random.default_rng(0)
+    image = gravel_crops(1, size=256)[0]
+    elongations = []
+    for _ in range(40):
+        _, where = confetti(image, rng, max_pieces=1)
+        inside = (where > 0.25).astype(np.uint8)
+        width = 2 * cv2.distanceTransform(inside, cv2.DIST_L2, 3).max()
+        elongations.append(inside.sum() / width**2)
+    assert sum(e >= 4.0 for e in elongations) >= 8 and sum(e <= 1.5 for e in elongations) >= 8
 
 
 # --- fitting ----------------------------------------------------------------------------------------
@@ -157,7 +173,9 @@ def test_fitting_fastflow_lowers_the_likelihood_loss_of_its_training_features():
 
 
 def test_fitting_fcdd_lowers_the_hypersphere_loss_and_separates_outliers():
-    config = FcddConfig(input_height=64, input_width=64, channels=1, epochs=6, patience=6, batch_size=8)
+    config = FcddConfig(
+        input_height=64, input_width=64, channels=1, epochs=6, patience=6, batch_size=8, outliers_per_image=2
+    )
     good = gravel_crops(8)
     outliers, masks = confetti_images(good, round(config.outliers_per_image * len(good)), seed=config.seed)  # as fit
     fitted_model = fit_fcdd(config, TrainingImages(good=good))
@@ -184,7 +202,9 @@ def test_fitting_fcdd_lowers_the_hypersphere_loss_and_separates_outliers():
 
 
 def test_fcdd_learns_from_labelled_defects_when_given():
-    config = FcddConfig(input_height=64, input_width=64, channels=1, epochs=2, batch_size=8, outliers_per_image=0.5)
+    config = FcddConfig(
+        input_height=64, input_width=64, channels=1, epochs=2, batch_size=8, outliers_per_image=0.5, learning_rate=1e-3
+    )
     good = gravel_crops(6)
     defects = 255 - gravel_crops(2, seed=4)  # inverted texture: unmistakably not normal
     model = fit_fcdd(config, TrainingImages(good=good, defects=defects))

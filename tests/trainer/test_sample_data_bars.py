@@ -1,4 +1,9 @@
-"""The trainer's accuracy bar on the bundled sample data: image AUROC >= 0.98, pixel AUROC >= 0.95."""
+"""The trainer's accuracy bars on the bundled sample data.
+
+PatchCore: image AUROC >= 0.98 and pixel AUROC >= 0.95 on every category. FCDD: image AUROC >= 0.95
+(issue 6's bar) on gravel, the category where it has the least margin (0.9775 when written);
+its other categories and FastFlow's are in BENCHMARKS.md, since each costs minutes of CI.
+"""
 
 from pathlib import Path
 
@@ -26,3 +31,12 @@ def test_default_patchcore_meets_the_accuracy_bar_on_each_sample_category(sample
     test = pipeline.evaluate(data, work)["test"]
     assert test["image_auroc"] >= 0.98, test
     assert test["pixel_auroc"] >= 0.95, test
+
+
+def test_default_fcdd_meets_the_bar_on_gravel(sample_data, tmp_path):
+    data = pipeline.DataOptions(sample_data / "gravel")
+    work = pipeline.Workdir(tmp_path)
+    pipeline.fit(data, work, pipeline.FcddConfig(channels=1), progress=False)
+    pipeline.calibrate(data, work, "f1")
+    test = pipeline.evaluate(data, work)["test"]
+    assert test["image_auroc"] >= 0.95, test

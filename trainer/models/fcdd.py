@@ -3,7 +3,7 @@
 A small convolutional head over frozen ImageNet features maps every position to a pseudo-Huber
 distance A = sqrt(phi^2 + 1) - 1 from the centre of normality. The hypersphere-classifier (HSC)
 loss pulls good images' A towards 0 and pushes outliers' away, -log(1 - exp(-A)). Outliers
-are synthetic (confetti noise, outlier exposure), whose extent is known, so the loss works per
+are synthetic (confetti noise of blobs and thin strokes, outlier exposure), whose extent is known, so the loss works per
 map cell; and, when the train split holds them, a few labelled defects (semi-supervised) with
 the image-level loss, since their masks are usually missing. The low-resolution map is upsampled with a fixed
 Gaussian transposed convolution whose kernel spans a cell's receptive field (the paper's
@@ -50,11 +50,11 @@ class FcddConfig:
     backbone: str = "efficientnet-lite0"
     stages: tuple[int, ...] = (3, 4)
     head_channels: int = 64
-    outliers_per_image: float = 2.0
-    epochs: int = 40
-    patience: int = 8
+    outliers_per_image: float = 12.0
+    epochs: int = 60
+    patience: int = 12
     batch_size: int = 16
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-4  # 1e-3 let the calibration AUROC jump by 0.1 between epochs on grey gravel
     weight_decay: float = 1e-6
     upsample_sigma: float = 8.0
     score_fraction: float = 0.01
@@ -236,7 +236,7 @@ def describe_fcdd(model: Fcdd) -> dict[str, object]:
         "backbone": config.backbone,
         "stages": ", ".join(map(str, config.stages)),
         "head": f"{config.head_channels} channels, {parameters / 1e3:.0f} k parameters; map cell {config.stride} px",
-        "outlier exposure": f"confetti noise, {config.outliers_per_image:g} per good image",
+        "outlier exposure": f"confetti noise (blobs and strokes), {config.outliers_per_image:g} per good image",
     }
 
 
