@@ -241,8 +241,9 @@ def _cmd_keygen(args: argparse.Namespace) -> None:
     print(f"private key {private_path} (keep secret)\npublic key  {public_path} (give to agents: trusted keys)")
 
 
+# name -> (help, argument adders, handler); main ignores what a handler returns (a step's result, for the API)
 COMMANDS: dict[
-    str, tuple[str, Sequence[Callable[[argparse.ArgumentParser], None]], Callable[[argparse.Namespace], None]]
+    str, tuple[str, Sequence[Callable[[argparse.ArgumentParser], None]], Callable[[argparse.Namespace], object]]
 ] = {
     "run": (
         "fit, calibrate, evaluate, export, bundle and report in one go",

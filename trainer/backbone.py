@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,8 +90,11 @@ class EfficientNetLiteFeatures(nn.Module):
         return outputs
 
 
-def _stage_end_blocks(network: nn.Module) -> dict[int, int]:
-    """Map stage (stride exponent) to the index of the last block at that stride."""
+def _stage_end_blocks(network: Any) -> dict[int, int]:
+    """Map stage (stride exponent) to the index of the last block at that stride.
+
+    network: an efficientnet_lite_pytorch EfficientNet (an untyped library; its blocks are read directly).
+    """
     ends: dict[int, int] = {}
     stride_exponent = 1  # the stem halves the resolution
     for index, block in enumerate(network._blocks):

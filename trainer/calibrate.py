@@ -60,6 +60,14 @@ class ThresholdMethod:
     def __str__(self) -> str:
         return self.kind if self.value is None else f"{self.kind}:{self.value!r}"
 
+    @property
+    def required_value(self) -> float:
+        """The value of "fpr", "recall" and "manual" (set and checked at construction); CalibrationError otherwise."""
+        if self.value is None:
+            msg = f"threshold method {self.kind!r} takes no value"
+            raise CalibrationError(msg)
+        return self.value
+
 
 def parse_threshold_method(text: str) -> ThresholdMethod:
     """Parse "f1", "youden", "fpr:<rate>", "recall:<rate>" or "manual:<value>" (outer spaces ignored)."""
@@ -155,7 +163,7 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, method: ThresholdMe
     if problem:
         raise CalibrationError(problem)
     if method.kind == "manual":
-        return float(method.value)  # type: ignore[arg-type]  # validated by ThresholdMethod
+        return method.required_value
     thresholds = _candidates(scores, native)  # ascending: argmax on the reversed array takes the highest tie
     false_rejects = _count_at_or_above(good, thresholds)
     caught = _count_at_or_above(defect, thresholds)
@@ -169,9 +177,9 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, method: ThresholdMe
         best = len(thresholds) - 1 - int(np.argmax(youden[::-1]))
     elif method.kind == "fpr":
         # The last candidate (above the max) has no false rejects, so one always qualifies.
-        best = int(np.argmax(false_rejects / len(good) <= method.value))
+        best = int(np.argmax(false_rejects / len(good) <= method.required_value))
     else:  # recall; the first candidate (below the min) catches every defect, so one always qualifies.
-        best = int(np.nonzero(caught / len(defect) >= method.value)[0][-1])
+        best = int(np.nonzero(caught / len(defect) >= method.required_value)[0][-1])
     return float(thresholds[best])
 
 

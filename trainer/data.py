@@ -225,7 +225,14 @@ def _read_csv_manifest(csv_path: Path, calibration_fraction: float, seed: int) -
         notes = [
             f"No calibration rows: calibration is a seeded stratified {calibration_fraction:.0%} of the test rows."
         ]
-    return Dataset(csv_path.stem, base, *(tuple(by_split[name]) for name in SPLITS), notes=tuple(notes))
+    return Dataset(
+        csv_path.stem,
+        base,
+        train=tuple(by_split["train"]),
+        calibration=tuple(by_split["calibration"]),
+        test=tuple(by_split["test"]),
+        notes=tuple(notes),
+    )
 
 
 def _read_csv_rows(csv_path: Path) -> list[tuple[int, dict[str, str]]]:

@@ -68,6 +68,7 @@ def write_bundle(bundle_dir: Path, contents: BundleContents, *, sign_key: Path |
     shutil.copyfile(contents.onnx_path, bundle_dir / contents.model_info.onnx_file)
     golden = _write_golden_images(bundle_dir, contents.calibration_split, bundle_dir / contents.model_info.onnx_file)
     files = {p.relative_to(bundle_dir).as_posix(): file_sha256(p) for p in sorted(bundle_dir.rglob("*")) if p.is_file()}
+    threshold = ThresholdSpec(value=contents.calibration["threshold"], **_threshold_fields(contents.calibration))
     manifest = Manifest(
         model_id=contents.model_id,
         model_version=contents.model_version,
@@ -76,8 +77,8 @@ def write_bundle(bundle_dir: Path, contents: BundleContents, *, sign_key: Path |
         dataset=contents.dataset,
         model=contents.model_info,
         input=contents.input_spec,
-        threshold=ThresholdSpec(value=contents.calibration["threshold"], **_threshold_fields(contents.calibration)),
-        score_normalisation=score_normalisation(contents.calibration_split, float(contents.calibration["threshold"])),
+        threshold=threshold,
+        score_normalisation=score_normalisation(contents.calibration_split, threshold.value),
         metrics=contents.metrics,
         golden=tuple(golden),
         files=files,
@@ -174,8 +175,8 @@ def _write_golden_images(bundle_dir: Path, split: SplitScores, onnx_path: Path) 
         if not cv2.imwrite(str(bundle_dir / name), pixels):
             msg = f"cannot write golden image {bundle_dir / name}"
             raise OSError(msg)
-        label = "nok" if split.labels[index] else "ok"
-        golden.append(GoldenImage(file=name, label=label, expected_score=float(expected[order])))
+        verdict = "nok" if split.labels[index] else "ok"
+        golden.append(GoldenImage(file=name, label=verdict, expected_score=float(expected[order])))
     return golden
 
 

@@ -130,6 +130,15 @@ def kind_of(config: ModelConfig) -> ModelKind:
     raise TrainerError(msg)
 
 
+def config_of(model: torch.nn.Module) -> ModelConfig:
+    """The config a fitted model was built from (every model kind keeps it as `config`)."""
+    config = model.config
+    if not isinstance(config, ModelConfig):
+        msg = f"{type(model).__name__} holds no config of a known model ({', '.join(MODELS)})"
+        raise TrainerError(msg)
+    return config
+
+
 def _discover(data: DataOptions, kind: ModelKind | None = None) -> Dataset:
     return discover_dataset(
         data.path,
@@ -202,7 +211,7 @@ def load_fitted(work: Workdir) -> tuple[ModelKind, torch.nn.Module]:
 
 def _score_split(model: torch.nn.Module, dataset: Dataset, split: str, source_size: tuple[int, int]) -> SplitScores:
     samples = dataset.split(split)
-    config = model.config
+    config = config_of(model)
     images = load_images(
         samples, height=config.input_height, width=config.input_width, channels=config.channels, source_size=source_size
     )
@@ -287,7 +296,7 @@ def report(work: Workdir, *, title: str | None = None) -> Path:
 def export(work: Workdir) -> Path:
     """Export OUT/export/model.onnx and check its parity with torch on the calibration images."""
     kind, model = load_fitted(work)
-    config = model.config
+    config = config_of(model)
     onnx_path = export_onnx(
         model,
         work.onnx_file,

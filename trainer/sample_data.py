@@ -283,7 +283,7 @@ def _random_centre(rng: np.random.Generator, size: int, *, margin: float) -> np.
 def _shifted(alpha: Image, angle_rad: float, distance_px: float) -> Image:
     """alpha moved distance_px towards angle_rad (sub-pixel, zero-filled)."""
     dx, dy = distance_px * math.cos(angle_rad), distance_px * math.sin(angle_rad)
-    return cv2.warpAffine(alpha, np.float32([[1, 0, dx], [0, 1, dy]]), alpha.shape[::-1])
+    return cv2.warpAffine(alpha, np.array([[1, 0, dx], [0, 1, dy]], np.float32), alpha.shape[::-1])
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, *, cell_px: float) -> Image:

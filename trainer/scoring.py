@@ -73,7 +73,7 @@ def save_split_scores(split: SplitScores, path: Path) -> None:
     if split.masks is not None:
         arrays["masks"] = split.masks
     with path.open("wb") as handle:
-        np.savez(handle, **arrays)
+        np.savez(handle, **arrays)  # type: ignore[arg-type]  # mypy cannot tell no key is savez's allow_pickle
 
 
 def load_split_scores(path: Path) -> SplitScores:

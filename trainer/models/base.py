@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from tqdm import tqdm
 
 from ..backbone import BACKBONES, STAGES
 from ..errors import ModelError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +100,9 @@ def config_from_dict(config_type: type, raw: dict[str, Any]) -> Any:
 def save_model(kind: ModelKind, model: nn.Module, directory: Path) -> None:
     """Write model.json ({kind, config}) and the weights as a plain state dict (no pickled objects)."""
     directory.mkdir(parents=True, exist_ok=True)
-    record = {"kind": kind.name, "config": dataclasses.asdict(model.config)}
+    # Every model kind keeps its config dataclass as `config`; torch types module attributes as Tensor | Module.
+    config = cast("DataclassInstance", model.config)
+    record = {"kind": kind.name, "config": dataclasses.asdict(config)}
     (directory / MODEL_FILE).write_text(json.dumps(record, indent=2) + "\n")
     torch.save(model.state_dict(), directory / WEIGHTS_FILE)
 

@@ -86,8 +86,8 @@ class AffineCoupling(nn.Module):
             nn.ReLU(),
             nn.Conv2d(hidden, 2 * active, kernel, padding=kernel // 2),
         )
-        nn.init.zeros_(self.subnet[-1].weight)
-        nn.init.zeros_(self.subnet[-1].bias)
+        for parameter in self.subnet[-1].parameters():  # the last layer's weight and bias
+            nn.init.zeros_(parameter)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         passive, active = x[:, : self.split], x[:, self.split :]
@@ -129,6 +129,9 @@ class FastFlow(nn.Module):
     forward(images): (N, H, W, C) uint8, H and W multiples of 32 ->
     (score (N,) float32 = mean of the hottest score_fraction of the map's pixels, anomaly_map (N, H, W) float32).
     """
+
+    config: FastFlowConfig
+    blur_kernel: torch.Tensor  # buffer, (taps,)
 
     def __init__(self, config: FastFlowConfig) -> None:
         super().__init__()

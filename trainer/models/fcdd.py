@@ -94,6 +94,11 @@ class Fcdd(nn.Module):
     good image; the hottest pixels keep it visible (test AUROC 0.85 -> 0.87 on sample gravel).
     """
 
+    config: FcddConfig
+    feature_mean: torch.Tensor  # buffers: (1, C, 1, 1), (1, C, 1, 1), (1, 1, K, K)
+    feature_inv_std: torch.Tensor
+    upsample_kernel: torch.Tensor
+
     def __init__(self, config: FcddConfig) -> None:
         super().__init__()
         self.config = config

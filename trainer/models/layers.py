@@ -14,6 +14,9 @@ from ..backbone import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 class ImageNetInput(nn.Module):
     """(N, H, W, C) uint8 frames -> (N, 3, H, W) float32 ImageNet-normalised RGB; grey frames are repeated."""
 
+    mean: torch.Tensor  # buffers, (1, 3, 1, 1)
+    inv_std: torch.Tensor
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.channels = channels

@@ -112,6 +112,11 @@ class PatchCore(nn.Module):
     The search is a matrix product and a reduce-min (no gathers), cheap for ONNX and TensorRT.
     """
 
+    config: PatchCoreConfig
+    memory_bank: torch.Tensor  # buffers: (K, D), (K,), (taps,)
+    bank_squared_norms: torch.Tensor
+    blur_kernel: torch.Tensor
+
     def __init__(self, config: PatchCoreConfig, embedder: PatchEmbedder, memory_bank: torch.Tensor) -> None:
         super().__init__()
         if memory_bank.ndim != 2 or memory_bank.shape[1] != embedder.feature_dim:
