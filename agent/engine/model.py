@@ -74,6 +74,8 @@ class ServingModel:
     def _check(self, selection: Selection, canary_rtol: float) -> str:
         """Serve on selection's back end: warm it up, run the canary; "" when it passed, else what failed."""
         self.backend: Backend = selection.backend
+        # Decided once: a runtime-checkable Protocol's isinstance probes every member, too slow per batch.
+        self._slot_backend = selection.backend if isinstance(selection.backend, SlotBackend) else None
         self.backend_summary = selection.summary
         # A reduced-precision engine passed its own tolerance against ONNX Runtime when it was built.
         rtol = max(canary_rtol, selection.engine.parity.score_rtol) if selection.engine else canary_rtol
@@ -104,16 +106,16 @@ class ServingModel:
         """True when the back end reads frames of `source` from their ring slots itself (GPU crop and resize).
 
         False: prepare them with engine/preprocess.py and call infer; also while the back end still builds the
-        source's frame engine in the background (it never blocks on a build). Cheap: call it every batch.
+        source's frame engine in the background (it never blocks on a build). Cheap: call it once per camera per batch.
         """
-        return isinstance(self.backend, SlotBackend) and self.backend.attach_source(key, source)
+        return self._slot_backend is not None and self._slot_backend.attach_source(key, source)
 
     def infer_slots(self, frames: Sequence[SlotFrame]) -> Inference:
         """Frames of attached sources, straight from their ring slots -> scores (N,) in order, maps on request."""
-        if not isinstance(self.backend, SlotBackend):
+        if self._slot_backend is None:
             msg = f"back end {self.backend.name} cannot read ring slots; prepare frames and call infer()"
             raise TypeError(msg)
-        return self.backend.infer_slots(frames)
+        return self._slot_backend.infer_slots(frames)
 
     def _run_canary(self, rtol: float) -> CanaryResult:
         golden = self.manifest.golden

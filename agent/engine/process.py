@@ -160,13 +160,10 @@ class EngineLoop:
             except (RingError, InputMismatch) as error:
                 self._fail(ready, str(error))
         # A shadow-tested candidate scores the same model-size frames on the host: that batch takes the CPU path.
-        # Every camera is asked (a list, not a short-circuit), so each starts building its frame engine at once.
-        on_gpu = self.shadow is None and all(
-            [
-                self.model.attach_source(ready.camera, FrameSource(ring, prep.box, prep.source_format))
-                for ready, ring, _, prep in found
-            ]
-        )
+        # Each camera in the batch is asked once (a list, not a short-circuit), so each starts building its
+        # frame engine at once.
+        sources = {ready.camera: FrameSource(ring, prep.box, prep.source_format) for ready, ring, _, prep in found}
+        on_gpu = self.shadow is None and all([self.model.attach_source(key, src) for key, src in sources.items()])
         if on_gpu:
             slots = [SlotFrame(ready.camera, ring.address(ready.slot)) for ready, ring, _, _ in found]
             return [_Job(ready, index) for index, (ready, *_) in enumerate(found)], slots

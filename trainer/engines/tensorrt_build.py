@@ -23,6 +23,7 @@ import numpy as np
 
 from lineguard.agent.engine.backends import BackendUnavailable
 from lineguard.agent.engine.backends.tensorrt import INPUT_NAME, import_tensorrt
+from lineguard.agent.engine.backends.tensorrt_network import OnnxParseError, parse_onnx, profile_shapes
 
 from ..errors import EngineBuildError
 from .calibration import entropy_calibrator
@@ -65,13 +66,6 @@ def tensorrt_module() -> ModuleType:
         raise EngineBuildError(msg) from error
 
 
-def profile_shapes(
-    input_shape: tuple[int, int, int], max_batch: int
-) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """(min, opt, max) input shapes: batch 1 to max_batch, tuned for max_batch (the overload case)."""
-    return (1, *input_shape), (max_batch, *input_shape), (max_batch, *input_shape)
-
-
 def build_plan(
     onnx_path: Path,
     options: BuildOptions,
@@ -82,14 +76,11 @@ def build_plan(
 ) -> bytes:
     """The serialised engine for onnx_path; EngineBuildError with TensorRT's reasons when it fails."""
     trt = tensorrt_module()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        msg = f"TensorRT {trt.__version__} cannot parse {onnx_path}: {errors}"
-        raise EngineBuildError(msg)
+    try:
+        parsed = parse_onnx(trt, onnx_path, name=str(onnx_path))
+    except OnnxParseError as error:
+        raise EngineBuildError(str(error)) from error
+    builder, network = parsed.builder, parsed.network
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb * MIB)
     cached = options.timing_cache.read_bytes() if options.timing_cache and options.timing_cache.is_file() else b""

@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -122,6 +122,23 @@ def read_model_record(directory: Path) -> dict[str, Any]:
 
 def load_state(directory: Path) -> dict[str, torch.Tensor]:
     return torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def restored(model: ModuleT, state: dict[str, torch.Tensor]) -> ModuleT:
+    """A freshly built model with its saved weights loaded (every key must match), ready to score."""
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def in_batches(run: Callable[[torch.Tensor], Any], images: np.ndarray, batch_size: int = 16) -> list[Any]:
+    """run(batch) for each batch of (N, H, W, C) uint8 images, without autograd: feature extraction at fit time."""
+    with torch.inference_mode():
+        return [
+            run(torch.from_numpy(images[start : start + batch_size])) for start in range(0, len(images), batch_size)
+        ]
 
 
 class BestWeights:

@@ -25,7 +25,9 @@ from .base import (
     ModelKind,
     TrainingImages,
     check_training_size,
+    in_batches,
     input_problems,
+    restored,
     schedule_problems,
     train_epochs,
     validation_auroc,
@@ -189,10 +191,7 @@ class FastFlow(nn.Module):
 
 def _extract(model: FastFlow, images: np.ndarray, batch_size: int = 16) -> list[torch.Tensor]:
     """Raw (unstandardised) backbone features of all images, one (N, C, h, w) tensor per stage."""
-    chunks: list[list[torch.Tensor]] = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            chunks.append(model.features(model.input(torch.from_numpy(images[start : start + batch_size]))))
+    chunks = in_batches(lambda batch: model.features(model.input(batch)), images, batch_size)
     return [torch.cat(stage) for stage in zip(*chunks, strict=True)]
 
 
@@ -228,9 +227,7 @@ def fit_fastflow(config: FastFlowConfig, images: TrainingImages, *, progress: bo
 
 def build_fastflow(config: FastFlowConfig, state: dict[str, torch.Tensor]) -> FastFlow:
     """Rebuild a fitted FastFlow from its config and state dict."""
-    model = FastFlow(config)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    return restored(FastFlow(config), state)
 
 
 def describe_fastflow(model: FastFlow) -> dict[str, object]:

@@ -29,7 +29,9 @@ from .base import (
     ModelKind,
     TrainingImages,
     check_training_size,
+    in_batches,
     input_problems,
+    restored,
     schedule_problems,
     train_epochs,
     validation_auroc,
@@ -173,12 +175,7 @@ def pixel_hsc_loss(distances: torch.Tensor, cell_labels: torch.Tensor) -> torch.
 
 
 def _extract(model: Fcdd, images: np.ndarray, batch_size: int = 16) -> torch.Tensor:
-    with torch.inference_mode():
-        chunks = [
-            model.stacked_features(torch.from_numpy(images[start : start + batch_size]))
-            for start in range(0, len(images), batch_size)
-        ]
-    return torch.cat(chunks)
+    return torch.cat(in_batches(model.stacked_features, images, batch_size))
 
 
 def fit_fcdd(config: FcddConfig, images: TrainingImages, *, progress: bool = False) -> Fcdd:
@@ -229,9 +226,7 @@ def fit_fcdd(config: FcddConfig, images: TrainingImages, *, progress: bool = Fal
 
 def build_fcdd(config: FcddConfig, state: dict[str, torch.Tensor]) -> Fcdd:
     """Rebuild a fitted FCDD from its config and state dict."""
-    model = Fcdd(config)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    return restored(Fcdd(config), state)
 
 
 def describe_fcdd(model: Fcdd) -> dict[str, object]:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..backbone import EfficientNetLiteFeatures
 from ..coreset import DEFAULT_MAX_CANDIDATES, CoresetSpec, greedy_coreset
 from ..errors import ModelError
-from .base import ModelKind, TrainingImages, input_problems
+from .base import ModelKind, TrainingImages, input_problems, restored
 from .layers import ImageNetInput, blur, gaussian_kernel
 
 log = logging.getLogger(__name__)
@@ -199,9 +199,7 @@ def build_patchcore(config: PatchCoreConfig, state: dict[str, torch.Tensor]) -> 
     if bank is None:
         msg = "the saved PatchCore weights hold no memory_bank; refit the model"
         raise ModelError(msg)
-    model = PatchCore(config, PatchEmbedder(config), bank.float())  # the bank norms are derived at construction
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    return restored(PatchCore(config, PatchEmbedder(config), bank.float()), state)  # bank norms derive at construction
 
 
 def _fit(config: PatchCoreConfig, images: TrainingImages, progress: bool) -> PatchCore:

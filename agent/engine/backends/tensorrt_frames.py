@@ -27,6 +27,7 @@ from ..background import lower_thread_priority
 from ..cuda import CudaError, HostRegistration, Stream
 from ..frame_graph import IMAGE_NAME, ROI_NAME, SourceFormat, frame_graph
 from .base import FrameSource
+from .tensorrt_network import OnnxParseError, parse_onnx, profile_shapes
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +54,18 @@ class FramePlanCache:
 
 def build_frame_plan(trt: ModuleType, graph: bytes, roi_shape: tuple[int, int, int], max_batch: int) -> bytes:
     """Serialised FP32 engine of a frame graph with one profile, batch 1..max_batch of (h_roi, w_roi, C) frames."""
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(graph):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        msg = f"TensorRT {trt.__version__} cannot parse the frame graph: {errors}"
-        raise FrameEngineError(msg)
+    try:
+        parsed = parse_onnx(trt, graph, name="the frame graph")
+    except OnnxParseError as error:
+        raise FrameEngineError(str(error)) from error
+    builder = parsed.builder
     config = builder.create_builder_config()
     if hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # 10-bit mantissas: area sums of 0..255 would round differently
     profile = builder.create_optimization_profile()
-    profile.set_shape(ROI_NAME, (1, *roi_shape), (max_batch, *roi_shape), (max_batch, *roi_shape))
+    profile.set_shape(ROI_NAME, *profile_shapes(roi_shape, max_batch))
     config.add_optimization_profile(profile)
-    plan = builder.build_serialized_network(network, config)
+    plan = builder.build_serialized_network(parsed.network, config)
     if plan is None:
         msg = f"TensorRT {trt.__version__} could not build the frame engine for {roi_shape} ROIs (its log says why)"
         raise FrameEngineError(msg)
