@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .bundle import BundleError, Manifest, verify_bundle
-from .config import AgentConfig, ConfigError, load_config
-from .models import serving_bundle
+from .config import AgentConfig, ConfigError, load_config, read_worker_config, write_worker_config
+from .rollout.store import serving_bundle
 from .signing import KeyFileError, SignatureError, load_trusted_keys
 
 log = logging.getLogger("lineguard.agent")
@@ -79,8 +79,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     config.run_dir.mkdir(parents=True, exist_ok=True)
     config_json = config.run_dir / "config.json"
-    config_json.write_text(config.model_dump_json())
-    supervisor = Supervisor(config, config_json)
+    secrets = write_worker_config(config, config_json)
+    supervisor = Supervisor(config, config_json, worker_env=secrets)
     _stop_on_signals(supervisor.stop_event)
     return supervisor.run()
 
@@ -93,7 +93,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_activate(args: argparse.Namespace) -> int:
-    from .manager import activate
+    from .rollout.swap import activate
 
     os.nice(10)  # verifying and copying a bundle must not take CPU from the running pipeline
     print(activate(load_config(args.config), args.bundle))
@@ -101,7 +101,7 @@ def _cmd_activate(args: argparse.Namespace) -> int:
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
-    from .manager import rollback
+    from .rollout.swap import rollback
 
     os.nice(10)
     label = rollback(load_config(args.config))
@@ -120,7 +120,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     """One pipeline process, started by the supervisor."""
     from .supervisor import EXIT_FATAL
 
-    config = AgentConfig.model_validate_json(args.config_json.read_text())
+    config = read_worker_config(args.config_json)
     stop = threading.Event()
     _stop_on_signals(stop)
     _stop_when_orphaned(stop, args.supervisor_pid or os.getppid())
@@ -129,10 +129,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             from .capture.process import run as run_capture
 
             return run_capture(config, args.camera, stop)
-        if args.role == "models":
-            from .deployments import run as run_deployments
+        if args.role == "rollout":
+            from .rollout.worker import run as run_rollout
 
-            return run_deployments(config, stop)
+            return run_rollout(config, stop)
         if args.role == "engine":
             from .engine.process import run as run_engine
 
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     watcher.add_argument("--timeout", type=float, default=3600.0, help="stop after this many seconds")
     watcher.set_defaults(handler=_cmd_watch)
     worker = commands.add_parser("worker", help=argparse.SUPPRESS)
-    worker.add_argument("role", choices=("capture", "engine", "decision", "models"))
+    worker.add_argument("role", choices=("capture", "engine", "decision", "rollout"))
     worker.add_argument("camera", nargs="?", default="")
     worker.add_argument("--config-json", type=Path, required=True)
     worker.add_argument("--supervisor-pid", type=int, default=0)

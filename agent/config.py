@@ -7,11 +7,13 @@ Every field has a unit in its name where it has one, and a description (shown by
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 if sys.version_info >= (3, 11):
@@ -115,7 +117,9 @@ class MqttConfig(_Section):
     port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 is usual for TLS).")
     client_id: str = Field("", description="MQTT client id; empty = lineguard-<agent id>.")
     username: str = Field("", description="Broker user name; empty = anonymous.")
-    password: str = Field("", description="Broker password; prefer LINEGUARD_MQTT__PASSWORD from an environment file.")
+    password: SecretStr = Field(
+        SecretStr(""), description="Broker password; prefer LINEGUARD_MQTT__PASSWORD from an environment file."
+    )
     tls_ca: Path | None = Field(
         None, description="CA certificate (PEM) that signed the broker's certificate; enables TLS."
     )
@@ -217,3 +221,29 @@ def format_errors(error: ValidationError, path: Path | None) -> str:
         suffix = f" (got {got!r})" if problem["type"] != "extra_forbidden" and not isinstance(got, dict) else ""
         lines.append(f"  {key}: {message}{suffix}")
     return "\n".join(lines)
+
+
+PASSWORD_ENV = "LINEGUARD_MQTT__PASSWORD"
+
+
+def write_worker_config(config: AgentConfig, path: Path) -> dict[str, str]:
+    """Write the resolved config for the worker processes, without secrets, mode 0600.
+
+    Returns the environment entries that carry the secrets to the workers instead (a process's
+    environment is readable only by its user and root).
+    """
+    values = config.model_dump(mode="json")
+    values["mqtt"]["password"] = ""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # O_CREAT's mode does not apply to a file that already existed
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(json.dumps(values))
+    secret = config.mqtt.password.get_secret_value()
+    return {PASSWORD_ENV: secret} if secret else {}
+
+
+def read_worker_config(path: Path) -> AgentConfig:
+    """The config written by write_worker_config, with the password from the environment."""
+    values = json.loads(path.read_text())
+    values["mqtt"]["password"] = os.environ.get(PASSWORD_ENV, "")
+    return AgentConfig.model_validate(values)

@@ -12,6 +12,8 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+from .contract import FAILSAFE_CAUSES
+
 SCHEMA_VERSION = 1
 
 
@@ -32,16 +34,32 @@ class FrameReady:
     width: int
     channels: int
     camera_frame_id: int = -1
+    camera_timestamp_ns: int = -1  # the camera's own clock, where the source gives one
+
+
+def _check_cause(record: object, cause: str) -> None:
+    if cause not in FAILSAFE_CAUSES:
+        msg = f"{type(record).__name__}.cause {cause!r} is not one of {', '.join(FAILSAFE_CAUSES)}"
+        raise ValueError(msg)
 
 
 @dataclass(frozen=True, slots=True)
 class FrameFailed:
-    """capture -> decision: frame `seq` was captured (or should have been) but cannot be scored."""
+    """capture -> decision: frame `seq` was captured (or should have been) but cannot be scored.
+
+    cause: one of agent.contract.FAILSAFE_CAUSES, naming the component that failed.
+    """
 
     camera: str
     seq: int
     t_capture_ns: int
     reason: str
+    cause: str
+    camera_frame_id: int = -1
+    camera_timestamp_ns: int = -1
+
+    def __post_init__(self) -> None:
+        _check_cause(self, self.cause)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +78,18 @@ class Scored:
 
 @dataclass(frozen=True, slots=True)
 class ScoreFailed:
-    """engine -> decision: the engine could not score frame `seq` (stale slot, wrong size, runtime error)."""
+    """engine -> decision: the engine could not score frame `seq` (stale slot, wrong size, runtime error).
+
+    cause: one of agent.contract.FAILSAFE_CAUSES, naming the component that failed.
+    """
 
     camera: str
     seq: int
     reason: str
+    cause: str
+
+    def __post_init__(self) -> None:
+        _check_cause(self, self.cause)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +165,7 @@ def decode(data: bytes) -> Message:
         raise MessageError(msg)
     try:
         message = cls(**body)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         msg = f"{name} message has wrong fields: {error}"
         raise MessageError(msg) from error
     _check_types(name, message)

@@ -61,6 +61,10 @@ class RingError(Exception):
     """Layout mismatch, bad slot index, missing or foreign segment, bad arguments."""
 
 
+class RingMissing(RingError):
+    """The ring's shared-memory segment does not exist (not created yet, or deleted from /dev/shm)."""
+
+
 class StaleSlotError(RingError):
     """The slot no longer holds the expected sequence number (or is not in the expected state)."""
 
@@ -230,7 +234,7 @@ class ShmRing:
             segment = _open_segment(name, create=False)
         except FileNotFoundError as error:
             msg = f"ring {name!r} does not exist in {_SHM_DIR}; start the process that creates it (capture) first"
-            raise RingError(msg) from error
+            raise RingMissing(msg) from error
         except ValueError as error:  # an empty file cannot be mapped
             msg = f"segment {name!r} is empty: not a Lineguard ring"
             raise RingError(msg) from error

@@ -43,10 +43,10 @@ class ProcessSpec:
 
 
 def process_specs(config: AgentConfig) -> list[ProcessSpec]:
-    """Start order: decision (receives everything), engine, the cameras, then model deployments."""
+    """Start order: decision (receives everything), engine, the cameras, then rollout (model changes)."""
     specs = [ProcessSpec("decision", ("decision",)), ProcessSpec("engine", ("engine",))]
     specs += [ProcessSpec(f"capture-{c.name}", ("capture", c.name)) for c in config.cameras]
-    specs.append(ProcessSpec("models", ("models",)))
+    specs.append(ProcessSpec("rollout", ("rollout",)))
     return specs
 
 
@@ -82,8 +82,10 @@ class SystemdNotifier:
 class Supervisor:
     """Runs the pipeline until stopped; returns the agent's exit code from run()."""
 
-    def __init__(self, config: AgentConfig, config_json: Path) -> None:
+    def __init__(self, config: AgentConfig, config_json: Path, *, worker_env: dict[str, str] | None = None) -> None:
+        """worker_env: extra environment for the workers (secrets kept out of config_json)."""
         self.config, self.config_json = config, config_json
+        self.worker_env = {**os.environ, **(worker_env or {})}
         self.children = [_Child(spec) for spec in process_specs(config)]
         self.stop_event = threading.Event()
         self.notifier = SystemdNotifier()
@@ -135,7 +137,7 @@ class Supervisor:
             "--supervisor-pid",
             str(os.getpid()),
         ]
-        child.process = subprocess.Popen(command)
+        child.process = subprocess.Popen(command, env=self.worker_env)
         child.started_at = child.last_heartbeat = time.monotonic()
         log.info("started %s (pid %d)", child.spec.name, child.process.pid)
 
@@ -208,7 +210,7 @@ class Supervisor:
         """Stop cameras first, then decision (it closes every pending frame), then the engine and deployments."""
         order = [c for c in self.children if c.spec.args[0] == "capture"]
         order += [c for c in self.children if c.spec.args[0] == "decision"]
-        order += [c for c in self.children if c.spec.args[0] in ("engine", "models")]
+        order += [c for c in self.children if c.spec.args[0] in ("engine", "rollout")]
         drain_s = 2 * self.config.decision.deadline_ms / 1e3 + 5.0
         for child in order:
             if child.process is None or child.process.poll() is not None:

@@ -5,18 +5,17 @@ For line engineers at the broker's side: what is the agent deciding, how fast, a
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
+import uuid
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TextIO
 
 import numpy as np
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from .config import AgentConfig
-from .mqtt import topics
+from .contract import ContractError, Topics, Verdict, decode
+from .mqtt import Subscription
 
 
 @dataclass
@@ -26,12 +25,13 @@ class WatchSummary:
     counts: dict[str, int] = field(default_factory=lambda: {"accept": 0, "reject": 0, "failsafe": 0})
     latencies_ms: list[float] = field(default_factory=list)
     seqs: set[int] = field(default_factory=set)
+    malformed: int = 0
 
-    def add(self, verdict: dict[str, Any]) -> None:
-        self.counts[verdict["verdict"]] = self.counts.get(verdict["verdict"], 0) + 1
-        self.seqs.add(int(verdict["seq"]))
-        if verdict["verdict"] != "failsafe":
-            self.latencies_ms.append(float(verdict["latency_ms"]["total"]))
+    def add(self, verdict: Verdict) -> None:
+        self.counts[verdict.verdict] += 1
+        self.seqs.add(verdict.seq)
+        if verdict.verdict != "failsafe":
+            self.latencies_ms.append(verdict.latency_ms.total)
 
     @property
     def total(self) -> int:
@@ -40,18 +40,20 @@ class WatchSummary:
     def text(self) -> str:
         missing = (max(self.seqs) - min(self.seqs) + 1 - len(self.seqs)) if self.seqs else 0
         p50, p99 = np.percentile(self.latencies_ms, [50, 99]) if self.latencies_ms else (float("nan"),) * 2
+        bad = f"; {self.malformed} malformed messages ignored" if self.malformed else ""
         return (
             f"{self.total} frames: {self.counts['accept']} accepted, {self.counts['reject']} rejected, "
             f"{self.counts['failsafe']} failsafe; {missing} sequence gaps; "
-            f"capture-to-publish latency p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+            f"capture-to-publish latency p50 {p50:.1f} ms, p99 {p99:.1f} ms{bad}"
         )
 
 
-def _line(verdict: dict[str, Any]) -> str:
-    score = "—" if verdict["score"] is None else f"{verdict['score']:.2f}"
+def _line(verdict: Verdict) -> str:
+    score = "—" if verdict.score is None else f"{verdict.score:.2f}"
+    why = f"[{verdict.cause}] {verdict.reason}" if verdict.cause else verdict.reason
     return (
-        f"{verdict['camera']:>8} seq {verdict['seq']:>6}  {verdict['verdict'].upper():<8} score {score:>7} "
-        f"/ {verdict['threshold']:.2f}  {verdict['latency_ms']['total']:6.1f} ms  {verdict['reason']}"
+        f"{verdict.camera:>8} seq {verdict.seq:>6}  {verdict.verdict.upper():<8} score {score:>7} "
+        f"/ {verdict.threshold:.2f}  {verdict.latency_ms.total:6.1f} ms  {why}"
     )
 
 
@@ -59,37 +61,29 @@ def watch(config: AgentConfig, *, count: int, timeout_s: float, out: TextIO = sy
     """Print verdicts of every camera of this agent until `count` arrived or `timeout_s` passed."""
     summary = WatchSummary()
     done = threading.Event()
-    agent_topics = topics(config.mqtt.topic_prefix, config.line, config.agent_id)
-    wanted = {agent_topics.verdict(camera.name) for camera in config.cameras}
+    lock = threading.Lock()
+    topics = Topics(config.mqtt.topic_prefix)
 
-    def on_message(_client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
-        if message.topic in wanted:
-            verdict = json.loads(message.payload)
+    def on_message(topic: str, payload: bytes, properties: object) -> None:
+        try:
+            verdict = decode(Verdict, payload)
+        except ContractError as error:
+            with lock:
+                summary.malformed += 1
+            print(f"ignored a malformed verdict on {topic}: {error}", file=sys.stderr)
+            return
+        with lock:
             summary.add(verdict)
             print(_line(verdict), file=out, flush=True)
             if summary.total >= count:
                 done.set()
 
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
-    if config.mqtt.username:
-        client.username_pw_set(config.mqtt.username, config.mqtt.password)
-    if config.mqtt.tls_ca is not None:
-        certfile = str(config.mqtt.tls_cert) if config.mqtt.tls_cert else None
-        keyfile = str(config.mqtt.tls_key) if config.mqtt.tls_key else None
-        client.tls_set(ca_certs=str(config.mqtt.tls_ca), certfile=certfile, keyfile=keyfile)
-
-    def on_connect(client: mqtt.Client, *_: object) -> None:
-        for topic in sorted(wanted):
-            client.subscribe(topic, qos=1)
-
-    client.on_connect = on_connect
-    client.on_message = on_message
-    client.connect(config.mqtt.host, config.mqtt.port)
-    client.loop_start()
-    try:
+    with Subscription(
+        config.mqtt,
+        f"lineguard-watch-{uuid.uuid4().hex[:8]}",
+        [topics.verdict(config.line, config.agent_id, camera.name) for camera in config.cameras],
+        on_message,
+    ):
         done.wait(timeout_s)
-    finally:
-        client.disconnect()
-        client.loop_stop()
     print(summary.text(), file=out, flush=True)
     return summary

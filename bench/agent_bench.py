@@ -50,6 +50,7 @@ from broker import MosquittoBroker
 from mqtt_subscriber import Subscriber
 
 from lineguard.agent.bundle import MANIFEST_FILE, SIGNATURE_FILE, file_sha256
+from lineguard.agent.contract import Latency, Topics, Verdict, decode
 from lineguard.agent.signing import load_private_key, public_key_path, sign
 
 FRAME_H, FRAME_W = 2048, 2448
@@ -80,7 +81,7 @@ class Run:
     variant: str
     load: str
     window_s: float
-    verdicts: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    verdicts: list[tuple[float, Verdict]] = field(default_factory=list)
     cpu_cores: dict[str, float] = field(default_factory=dict)  # busy cores during the window: ours, others'
 
 
@@ -95,9 +96,9 @@ class TimedSubscriber(Subscriber):
         self.arrivals.append((time.time(), message.payload))
         super()._on_message(client, userdata, message)
 
-    def between(self, start: float, end: float) -> list[tuple[float, dict[str, Any]]]:
+    def between(self, start: float, end: float) -> list[tuple[float, Verdict]]:
         with self._cond:
-            return [(t, json.loads(p)) for t, p in self.arrivals if start <= t < end]
+            return [(t, decode(Verdict, p)) for t, p in self.arrivals if start <= t < end]
 
 
 # --- setup: a real bundle from the trainer, a no-op twin, and the frames -------------------------------------
@@ -306,7 +307,7 @@ def run_pipeline(setup: Setup, broker: MosquittoBroker, variant: str, load: str,
     bundle = setup.noop_bundle if "no-op" in variant else setup.bundle
     fps = MAX_FPS if load == "max" else float(load)
     config = agent_config(setup, run_dir, broker, bundle, fps)
-    subscriber = TimedSubscriber(broker, f"{run_dir.name}/line-1/cam0/verdict")
+    subscriber = TimedSubscriber(broker, Topics(run_dir.name).verdict("line-1", run_dir.name, "cam0"))
     log = (run_dir / "agent.log").open("wb")
     agent = subprocess.Popen([str(BIN / "lineguard-agent"), "run", "--config", str(config)], stderr=log)
     run = Run(variant, load, args.window_s)
@@ -372,8 +373,8 @@ def open_mqtt(host: str, port: int) -> Any:
     return client
 
 
-def naive_frame(job: NaiveJob, session: Any, path: Path, due: float) -> tuple[dict[str, Any], float]:
-    """Read, crop/resize, infer, threshold one frame: (verdict payload without total, capture time)."""
+def naive_frame(job: NaiveJob, session: Any, path: Path, due: float, seq: int) -> Verdict:
+    """Read, crop/resize, infer, threshold and publish-ready one frame, as a simple loop would."""
     started = time.monotonic()
     frame = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     read_s = time.monotonic() - started
@@ -382,25 +383,28 @@ def naive_frame(job: NaiveJob, session: Any, path: Path, due: float) -> tuple[di
     roi = frame[:ROI_SIZE, ROI_X : ROI_X + ROI_SIZE]
     cv2.resize(roi, (MODEL_SIZE, MODEL_SIZE), dst=image[0, :, :, 0], interpolation=cv2.INTER_AREA)
     infer_start = time.monotonic()
-    preprocess_s = infer_start - started - read_s
     scores, _maps = session.run(["score", "anomaly_map"], {"image": image})
     score = float(scores[0])
     verdict = "reject" if score >= job.threshold else "accept"
-    payload = {
-        "camera": "naive",
-        "capture_ts": captured + time.time() - time.monotonic(),
-        "verdict": verdict,
-        "reason": f"score {score:.4g} {'>=' if verdict == 'reject' else '<'} threshold {job.threshold:.4g}",
-        "score": score,
-        "threshold": job.threshold,
-        "model": "naive",
-        "latency_ms": {
-            "read": read_s * 1e3,
-            "preprocess": preprocess_s * 1e3,
-            "inference": (time.monotonic() - infer_start) * 1e3,
-        },
-    }
-    return payload, captured
+    done = time.monotonic()
+    return Verdict(
+        agent_id="naive",
+        line="line-1",
+        camera="naive",
+        seq=seq,
+        capture_ts=captured + time.time() - time.monotonic(),
+        decided_ts=time.time(),
+        verdict=verdict,
+        reason=f"score {score:.4g} {'>=' if verdict == 'reject' else '<'} threshold {job.threshold:.4g}",
+        score=score,
+        threshold=job.threshold,
+        model="naive@1",
+        latency_ms=Latency(
+            capture_to_engine=round((infer_start - captured) * 1e3, 3),
+            inference=round((done - infer_start) * 1e3, 3),
+            total=round((done - captured) * 1e3, 3),
+        ),
+    )
 
 
 def naive_main(job: NaiveJob, ready: Any, stop: Any) -> None:
@@ -415,20 +419,16 @@ def naive_main(job: NaiveJob, ready: Any, stop: Any) -> None:
         due = t0 + seq / job.fps if job.fps is not None else time.monotonic()
         if stop.wait(max(0.0, due - time.monotonic())):
             break
-        payload, captured = naive_frame(job, session, paths[seq % len(paths)], due)
         seq += 1
-        payload["seq"] = seq
-        payload["decided_ts"] = time.time()
-        payload["latency_ms"]["total"] = (time.monotonic() - captured) * 1e3
-        payload["latency_ms"] = {k: round(v, 3) for k, v in payload["latency_ms"].items()}
-        client.publish(job.topic, json.dumps(payload), qos=1)
+        verdict = naive_frame(job, session, paths[(seq - 1) % len(paths)], due, seq)
+        client.publish(job.topic, verdict.encode(), qos=1)
     client.disconnect()
     client.loop_stop()
 
 
 def run_naive(setup: Setup, broker: MosquittoBroker, load: str, args: argparse.Namespace) -> Run:
     """One naive run at one offered load, in a spawned child so this process only subscribes."""
-    topic = f"lgbench-{os.getpid()}-naive-{load}/line-1/naive/verdict"
+    topic = Topics(f"lgbench-{os.getpid()}-naive-{load}").verdict("line-1", "naive", "naive")
     fps = None if load == "max" else float(load)
     job = NaiveJob(setup.frames, setup.bundle / "model.onnx", setup.threshold, broker.host, broker.port, topic, fps)
     spawn = multiprocessing.get_context("spawn")
@@ -463,10 +463,11 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
 
 def summarise(run: Run) -> dict[str, Any]:
     """Rates over the window; latency of scored (non-failsafe) verdicts, their stages, and subscriber-side latency."""
-    scored = [(t, v) for t, v in run.verdicts if v["verdict"] != "failsafe"]
+    scored = [(t, v) for t, v in run.verdicts if v.verdict != "failsafe"]
     failsafe = len(run.verdicts) - len(scored)
-    stages = sorted({stage for _, v in scored for stage in v["latency_ms"]} - {"total"})
-    reasons = sorted({v["reason"].split(":")[0][:60] for _, v in run.verdicts if v["verdict"] == "failsafe"})
+    stage_ms = [(t, v.latency_ms.model_dump(exclude_none=True)) for t, v in scored]
+    stages = sorted({stage for _, each in stage_ms for stage in each} - {"total"})
+    causes = sorted({f"{v.cause}: {v.reason.split(':')[0][:60]}" for _, v in run.verdicts if v.verdict == "failsafe"})
     return {
         "variant": run.variant,
         "offered_fps": run.load,
@@ -475,12 +476,12 @@ def summarise(run: Run) -> dict[str, Any]:
         "verdicts_per_s": round(len(run.verdicts) / run.window_s, 2),
         "delivered_fps": round(len(scored) / run.window_s, 2),
         "failsafe_pct": round(100 * failsafe / len(run.verdicts), 2) if run.verdicts else None,
-        "failsafe_reasons": reasons,
+        "failsafe_reasons": causes,
         "cpu_cores": run.cpu_cores,
-        "rejects": sum(v["verdict"] == "reject" for _, v in scored),
-        "total_ms": percentiles([v["latency_ms"]["total"] for _, v in scored]),
-        "at_subscriber_ms": percentiles([(t - v["capture_ts"]) * 1e3 for t, v in scored]),
-        "stages_ms": {stage: percentiles([v["latency_ms"][stage] for _, v in scored]) for stage in stages},
+        "rejects": sum(v.verdict == "reject" for _, v in scored),
+        "total_ms": percentiles([v.latency_ms.total for _, v in scored]),
+        "at_subscriber_ms": percentiles([(t - v.capture_ts) * 1e3 for t, v in scored]),
+        "stages_ms": {stage: percentiles([each[stage] for _, each in stage_ms if stage in each]) for stage in stages},
     }
 
 

@@ -30,8 +30,11 @@ from broker import MosquittoBroker  # noqa: E402
 from bundle_tools import bundle_variant  # noqa: E402
 from mqtt_subscriber import Subscriber  # noqa: E402
 
+from lineguard.agent.contract import Topics, Verdict  # noqa: E402
+
 BIN = Path(sys.executable).parent
 DEADLINE_MS = 250.0
+VERDICTS = Topics("lineguard").verdict("line-1", "agent-1", "cam0")
 
 
 def train(root: Path) -> tuple[Path, Path, Path]:
@@ -106,18 +109,18 @@ def swap_windows(config: Path, versions: list[Path], swaps: int, subscriber: Sub
     return windows
 
 
-def summarise(verdicts: list[dict], windows: list[tuple[float, float]]) -> dict[str, dict[str, float]]:
-    ordered = sorted(verdicts, key=lambda v: v["seq"])
+def summarise(verdicts: list[Verdict], windows: list[tuple[float, float]]) -> dict[str, dict[str, float]]:
+    ordered = sorted(verdicts, key=lambda v: v.seq)
     groups: dict[str, dict[str, list[float]]] = {
         "swap": {"gap": [], "latency": []},
         "steady": {"gap": [], "latency": []},
     }
     for before, after in itertools.pairwise(ordered):
-        in_swap = any(start - 0.5 <= after["decided_ts"] <= end + 0.5 for start, end in windows)
+        in_swap = any(start - 0.5 <= after.decided_ts <= end + 0.5 for start, end in windows)
         group = groups["swap" if in_swap else "steady"]
-        group["gap"].append((after["decided_ts"] - before["decided_ts"]) * 1e3)
-        group["latency"].append(after["latency_ms"]["total"])
-    failsafes = sum(v["verdict"] == "failsafe" for v in ordered)
+        group["gap"].append((after.decided_ts - before.decided_ts) * 1e3)
+        group["latency"].append(after.latency_ms.total)
+    failsafes = sum(v.verdict == "failsafe" for v in ordered)
     return {
         name: {
             "verdicts": len(g["gap"]),
@@ -140,7 +143,7 @@ def main() -> None:
         bundle, key, replay = train(root)
         versions = [bundle_variant(bundle, root / f"v{i}", key, model_version=str(i)) for i in (2, 3)]
         with MosquittoBroker(root / "broker") as broker:
-            subscriber = Subscriber(broker, "lineguard/line-1/cam0/verdict")
+            subscriber = Subscriber(broker, VERDICTS)
             config = write_config(root, broker, bundle, key, replay, args.fps)
             agent = subprocess.Popen(
                 [BIN / "lineguard-agent", "run", "--config", str(config)],
@@ -153,7 +156,7 @@ def main() -> None:
             finally:
                 agent.send_signal(signal.SIGTERM)
                 agent.wait(timeout=30)
-            result = summarise(subscriber.payloads("lineguard/line-1/cam0/verdict"), windows)
+            result = summarise(subscriber.verdicts(VERDICTS), windows)
             subscriber.close()
     print(
         json.dumps(

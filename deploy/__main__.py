@@ -13,7 +13,6 @@ Exit codes: 0 done, 2 refused or bad input (the reason is printed), 3 no answer 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import threading
@@ -22,36 +21,35 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from lineguard.agent.bundle import BundleError
-from lineguard.agent.config import MqttConfig
+from lineguard.agent.config import ConfigError
+from lineguard.agent.contract import AgentStatus, ContractError, ModelCommand, ModelEvent, Topics, decode
+from lineguard.agent.mqtt import MqttError, Subscription
+from lineguard.agent.rollout.wire import ArchiveError, TransferError
 from lineguard.agent.signing import KeyFileError, generate_key_pair, key_id, load_public_key
-from lineguard.agent.transfer import BundleSender, TransferError, make_client
+from lineguard.deploy.config import DeployConfig, load_deploy_config
+from lineguard.deploy.sender import BundleSender
 
 EXIT_REFUSED, EXIT_TIMEOUT = 2, 3
 
 
-def _mqtt_config(args: argparse.Namespace) -> MqttConfig:
-    import os
-
-    values = {
-        "host": args.host or os.environ.get("LINEGUARD_MQTT__HOST", "127.0.0.1"),
-        "port": args.port or int(os.environ.get("LINEGUARD_MQTT__PORT", "1883")),
-        "username": args.username or os.environ.get("LINEGUARD_MQTT__USERNAME", ""),
-        "password": os.environ.get("LINEGUARD_MQTT__PASSWORD", ""),
+def _config(args: argparse.Namespace) -> DeployConfig:
+    flags = {
+        "host": args.host,
+        "port": args.port,
+        "username": args.username,
         "tls_ca": args.tls_ca,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "topic_prefix": args.topic_prefix,
     }
-    return MqttConfig(**values)
+    return load_deploy_config(mqtt=flags, operator_key=getattr(args, "operator_key", None))
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    sender = BundleSender(_mqtt_config(args))
+    sender = BundleSender(_config(args).mqtt)
     bar = tqdm(unit="B", unit_scale=True, desc=f"push to {args.agent}", disable=not sys.stderr.isatty())
 
     def progress(state: object) -> None:
@@ -71,87 +69,70 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
-    config = _mqtt_config(args)
-    request_id = uuid.uuid4().hex
-    events = f"{config.topic_prefix}/{args.agent}/model/events"
-    answer = _request(
-        config,
-        events,
-        request_id,
-        f"{config.topic_prefix}/{args.agent}/model/command",
-        {"action": "rollback", "request_id": request_id},
-        args.timeout,
+    config = _config(args)
+    request_id, nonce = ModelCommand.new_ids()
+    command = ModelCommand(
+        action="rollback", agent_id=args.agent, request_id=request_id, issued_ts=time.time(), nonce=nonce
     )
+    answer = _request(config, command, args.timeout)
     if answer is None:
         print(f"lineguard-deploy: no answer from {args.agent} within {args.timeout:.0f} s", file=sys.stderr)
         return EXIT_TIMEOUT
-    print(f"{args.agent}: {answer['state']}: {answer['reason']}")
-    return 0 if answer["state"] == "rolled-back" else EXIT_REFUSED
+    print(f"{args.agent}: {answer.outcome}: {answer.reason}")
+    return 0 if answer.outcome == "accepted" else EXIT_REFUSED
 
 
-def _request(
-    config: MqttConfig, events: str, request_id: str, topic: str, payload: dict, timeout_s: float
-) -> dict | None:
+def _request(config: DeployConfig, command: ModelCommand, timeout_s: float) -> ModelEvent | None:
     """Publish a command and wait for the event that answers it."""
+    topics = Topics(config.mqtt.topic_prefix)
     answered = threading.Event()
-    answer: dict = {}
+    answers: list[ModelEvent] = []
 
-    def on_message(_client: object, _userdata: object, message: object) -> None:
-        event = json.loads(message.payload)  # type: ignore[attr-defined]
-        if event.get("request_id") == request_id:
-            answer.update(event)
+    def on_message(topic: str, payload: bytes, properties: object) -> None:
+        try:
+            event = decode(ModelEvent, payload)
+        except ContractError as error:
+            print(f"lineguard-deploy: ignored a malformed event on {topic}: {error}", file=sys.stderr)
+            return
+        if event.request_id == command.request_id:
+            answers.append(event)
             answered.set()
 
-    client = make_client(config, f"lineguard-deploy-{request_id[:8]}")
-    subscribed = threading.Event()
-    client.on_connect = lambda c, *_: c.subscribe(events, qos=1)
-    client.on_subscribe = lambda *_: subscribed.set()
-    client.on_message = on_message
-    client.connect(config.host, config.port)
-    client.loop_start()
-    try:
-        if not subscribed.wait(10):
-            return None
-        client.publish(topic, json.dumps(payload), qos=1).wait_for_publish(10)
-        return answer if answered.wait(timeout_s) else None
-    finally:
-        client.disconnect()
-        client.loop_stop()
+    client_id = f"lineguard-deploy-{command.request_id[:8]}"
+    with Subscription(config.mqtt, client_id, [topics.model_events(command.agent_id)], on_message) as listener:
+        listener.publish(topics.model_command(command.agent_id), command.encode(), qos=1).wait_for_publish(10)
+        return answers[0] if answered.wait(timeout_s) else None
 
 
-def _retained_statuses(config: MqttConfig, agent: str, wait_s: float) -> dict[str, dict]:
-    """Retained status messages: agent id -> status JSON."""
-    statuses: dict[str, dict] = {}
-    client = make_client(config, f"lineguard-deploy-{uuid.uuid4().hex[:8]}")
-    client.on_connect = lambda c, *_: c.subscribe(f"{config.topic_prefix}/{agent}/status", qos=1)
+def _retained_statuses(config: DeployConfig, agent: str, wait_s: float) -> dict[str, AgentStatus]:
+    """Retained status messages: agent id -> status."""
+    topics = Topics(config.mqtt.topic_prefix)
+    statuses: dict[str, AgentStatus] = {}
 
-    def on_message(_client: object, _userdata: object, message: object) -> None:
+    def on_message(topic: str, payload: bytes, properties: object) -> None:
         try:
-            statuses[message.topic.split("/")[-2]] = json.loads(message.payload)  # type: ignore[attr-defined]
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            status = decode(AgentStatus, payload)
+        except ContractError as error:
+            print(f"lineguard-deploy: ignored a malformed status on {topic}: {error}", file=sys.stderr)
             return
+        statuses[status.agent_id] = status
 
-    client.on_message = on_message
-    client.connect(config.host, config.port)
-    client.loop_start()
-    time.sleep(wait_s)
-    client.disconnect()
-    client.loop_stop()
+    with Subscription(config.mqtt, f"lineguard-deploy-{uuid.uuid4().hex[:8]}", [topics.status(agent)], on_message):
+        time.sleep(wait_s)
     return statuses
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    statuses = _retained_statuses(_mqtt_config(args), args.agent or "+", args.wait)
+    statuses = _retained_statuses(_config(args), args.agent or "+", args.wait)
     for agent, status in sorted(statuses.items()):
-        state = "online" if status.get("online") else "OFFLINE"
-        print(
-            f"{agent}: {state}, model {status.get('model', '—')}, fps {status.get('fps', {})}, queue {status.get('queue_depth', '—')}"
-        )
+        state = "online" if status.online else f"OFFLINE ({status.reason})"
+        fps = ", ".join(f"{camera} {each.fps:g} fps" for camera, each in sorted(status.cameras.items())) or "—"
+        print(f"{agent}: {state}, line {status.line}, model {status.model or '—'}, {fps}, queue {status.queue_depth}")
     return 0 if statuses else EXIT_TIMEOUT
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    statuses = _retained_statuses(_mqtt_config(args), "+", args.wait)
+    statuses = _retained_statuses(_config(args), "+", args.wait)
     for agent in sorted(statuses):
         print(agent)
     return 0
@@ -179,10 +160,10 @@ def _add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--host", help="broker host (default LINEGUARD_MQTT__HOST or 127.0.0.1)")
     group.add_argument("--port", type=int, help="broker port (default LINEGUARD_MQTT__PORT or 1883)")
     group.add_argument("--username", help="operator user name (password from LINEGUARD_MQTT__PASSWORD)")
-    group.add_argument("--tls-ca", type=Path)
-    group.add_argument("--tls-cert", type=Path)
-    group.add_argument("--tls-key", type=Path)
-    group.add_argument("--topic-prefix", default="lineguard")
+    group.add_argument("--tls-ca", type=Path, help="default LINEGUARD_MQTT__TLS_CA")
+    group.add_argument("--tls-cert", type=Path, help="default LINEGUARD_MQTT__TLS_CERT")
+    group.add_argument("--tls-key", type=Path, help="default LINEGUARD_MQTT__TLS_KEY")
+    group.add_argument("--topic-prefix", help="default LINEGUARD_MQTT__TOPIC_PREFIX or lineguard")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,9 +199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except TransferError as error:
-        print(f"lineguard-deploy: refused: {error}", file=sys.stderr)
-        return EXIT_TIMEOUT if "timed out" in str(error) or "no answer" in str(error) else EXIT_REFUSED
-    except (BundleError, KeyFileError, ValidationError, OSError) as error:
+        print(f"lineguard-deploy: {'no answer' if error.timed_out else 'refused'}: {error}", file=sys.stderr)
+        return EXIT_TIMEOUT if error.timed_out else EXIT_REFUSED
+    except MqttError as error:
+        print(f"lineguard-deploy: broker: {error}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except (BundleError, ArchiveError, KeyFileError, ConfigError, ContractError, OSError) as error:
         print(f"lineguard-deploy: error: {error}", file=sys.stderr)
         return EXIT_REFUSED
 

@@ -1,18 +1,26 @@
-"""A test-side MQTT subscriber (a second, independent paho client) that records what arrives."""
+"""A test-side MQTT subscriber (a second, independent paho client) that records what arrives.
+
+Payloads are read through the contract (lineguard.agent.contract), as any subscriber should: tests
+never spell a topic or a payload key themselves.
+"""
 
 from __future__ import annotations
 
-import json
 import threading
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
 from broker import MosquittoBroker, TlsFiles
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from lineguard.agent.contract import HeatmapInfo, Record, Topics, Verdict, decode
+
+R = TypeVar("R", bound=Record)
+TOPICS = Topics("lineguard")
 
 
 class Subscriber:
@@ -28,6 +36,7 @@ class Subscriber:
         client_id: str = "",
     ) -> None:
         self.messages: list[tuple[str, bytes]] = []
+        self.properties: list[list[tuple[str, str]]] = []  # MQTT 5 user properties of each message, same order
         self.client_id = client_id or f"sub-{uuid.uuid4().hex[:8]}"
         self._cond = threading.Condition()
         subscribed = threading.Event()
@@ -46,21 +55,40 @@ class Subscriber:
         assert subscribed.wait(5), "the test subscriber could not subscribe"
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        user = list(getattr(message.properties, "UserProperty", None) or [])
         with self._cond:
             self.messages.append((message.topic, message.payload))
+            self.properties.append(user)
             self._cond.notify_all()
 
     def wait_until(self, done: Callable[[], bool], timeout_s: float) -> bool:
         with self._cond:
             return self._cond.wait_for(done, timeout_s)
 
-    def payloads(self, topic: str) -> list[dict[str, Any]]:
-        """JSON payloads received on exactly `topic`, in arrival order."""
+    def records(self, topic: str, record_type: type[R]) -> list[R]:
+        """Payloads received on exactly `topic`, decoded as `record_type`, in arrival order."""
         with self._cond:
-            return [json.loads(payload) for each, payload in self.messages if each == topic]
+            return [decode(record_type, payload) for each, payload in self.messages if each == topic]
+
+    def verdicts(self, topic: str) -> list[Verdict]:
+        return self.records(topic, Verdict)
+
+    def heatmaps(self, topic: str) -> list[tuple[HeatmapInfo, bytes]]:
+        """Heatmap images on `topic` with the verdict they belong to (their user properties)."""
+        with self._cond:
+            pairs = [
+                (props, payload)
+                for (each, payload), props in zip(self.messages, self.properties, strict=True)
+                if each == topic
+            ]
+        return [(HeatmapInfo.from_user_properties(props), payload) for props, payload in pairs]
 
     def seqs(self, topic: str) -> list[int]:
-        return [payload["seq"] for payload in self.payloads(topic)]
+        """Sequence numbers of the verdicts (or heatmaps) on `topic`."""
+        match = TOPICS.match(topic)
+        if match is not None and match.channel.name == "heatmap":
+            return [info.seq for info, _ in self.heatmaps(topic)]
+        return [verdict.seq for verdict in self.verdicts(topic)]
 
     def close(self) -> None:
         self._client.disconnect()

@@ -160,7 +160,10 @@ def test_the_environment_file_examples_set_the_mqtt_credentials(monkeypatch):
     for name, value in examples:
         monkeypatch.setenv(name, value)
     config = load_config(TOML_EXAMPLE)
-    assert (config.mqtt.username, config.mqtt.password) == (dict(examples)["LINEGUARD_MQTT__USERNAME"], "change-me")
+    assert (config.mqtt.username, config.mqtt.password.get_secret_value()) == (
+        dict(examples)["LINEGUARD_MQTT__USERNAME"],
+        "change-me",
+    )
 
 
 def _run_install_script(*arguments: str) -> subprocess.CompletedProcess[str]:

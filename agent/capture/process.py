@@ -104,9 +104,9 @@ class CaptureLoop:
             return
         seq, slot = self._report_missed(info), self._slot
         if slot is None:
-            self._fail(seq, info.t_capture_ns, "ring full: engine or decision cannot keep up")
+            self._fail(seq, info, "ring full: engine or decision cannot keep up", cause="ring-full")
         elif not info.ok:
-            self._fail(seq, info.t_capture_ns, info.reason or "camera delivered a broken frame")
+            self._fail(seq, info, info.reason or "camera delivered a broken frame", cause="capture-lost")
             self._slot_seq = self.sequence.take()  # keep the slot, give the next frame a fresh number
             self.ring.relabel(slot, seq, self._slot_seq)
             return
@@ -134,15 +134,24 @@ class CaptureLoop:
         """
         seq = self._slot_seq
         for _ in range(info.missed_before):
-            self._fail(seq, info.t_capture_ns, "camera lost this frame (frame-id gap)")
+            self._fail(seq, info, "camera lost this frame (frame-id gap)", cause="capture-lost", frame_id=-1)
             seq = self.sequence.take()
         if seq != self._slot_seq and self._slot is not None:
             self.ring.relabel(self._slot, self._slot_seq, seq)
         self._slot_seq = seq
         return seq
 
-    def _fail(self, seq: int, t_capture_ns: int, reason: str) -> None:
-        self._to_decision(FrameFailed(camera=self.camera.name, seq=seq, t_capture_ns=t_capture_ns, reason=reason))
+    def _fail(self, seq: int, info: FrameInfo, reason: str, *, cause: str, frame_id: int | None = None) -> None:
+        """One failsafe record for frame `seq`; `frame_id` overrides the camera's id (-1: a frame it never sent)."""
+        failed = FrameFailed(
+            camera=self.camera.name,
+            seq=seq,
+            t_capture_ns=info.t_capture_ns,
+            reason=reason,
+            cause=cause,
+            camera_frame_id=info.camera_frame_id if frame_id is None else frame_id,
+        )
+        self._to_decision(failed)
 
     def _to_decision(self, message: FrameReady | FrameFailed) -> None:
         """Every frame record reaches decision, in order: held here while decision restarts."""

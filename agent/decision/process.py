@@ -19,13 +19,14 @@ import zmq
 
 from ..bundle import MANIFEST_FILE, BundleError, Manifest, parse_manifest, verify_bundle
 from ..config import AgentConfig
+from ..contract import AgentStatus, Backend, CameraStatus, HeatmapInfo, Latency, Topics, Verdict, clip
 from ..engine.preprocess import Preprocessor
 from ..ipc import Receiver, Sender, endpoint
 from ..messages import EngineStatus, FrameFailed, FrameReady, Heartbeat, Message, Scored, ScoreFailed
 from ..metrics import PipelineMetrics
-from ..models import serving_bundle, store_root
-from ..mqtt import MqttPublisher, topics
+from ..mqtt import MqttPublisher
 from ..ring import AttachedRings, RingError
+from ..rollout.store import serving_bundle, store_root
 from ..signing import load_trusted_keys
 from .heatmap import render_heatmap
 from .rules import Decision, decide
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 STATUS_PERIOD_S = 2.0
 HEARTBEAT_S = 1.0
+ENGINE_SILENT_NS = 3_000_000_000  # no EngineStatus this long: a frame past its deadline blames a down engine
 # CLOCK_MONOTONIC is shared by every process on the host; this maps it to wall-clock time.
 _WALL_OFFSET_NS = time.time_ns() - time.monotonic_ns()
 
@@ -44,6 +46,21 @@ class Pending:
     deadline_ns: int
 
 
+@dataclass(frozen=True, slots=True)
+class FrameRef:
+    """What a verdict says about its frame, whatever became of it."""
+
+    camera: str
+    seq: int
+    t_capture_ns: int
+    camera_frame_id: int = -1
+    camera_timestamp_ns: int = -1
+
+    @classmethod
+    def of(cls, record: FrameReady | FrameFailed) -> FrameRef:
+        return cls(record.camera, record.seq, record.t_capture_ns, record.camera_frame_id, record.camera_timestamp_ns)
+
+
 class DecisionLoop:
     """Closes every frame with exactly one verdict."""
 
@@ -51,7 +68,7 @@ class DecisionLoop:
         self.config, self.publisher = config, publisher
         self.inbox = Receiver(context, endpoint(config.run_dir, "decision"))
         self.to_supervisor = Sender(context, endpoint(config.run_dir, "supervisor"))
-        self.topics = topics(config.mqtt.topic_prefix, config.line, config.agent_id)
+        self.topics = Topics(config.mqtt.topic_prefix)
         self.model_label = f"{manifest.model_id}@{manifest.model_version}"
         self.manifests: dict[str, Manifest] = {self.model_label: manifest}
         self.deadline_ns = int(config.decision.deadline_ms * 1e6)
@@ -68,6 +85,7 @@ class DecisionLoop:
         spec = manifest.input
         self._heatmap_input = np.empty((spec.height, spec.width, spec.channels), np.uint8)
         self.engine_status: EngineStatus | None = None
+        self._engine_seen_ns = 0
 
     # receive, act, send
     def step(self) -> None:
@@ -87,19 +105,18 @@ class DecisionLoop:
                 self._handle(early)
         elif isinstance(message, FrameFailed):
             self._note_seq(message.camera, message.seq, message.t_capture_ns)
-            self._publish_failsafe(message.camera, message.seq, message.t_capture_ns, message.reason, cause="capture")
+            self._publish_failsafe(FrameRef.of(message), message.reason, cause=message.cause)
         elif isinstance(message, Scored):
+            self._engine_seen_ns = time.monotonic_ns()
             self._on_scored(message)
         elif isinstance(message, EngineStatus):
-            self.engine_status = message
+            self.engine_status, self._engine_seen_ns = message, time.monotonic_ns()
         elif isinstance(message, ScoreFailed):
             if self._is_early(message):
                 return
             entry = self.pending.pop((message.camera, message.seq), None)
             if entry is not None:
-                self._publish_failsafe(
-                    message.camera, message.seq, entry.ready.t_capture_ns, message.reason, cause="engine"
-                )
+                self._publish_failsafe(FrameRef.of(entry.ready), message.reason, cause=message.cause)
                 self._release_frame(entry.ready)
 
     def _note_seq(self, camera: str, seq: int, t_capture_ns: int) -> None:
@@ -107,9 +124,8 @@ class DecisionLoop:
         last = self.last_seq.get(camera)
         if last is not None and seq > last + 1:
             for missing in range(last + 1, seq):
-                self._publish_failsafe(
-                    camera, missing, t_capture_ns, "no record of this frame reached decision", cause="gap"
-                )
+                reason = "no record of this frame reached decision"
+                self._publish_failsafe(FrameRef(camera, missing, t_capture_ns), reason, cause="capture-lost")
         if last is None or seq > last:
             self.last_seq[camera] = seq
 
@@ -135,7 +151,7 @@ class DecisionLoop:
         manifest = self._manifest(scored.model)
         if manifest is None:
             reason = f"scored by model {scored.model}, whose manifest is not in the model store"
-            self._publish_failsafe(scored.camera, scored.seq, entry.ready.t_capture_ns, reason, cause="engine")
+            self._publish_failsafe(FrameRef.of(entry.ready), reason, cause="model-unknown")
             self._release_map(scored)
             self._release_frame(entry.ready)
             return
@@ -173,69 +189,74 @@ class DecisionLoop:
         if len(self.early) > 4 * self.config.ring.slots * len(self.config.cameras):
             self.early.clear()  # answers whose frames never were announced: their gaps were failed already
         expired = [key for key, entry in self.pending.items() if entry.deadline_ns <= now_ns]
+        if not expired:
+            return
+        deadline = f"no score within the {self.config.decision.deadline_ms:.0f} ms deadline"
+        if time.monotonic_ns() - self._engine_seen_ns > ENGINE_SILENT_NS:
+            cause, reason = (
+                "engine-down",
+                f"{deadline}: the engine has not answered for over {ENGINE_SILENT_NS / 1e9:.0f} s",
+            )
+        else:
+            cause, reason = "engine-late", f"{deadline}: the engine is running but behind"
         for key in expired:
             entry = self.pending.pop(key)
-            reason = f"no score within the {self.config.decision.deadline_ms:.0f} ms deadline (engine down or behind)"
-            self._publish_failsafe(
-                entry.ready.camera, entry.ready.seq, entry.ready.t_capture_ns, reason, cause="deadline"
-            )
+            self._publish_failsafe(FrameRef.of(entry.ready), reason, cause=cause)
             self._release_frame(entry.ready)
 
     def _publish_verdict(self, ready: FrameReady, decision: Decision, scored: Scored) -> None:
         now = time.monotonic_ns()
-        latency_ms = {
-            "capture_to_engine": (scored.t_engine_start_ns - ready.t_capture_ns) / 1e6,
-            "inference": (scored.t_engine_end_ns - scored.t_engine_start_ns) / 1e6,
-            "engine_to_decision": (now - scored.t_engine_end_ns) / 1e6,
-            "total": (now - ready.t_capture_ns) / 1e6,
-        }
-        for stage, value in latency_ms.items():
+        latency = Latency(
+            capture_to_engine=_ms(scored.t_engine_start_ns - ready.t_capture_ns),
+            inference=_ms(scored.t_engine_end_ns - scored.t_engine_start_ns),
+            engine_to_decision=_ms(now - scored.t_engine_end_ns),
+            total=_ms(now - ready.t_capture_ns),
+        )
+        for stage, value in latency.model_dump(exclude_none=True).items():
             self.metrics.latency.labels(stage).observe(value / 1e3)
-        self._send_verdict(
-            ready.camera,
-            ready.seq,
-            ready.t_capture_ns,
-            decision.verdict,
-            decision.reason,
-            score=scored.score,
-            model=scored.model,
-            latency_ms=latency_ms,
-        )
+        # decide() says failsafe only when the model gave no usable number or a map the rule needed is missing
+        cause = "score-invalid" if decision.verdict == "failsafe" else None
+        if cause is not None:
+            self.metrics.failsafes.labels(ready.camera, cause).inc()
+        score = scored.score if np.isfinite(scored.score) else None
+        self._send_verdict(FrameRef.of(ready), decision.verdict, decision.reason, cause, score, scored.model, latency)
 
-    def _publish_failsafe(self, camera: str, seq: int, t_capture_ns: int, reason: str, *, cause: str) -> None:
-        self.metrics.failsafes.labels(camera, cause).inc()
-        latency = {"total": (time.monotonic_ns() - t_capture_ns) / 1e6}
-        self._send_verdict(
-            camera, seq, t_capture_ns, "failsafe", reason, score=None, model=self.model_label, latency_ms=latency
-        )
+    def _publish_failsafe(self, frame: FrameRef, reason: str, *, cause: str) -> None:
+        self.metrics.failsafes.labels(frame.camera, cause).inc()
+        latency = Latency(total=_ms(time.monotonic_ns() - frame.t_capture_ns))
+        self._send_verdict(frame, "failsafe", reason, cause, None, self.model_label, latency)
 
     def _send_verdict(
         self,
-        camera: str,
-        seq: int,
-        t_capture_ns: int,
+        frame: FrameRef,
         verdict: str,
         reason: str,
-        *,
+        cause: str | None,
         score: float | None,
         model: str,
-        latency_ms: dict[str, float],
+        latency: Latency,
     ) -> None:
-        payload = {
-            "seq": seq,
-            "camera": camera,
-            "capture_ts": (t_capture_ns + _WALL_OFFSET_NS) / 1e9,
-            "decided_ts": time.time(),
-            "verdict": verdict,
-            "reason": reason,
-            "score": score,
-            "threshold": self._threshold(self.manifests[self.model_label]),
-            "model": model,
-            "latency_ms": {k: round(v, 3) for k, v in latency_ms.items()},
-        }
-        self.publisher.publish_json(self.topics.verdict(camera), payload, qos=self.config.mqtt.qos)
-        self.metrics.verdicts.labels(camera, verdict).inc()
-        self._frame_counts[camera] = self._frame_counts.get(camera, 0) + 1
+        record = Verdict(
+            agent_id=self.config.agent_id,
+            line=self.config.line,
+            camera=frame.camera,
+            seq=frame.seq,
+            camera_frame_id=max(frame.camera_frame_id, -1),
+            camera_timestamp_ns=frame.camera_timestamp_ns if frame.camera_timestamp_ns >= 0 else None,
+            capture_ts=(frame.t_capture_ns + _WALL_OFFSET_NS) / 1e9,
+            decided_ts=time.time(),
+            verdict=verdict,  # type: ignore[arg-type]
+            cause=cause,  # type: ignore[arg-type]
+            reason=clip(reason, 500),
+            score=score,
+            threshold=self._threshold(self.manifests[self.model_label]),
+            model=model,
+            latency_ms=latency,
+        )
+        topic = self.topics.verdict(self.config.line, self.config.agent_id, frame.camera)
+        self.publisher.publish(topic, record, qos=self.config.mqtt.qos)
+        self.metrics.verdicts.labels(frame.camera, verdict).inc()
+        self._frame_counts[frame.camera] = self._frame_counts.get(frame.camera, 0) + 1
 
     def _wants_heatmap(self, camera: str, decision: Decision) -> bool:
         mode = self.config.decision.heatmap
@@ -261,7 +282,20 @@ class DecisionLoop:
         image = render_heatmap(
             view, anomaly_map, low=norm.map_low, high=norm.map_high, image_format=self.config.decision.heatmap_format
         )
-        self.publisher.publish_bytes(self.topics.heatmap(ready.camera), image, qos=0)
+        info = HeatmapInfo(
+            agent_id=self.config.agent_id,
+            camera=ready.camera,
+            seq=ready.seq,
+            model=self.model_label,
+            format=self.config.decision.heatmap_format,
+        )
+        self.publisher.publish_bytes(
+            self.topics.heatmap(self.config.line, self.config.agent_id, ready.camera),
+            image,
+            qos=0,
+            user_properties=info.user_properties(),
+            content_type=info.content_type,
+        )
 
     def _read_map(self, scored: Scored) -> np.ndarray | None:
         """A copy of the frame's (H, W) float32 anomaly map, or None when it did not fit the map ring."""
@@ -299,21 +333,23 @@ class DecisionLoop:
             for ring, used in self.rings.occupancy().items():
                 self.metrics.ring_occupancy.labels(ring).set(used)
             self.metrics.mqtt_queued.set(self.publisher.queued)
-            self.publisher.publish_json(self.topics.status, self.status(fps), qos=1, retain=True)
+            status = self.status(fps, online=True)
+            self.publisher.publish(self.topics.status(self.config.agent_id), status, qos=1, retain=True)
 
-    def status(self, fps: dict[str, float]) -> dict[str, object]:
-        return {
-            "online": True,
-            "agent": self.config.agent_id,
-            "model": self.model_label,
-            "fps": fps,
-            "queue_depth": len(self.pending),
-            "mqtt_queued": self.publisher.queued,
-            "backend": None
-            if self.engine_status is None
-            else {"name": self.engine_status.backend, "detail": self.engine_status.detail},
-            "ts": time.time(),
-        }
+    def status(self, fps: dict[str, float], *, online: bool, reason: str = "") -> AgentStatus:
+        engine = self.engine_status
+        return AgentStatus(
+            agent_id=self.config.agent_id,
+            line=self.config.line,
+            online=online,
+            model=self.model_label,
+            cameras={camera: CameraStatus(fps=value) for camera, value in fps.items()},
+            queue_depth=len(self.pending),
+            mqtt_queued=self.publisher.queued,
+            backend=None if engine is None else Backend(name=engine.backend[:32], detail=clip(engine.detail, 500)),
+            reason=reason,
+            ts=time.time(),
+        )
 
     def drain(self, timeout_s: float) -> None:
         """Close every pending frame (scores that still arrive, else failsafe) before exit."""
@@ -337,9 +373,14 @@ def run(config: AgentConfig, stop: threading.Event) -> int:
         load_trusted_keys(config.engine.trusted_keys),
         require_signature=config.engine.require_signature,
     )
-    agent_topics = topics(config.mqtt.topic_prefix, config.line, config.agent_id)
+    will = AgentStatus(
+        agent_id=config.agent_id, line=config.line, online=False, reason="connection lost", ts=time.time()
+    )
     publisher = MqttPublisher(
-        config.mqtt, client_id=config.mqtt.client_id or f"lineguard-{config.agent_id}", status_topic=agent_topics.status
+        config.mqtt,
+        client_id=config.mqtt.client_id or f"lineguard-{config.agent_id}",
+        status_topic=Topics(config.mqtt.topic_prefix).status(config.agent_id),
+        will=will,
     )
     context = zmq.Context()
     loop = DecisionLoop(config, manifest, publisher, context)
@@ -350,7 +391,11 @@ def run(config: AgentConfig, stop: threading.Event) -> int:
         loop.drain(timeout_s=2 * config.decision.deadline_ms / 1e3)
     finally:
         loop.close()
-        offline = {**loop.status({}), "online": False}
-        publisher.close(offline_status=offline)
+        publisher.close(offline_status=loop.status({}, online=False, reason="stopped"))
         context.term()
     return 0
+
+
+def _ms(duration_ns: int) -> float:
+    """Milliseconds, rounded to microseconds; never negative (clocks of one host, but be safe)."""
+    return round(max(duration_ns, 0) / 1e6, 3)

@@ -28,8 +28,8 @@ from ..config import AgentConfig
 from ..decision.rules import rows_needing_maps
 from ..ipc import Receiver, Sender, endpoint
 from ..messages import EngineStatus, FrameReady, Heartbeat, Scored, ScoreFailed, SwapModel, SwapResult
-from ..models import serving_bundle
-from ..ring import AttachedRings, RingError, ShmRing
+from ..ring import AttachedRings, RingError, RingMissing, ShmRing, StaleSlotError
+from ..rollout.store import serving_bundle
 from ..signing import SignatureError, load_trusted_keys
 from .backends import BackendUnavailable, FrameSource, Inference, SlotFrame
 from .background import lower_thread_priority
@@ -54,7 +54,7 @@ class EngineLoop:
         self.config, self.model = config, model
         self.frames = Receiver(context, endpoint(config.run_dir, "engine"))
         self.control = Receiver(context, endpoint(config.run_dir, "engine-control"))
-        self.to_manager = Sender(context, endpoint(config.run_dir, "model-manager"))
+        self.to_manager = Sender(context, endpoint(config.run_dir, "rollout"))
         self.swap = ModelSwap(config)
         self.shadow: Shadow | None = None
         self.to_decision = Sender(context, endpoint(config.run_dir, "decision"))
@@ -110,6 +110,7 @@ class EngineLoop:
                 self._fail(
                     ready,
                     f"engine behind: frame {age_ns / 1e6:.0f} ms old, scoring takes ~{self.expected_batch_ns / 1e6:.0f} ms",
+                    cause="engine-late",
                 )
                 continue
             batch.append(ready)
@@ -158,7 +159,7 @@ class EngineLoop:
                 pixels = ring.read(ready.slot, ready.seq)
                 found.append((ready, ring, pixels, self._preprocessor(ready, pixels.shape)))
             except (RingError, InputMismatch) as error:
-                self._fail(ready, str(error))
+                self._fail(ready, str(error), cause=_cause_of(error))
         # A shadow-tested candidate scores the same model-size frames on the host: that batch takes the CPU path.
         # Each camera in the batch is asked once (a list, not a short-circuit), so each starts building its
         # frame engine at once.
@@ -230,8 +231,8 @@ class EngineLoop:
             self.preprocessors[key] = preprocessor
         return preprocessor
 
-    def _fail(self, ready: FrameReady, reason: str) -> None:
-        self.to_decision.send(ScoreFailed(camera=ready.camera, seq=ready.seq, reason=reason))
+    def _fail(self, ready: FrameReady, reason: str, *, cause: str) -> None:
+        self.to_decision.send(ScoreFailed(camera=ready.camera, seq=ready.seq, reason=reason, cause=cause))
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
@@ -252,6 +253,15 @@ class EngineLoop:
         self.to_decision.close()
         self.to_supervisor.close()
         self.model.close()
+
+
+def _cause_of(error: Exception) -> str:
+    """The failsafe cause of a frame the engine could not read or convert."""
+    if isinstance(error, RingMissing):
+        return "ring-missing"
+    if isinstance(error, StaleSlotError):
+        return "slot-overwritten"
+    return "engine-error"
 
 
 class Shadow:

@@ -38,7 +38,7 @@ SAMPLES = [
         channels=3,
         camera_frame_id=65535,
     ),
-    FrameFailed(camera="cam0", seq=43, t_capture_ns=2, reason="camera buffer TIMEOUT"),
+    FrameFailed(camera="cam0", seq=43, t_capture_ns=2, reason="camera buffer TIMEOUT", cause="capture-lost"),
     Scored(
         camera="cam0",
         seq=42,
@@ -49,7 +49,9 @@ SAMPLES = [
         t_engine_start_ns=5,
         t_engine_end_ns=9,
     ),
-    ScoreFailed(camera="cam0", seq=44, reason="ring 'frames' slot 3 holds seq 41, expected 44"),
+    ScoreFailed(
+        camera="cam0", seq=44, reason="ring 'frames' slot 3 holds seq 41, expected 44", cause="slot-overwritten"
+    ),
     Heartbeat(process="engine", pid=1234, t_ns=99, queue_depth=2),
 ]
 

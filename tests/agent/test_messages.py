@@ -16,7 +16,7 @@ from lineguard.agent.messages import (
 
 EXAMPLES = [
     FrameReady(camera="cam0", seq=7, ring="lg-a-cam0-1", slot=3, t_capture_ns=123, height=2048, width=2448, channels=1),
-    FrameFailed(camera="cam0", seq=8, t_capture_ns=124, reason="ring full"),
+    FrameFailed(camera="cam0", seq=8, t_capture_ns=124, reason="ring full", cause="ring-full", camera_frame_id=3),
     Scored(
         camera="cam0",
         seq=7,
@@ -27,7 +27,7 @@ EXAMPLES = [
         t_engine_start_ns=1,
         t_engine_end_ns=2,
     ),
-    ScoreFailed(camera="cam0", seq=9, reason="stale slot"),
+    ScoreFailed(camera="cam0", seq=9, reason="stale slot", cause="slot-overwritten"),
     Heartbeat(process="engine", pid=42, t_ns=5, queue_depth=1),
     SwapModel(request_id="r1", bundle_dir="/var/lib/lineguard/models/m@2"),
     SwapResult(request_id="r1", ok=False, model="m@1", reason="canary failed"),
@@ -48,8 +48,9 @@ def test_every_message_type_survives_a_round_trip(message):
         (b'{"_t": "FrameReady", "_v": 99}', "schema version 99"),
         (b'{"_t": "Bogus", "_v": 1}', "unknown message type"),
         (b'{"_t": "ScoreFailed", "_v": 1, "camera": "c"}', "wrong fields"),
-        (b'{"_t": "ScoreFailed", "_v": 1, "camera": "c", "seq": "7", "reason": "x"}', "seq must be int"),
-        (b'{"_t": "ScoreFailed", "_v": 1, "camera": "c", "seq": true, "reason": "x"}', "seq must be int"),
+        (b'{"_t": "ScoreFailed", "_v": 1, "camera": "c", "seq": "7", "reason": "x", "cause": "engine-late"}', "seq must be int"),
+        (b'{"_t": "ScoreFailed", "_v": 1, "camera": "c", "seq": true, "reason": "x", "cause": "engine-late"}', "seq must be int"),
+        (b'{"_t": "ScoreFailed", "_v": 1, "camera": "c", "seq": 7, "reason": "x", "cause": "bad luck"}', "cause 'bad luck' is not one of"),
     ],
 )
 def test_malformed_messages_are_refused_with_the_reason(data, fragment):

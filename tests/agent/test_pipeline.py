@@ -20,11 +20,15 @@ import pytest
 from broker import MosquittoBroker, free_port
 from mqtt_subscriber import Subscriber
 
+from lineguard.agent.contract import AgentStatus, Topics
 from lineguard.agent.signing import public_key_path
 from lineguard.trainer.scoring import load_split_scores
 
 pytestmark = pytest.mark.slow
-VERDICTS = "lineguard/line-1/cam0/verdict"
+TOPICS = Topics("lineguard")
+AGENT = f"agent-{os.getpid()}"  # unique: rings in /dev/shm are named after it
+VERDICTS = TOPICS.verdict("line-1", AGENT, "cam0")
+STATUS = TOPICS.status(AGENT)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +63,7 @@ def write_config(
     config = tmp_path / "agent.toml"
     config.write_text(
         f"""
-agent_id = "agent-1"
+agent_id = "{AGENT}"
 line = "line-1"
 run_dir = "{tmp_path / "run"}"
 state_dir = "{tmp_path / "state"}"
@@ -117,7 +121,7 @@ def stop(agent: subprocess.Popen, timeout_s: float = 30) -> int:
 
 
 def verdicts(subscriber: Subscriber) -> list[dict]:
-    return subscriber.payloads(VERDICTS)
+    return subscriber.verdicts(VERDICTS)
 
 
 def test_every_replayed_frame_gets_one_verdict_and_defects_are_rejected_as_the_report_predicts(
@@ -148,26 +152,26 @@ def test_every_replayed_frame_gets_one_verdict_and_defects_are_rejected_as_the_r
     assert "lineguard_latency_seconds_bucket" in scrape
     assert stop(agent) == 0
     received = verdicts(subscriber)
-    assert sorted(v["seq"] for v in received) == list(range(1, len(expected) + 1))  # one each, none missing
+    assert sorted(v.seq for v in received) == list(range(1, len(expected) + 1))  # one each, none missing
     threshold = json.loads((trained_work / "bundle" / "manifest.json").read_text())["threshold"]["value"]
     for v in received:
-        name, _label, trainer_score = expected[v["seq"] - 1]
-        assert v["verdict"] == ("reject" if trainer_score >= threshold else "accept"), (name, v)
-        assert v["score"] == pytest.approx(trainer_score, rel=1e-4)
-        assert v["model"] == "brick-test@1.0.0" and v["threshold"] == pytest.approx(threshold)
-        assert v["latency_ms"]["total"] > 0
-    rejected = {expected[v["seq"] - 1][0] for v in received if v["verdict"] == "reject"}
-    heatmaps = [payload for topic, payload in subscriber.messages if topic.endswith("/heatmap")]
-    assert len(heatmaps) == len(rejected) and all(h[:2] == b"\xff\xd8" for h in heatmaps)  # JPEG per reject
-    defects_caught = np.mean([v["verdict"] == "reject" for v in received if expected[v["seq"] - 1][1] == 1])
+        name, _label, trainer_score = expected[v.seq - 1]
+        assert v.verdict == ("reject" if trainer_score >= threshold else "accept"), (name, v)
+        assert v.score == pytest.approx(trainer_score, rel=1e-4)
+        assert v.model == "brick-test@1.0.0" and v.threshold == pytest.approx(threshold)
+        assert v.latency_ms.total > 0
+    rejected = {expected[v.seq - 1][0] for v in received if v.verdict == "reject"}
+    heatmaps = subscriber.heatmaps(TOPICS.heatmap("line-1", AGENT, "cam0"))
+    assert len(heatmaps) == len(rejected) and all(h[:2] == b"\xff\xd8" for _, h in heatmaps)  # JPEG per reject
+    by_seq = {v.seq: v for v in received}
+    assert all(by_seq[info.seq].verdict == "reject" and info.model == "brick-test@1.0.0" for info, _ in heatmaps)
+    defects_caught = np.mean([v.verdict == "reject" for v in received if expected[v.seq - 1][1] == 1])
     assert defects_caught >= 0.8
-    status = [json.loads(p) for t, p in subscriber.messages if t == "lineguard/agent-1/status"]
-    assert status and status[-1]["online"] is False  # a clean stop says so
-    backend = status[-1]["backend"]  # which back end scored, and why the others were skipped
-    assert (
-        backend["name"] == "onnxruntime-cpu"
-        and "skipped tensorrt: the bundle has no TensorRT engine" in backend["detail"]
-    )
+    status = subscriber.records(STATUS, AgentStatus)
+    assert status and status[-1].online is False  # a clean stop says so
+    backend = status[-1].backend  # which back end scored, and why the others were skipped
+    assert backend is not None
+    assert backend.name == "onnxruntime-cpu" and "skipped tensorrt: the bundle has no TensorRT engine" in backend.detail
 
 
 @pytest.mark.parametrize("kind", ["fastflow", "fcdd"])
@@ -185,13 +189,13 @@ def test_fastflow_and_fcdd_bundles_run_in_the_agent_unchanged(
     assert ok, f"{len(verdicts(subscriber))} of {len(expected)} verdicts"
     assert stop(agent) == 0
     received = verdicts(subscriber)
-    assert sorted(v["seq"] for v in received) == list(range(1, len(expected) + 1))
+    assert sorted(v.seq for v in received) == list(range(1, len(expected) + 1))
     threshold = manifest["threshold"]["value"]
     for v in received:
-        name, _label, trainer_score = expected[v["seq"] - 1]
-        assert v["model"] == f"brick-{kind}@1.0.0"
-        assert v["score"] == pytest.approx(trainer_score, rel=1e-4, abs=1e-5), name
-        assert v["verdict"] == ("reject" if trainer_score >= threshold else "accept"), (name, v)
+        name, _label, trainer_score = expected[v.seq - 1]
+        assert v.model == f"brick-{kind}@1.0.0"
+        assert v.score == pytest.approx(trainer_score, rel=1e-4, abs=1e-5), name
+        assert v.verdict == ("reject" if trainer_score >= threshold else "accept"), (name, v)
 
 
 def test_killing_the_engine_mid_stream_fails_safe_and_loses_no_frame(
@@ -206,16 +210,16 @@ def test_killing_the_engine_mid_stream_fails_safe_and_loses_no_frame(
     os.kill(int(engine.stdout.split()[0]), signal.SIGKILL)
     killed_at = len(verdicts(subscriber))
     assert subscriber.wait_until(
-        lambda: any(v["verdict"] != "failsafe" for v in verdicts(subscriber)[killed_at + 5 :]), 60
+        lambda: any(v.verdict != "failsafe" for v in verdicts(subscriber)[killed_at + 5 :]), 60
     ), "scoring did not resume after the engine was restarted"
     assert stop(agent) == 0
     received = verdicts(subscriber)
-    seqs = sorted(v["seq"] for v in received)
+    seqs = sorted(v.seq for v in received)
     assert seqs == list(range(1, seqs[-1] + 1)), "a frame is missing or was answered twice"
-    failsafes = [v for v in received if v["verdict"] == "failsafe"]
+    failsafes = [v for v in received if v.verdict == "failsafe"]
     assert failsafes, "frames in the engine's gap must get failsafe"
-    reasons = {v["reason"] for v in failsafes}
-    assert all("deadline" in reason or "engine" in reason for reason in reasons), reasons
+    causes = {v.cause for v in failsafes}
+    assert causes <= {"engine-down", "engine-late", "engine-error"}, {v.reason for v in failsafes}
 
 
 def test_a_broker_restart_mid_stream_loses_no_verdict(
@@ -234,7 +238,7 @@ def test_a_broker_restart_mid_stream_loses_no_verdict(
     assert subscriber.wait_until(lambda: len(verdicts(subscriber)) >= seen + 40, 60)
     assert stop(agent) == 0
     time.sleep(0.5)
-    seqs = sorted({v["seq"] for v in verdicts(subscriber)})  # QoS 1 may redeliver; a set counts each once
+    seqs = sorted({v.seq for v in verdicts(subscriber)})  # QoS 1 may redeliver; a set counts each once
     assert seqs == list(range(1, seqs[-1] + 1)), "a verdict was lost across the broker restart"
 
 
@@ -250,8 +254,8 @@ def test_frames_that_cannot_feed_the_model_fail_safe_with_the_reason_while_the_a
     assert agent.poll() is None, "the agent must keep running"
     assert stop(agent) == 0
     received = verdicts(subscriber)
-    assert {v["verdict"] for v in received} == {"failsafe"}
-    assert "ROI x=9999" in received[0]["reason"] and "fix cameras.roi" in received[0]["reason"]
+    assert {v.verdict for v in received} == {"failsafe"}
+    assert "ROI x=9999" in received[0].reason and "fix cameras.roi" in received[0].reason
 
 
 def test_an_unreadable_config_exits_2_naming_the_key(tmp_path):
@@ -298,10 +302,10 @@ def test_a_real_gige_stream_gets_one_verdict_per_frame(
     assert subscriber.wait_until(lambda: len(verdicts(subscriber)) >= 30, 60), "the GigE stream produced no verdicts"
     assert stop(agent) == 0
     received = verdicts(subscriber)
-    seqs = sorted(v["seq"] for v in received)
+    seqs = sorted(v.seq for v in received)
     assert seqs == list(range(seqs[0], seqs[-1] + 1)) and len(seqs) == len(set(seqs))
-    scored = [v for v in received if v["verdict"] != "failsafe"]
-    assert len(scored) >= 0.9 * len(received), {v["reason"] for v in received if v["verdict"] == "failsafe"}
+    scored = [v for v in received if v.verdict != "failsafe"]
+    assert len(scored) >= 0.9 * len(received), {v.reason for v in received if v.verdict == "failsafe"}
 
 
 def agent_cli(*args: str) -> subprocess.CompletedProcess:
@@ -326,7 +330,7 @@ def test_a_new_model_swaps_in_at_one_sequence_number_without_losing_a_frame_and_
     swapped = agent_cli("activate", "--config", str(config), str(newer))
     assert swapped.returncode == 0, swapped.stderr
     assert "shadow-scored" in swapped.stdout and "reject rate" in swapped.stdout, swapped.stdout
-    assert subscriber.wait_until(lambda: verdicts(subscriber)[-1]["model"] == "brick-test@1.0.1", 30)
+    assert subscriber.wait_until(lambda: verdicts(subscriber)[-1].model == "brick-test@1.0.1", 30)
 
     broken = bundle_variant(
         trained_work / "bundle", tmp_path / "v3", signing_key, model_version="1.0.2", golden_scale=2.0
@@ -336,15 +340,15 @@ def test_a_new_model_swaps_in_at_one_sequence_number_without_losing_a_frame_and_
 
     rolled = agent_cli("rollback", "--config", str(config))
     assert rolled.returncode == 0 and "brick-test@1.0.0" in rolled.stdout, rolled.stderr
-    assert subscriber.wait_until(lambda: verdicts(subscriber)[-1]["model"] == "brick-test@1.0.0", 30)
+    assert subscriber.wait_until(lambda: verdicts(subscriber)[-1].model == "brick-test@1.0.0", 30)
     assert stop(agent) == 0
 
-    received = sorted(verdicts(subscriber), key=lambda v: v["seq"])
-    seqs = [v["seq"] for v in received]
+    received = sorted(verdicts(subscriber), key=lambda v: v.seq)
+    seqs = [v.seq for v in received]
     assert seqs == list(range(1, seqs[-1] + 1)), "a frame was lost or answered twice across the swaps"
-    failsafes = [(v["seq"], v.get("reason")) for v in received if v["verdict"] == "failsafe"]
+    failsafes = [(v.seq, v.reason) for v in received if v.verdict == "failsafe"]
     assert not failsafes
-    models = [v["model"] for v in received]
+    models = [v.model for v in received]
     changes = [(a, b) for a, b in itertools.pairwise(models) if a != b]
     assert changes == [("brick-test@1.0.0", "brick-test@1.0.1"), ("brick-test@1.0.1", "brick-test@1.0.0")]
 
@@ -423,10 +427,10 @@ def test_operators_push_models_over_mqtt_and_bad_bundles_are_refused_while_the_o
         "push",
         str(bundle_variant(source, tmp_path / "good", signing_key, model_version="2.0.0")),
         "--agent",
-        "agent-1",
+        AGENT,
     )
     assert pushed.returncode == 0, pushed.stderr
-    assert subscriber.wait_until(lambda: verdicts(subscriber)[-1]["model"] == "brick-test@2.0.0", 30)
+    assert subscriber.wait_until(lambda: verdicts(subscriber)[-1].model == "brick-test@2.0.0", 30)
 
     stranger, _ = generate_key_pair(tmp_path / "stranger.pem")
     tampered = bundle_variant(source, tmp_path / "tampered", signing_key, model_version="2.0.1")
@@ -451,16 +455,16 @@ def test_operators_push_models_over_mqtt_and_bad_bundles_are_refused_while_the_o
         ),
     }
     for name, (bundle, reason) in refusals.items():
-        result = deploy_cli(broker, "push", str(bundle), "--agent", "agent-1", "--timeout", "120")
+        result = deploy_cli(broker, "push", str(bundle), "--agent", AGENT, "--timeout", "120")
         assert result.returncode == 2, (name, result.stdout, result.stderr)
         assert reason in result.stderr, (name, result.stderr)
-    assert verdicts(subscriber)[-1]["model"] == "brick-test@2.0.0"
+    assert verdicts(subscriber)[-1].model == "brick-test@2.0.0"
 
-    rolled = deploy_cli(broker, "rollback", "--agent", "agent-1")
+    rolled = deploy_cli(broker, "rollback", "--agent", AGENT)
     assert rolled.returncode == 0 and "brick-test@1.0.0" in rolled.stdout, rolled.stderr
-    assert subscriber.wait_until(lambda: verdicts(subscriber)[-1]["model"] == "brick-test@1.0.0", 30)
-    status = deploy_cli(broker, "status", "--agent", "agent-1")
-    assert status.returncode == 0 and "agent-1: online" in status.stdout
+    assert subscriber.wait_until(lambda: verdicts(subscriber)[-1].model == "brick-test@1.0.0", 30)
+    status = deploy_cli(broker, "status", "--agent", AGENT)
+    assert status.returncode == 0 and f"{AGENT}: online" in status.stdout
     assert stop(agent) == 0
-    seqs = sorted(v["seq"] for v in verdicts(subscriber))
+    seqs = sorted(v.seq for v in verdicts(subscriber))
     assert seqs == list(range(1, seqs[-1] + 1)), "a frame was lost or answered twice during the pushes"

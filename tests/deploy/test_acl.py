@@ -22,11 +22,35 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from lineguard.agent.config import MqttConfig
-from lineguard.agent.transfer import BundleReceiver, BundleSender, TransferError
+from lineguard.agent.contract import ANY, Topics
+from lineguard.agent.rollout.receiver import BundleReceiver
+from lineguard.agent.rollout.wire import TransferError
+from lineguard.deploy.sender import BundleSender
 
 ACL_EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "acl.conf.example"
 PASSWORDS = {"operator": "operator-secret", "agent-1": "agent-1-secret", "agent-2": "agent-2-secret"}
 NOT_AUTHORIZED = 0x87
+T = Topics("lineguard")
+
+
+def verdict(agent: str, line: str = "line-1") -> str:
+    return T.verdict(line, agent, "top")
+
+
+def heatmap(agent: str, line: str = "line-1") -> str:
+    return T.heatmap(line, agent, "top")
+
+
+def meta(agent: str) -> str:
+    return T.push(agent, "t").meta
+
+
+def chunk(agent: str, index: int = 0) -> str:
+    return T.push(agent, "t").chunk(index)
+
+
+def ack(agent: str) -> str:
+    return T.push(agent, "t").ack
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +143,8 @@ def clients(broker: MosquittoBroker) -> Iterator[dict[str, Client]]:
     made = {name: Client(broker, name) for name in PASSWORDS}
     assert made["operator"].subscribe("lineguard/#")[0].value == 1
     for agent in ("agent-1", "agent-2"):
-        assert made[agent].subscribe(f"lineguard/{agent}/model/push/#")[0].value == 1
+        for topic in (T.push(agent, ANY).meta, T.push(agent, ANY).chunk(ANY), T.model_command(agent)):
+            assert made[agent].subscribe(topic)[0].value == 1
     yield made
     for client in made.values():
         client.close()
@@ -141,11 +166,11 @@ def test_a_wrong_password_is_refused_as_not_authorized(broker: MosquittoBroker) 
 
 def test_agent_1_cannot_push_to_agent_2_and_gets_not_authorized_back(clients: dict[str, Client]) -> None:
     agent_1, operator = clients["agent-1"], clients["operator"]
-    forged = "lineguard/agent-2/model/push/0123456789abcdef/meta"
+    forged = T.push("agent-2", "0123456789abcdef").meta
     assert agent_1.publish(forged, qos=1).value == NOT_AUTHORIZED  # MQTT 5: a PUBACK with 0x87
     assert not agent_1.publish(forged, qos=0).is_failure  # QoS 0: dropped without a word
-    assert agent_1.publish("lineguard/agent-1/status").value == 0  # still connected, and in order after them
-    assert operator.wait_for("lineguard/agent-1/status")
+    assert agent_1.publish(T.status("agent-1")).value == 0  # still connected, and in order after them
+    assert operator.wait_for(T.status("agent-1"))
     assert operator.received(forged) == []
     assert clients["agent-2"].received(forged) == []
 
@@ -154,10 +179,10 @@ def test_a_mqtt_3_1_1_publisher_is_told_success_when_refused(
     broker: MosquittoBroker, clients: dict[str, Client]
 ) -> None:
     old = Client(broker, "agent-1", protocol=MQTTProtocolVersion.MQTTv311)
-    forged = "lineguard/agent-2/model/push/0123456789abcdef/chunk/0"
+    forged = T.push("agent-2", "0123456789abcdef").chunk(0)
     assert not old.publish(forged).is_failure  # MQTT 3.1.1 PUBACK has no reason code: silently dropped
-    assert old.publish("lineguard/agent-1/status").value == 0
-    assert clients["operator"].wait_for("lineguard/agent-1/status")
+    assert old.publish(T.status("agent-1")).value == 0
+    assert clients["operator"].wait_for(T.status("agent-1"))
     assert clients["operator"].received(forged) == []
     old.close()
 
@@ -167,34 +192,36 @@ def test_agent_1_may_subscribe_to_everything_but_receives_only_its_own_pushes(
 ) -> None:
     nosy = Client(broker, "agent-1")
     assert nosy.subscribe("lineguard/#")[0].value == 1  # 2.0.11 grants the subscription and filters on delivery
-    for topic in (
-        "lineguard/agent-2/model/push/t/meta",
-        "lineguard/line-1/top/verdict",
-        "lineguard/agent-1/model/push/t/meta",
-    ):
-        assert not clients["operator" if "push" in topic else "agent-1"].publish(topic).is_failure
-    assert nosy.wait_for("lineguard/agent-1/model/push/t/meta")
-    assert [topic for topic, _ in nosy.messages] == ["lineguard/agent-1/model/push/t/meta"]
+    for topic in (meta("agent-2"), verdict("agent-1"), meta("agent-1")):
+        assert not clients["agent-1" if topic == verdict("agent-1") else "operator"].publish(topic).is_failure
+    assert nosy.wait_for(meta("agent-1"))
+    assert [topic for topic, _ in nosy.messages] == [meta("agent-1")]
     nosy.close()
 
 
 @pytest.mark.parametrize(
     ("user", "topic", "allowed"),
     [
-        ("operator", "lineguard/agent-1/model/push/t/meta", True),
-        ("operator", "lineguard/agent-2/model/push/t/chunk/3", True),
-        ("operator", "lineguard/agent-1/status", False),  # operators cannot speak for agents
-        ("operator", "lineguard/line-1/top/verdict", False),
-        ("agent-1", "lineguard/agent-1/status", True),
-        ("agent-1", "lineguard/agent-1/model/events", True),
-        ("agent-1", "lineguard/agent-1/model/push/t/ack", True),
-        ("agent-1", "lineguard/line-1/top/verdict", True),
-        ("agent-1", "lineguard/line-1/top/heatmap", True),
-        ("agent-1", "lineguard/line-2/top/verdict", False),  # another line's camera
-        ("agent-1", "lineguard/agent-2/status", False),
-        ("agent-1", "lineguard/agent-2/model/push/t/ack", False),
-        ("agent-2", "lineguard/agent-1/model/push/t/chunk/0", False),
-        ("agent-2", "lineguard/line-2/top/verdict", True),
+        ("operator", meta("agent-1"), True),
+        ("operator", chunk("agent-2", 3), True),
+        ("operator", T.model_command("agent-1"), True),
+        ("operator", T.status("agent-1"), False),  # operators cannot speak for agents
+        ("operator", T.model_events("agent-1"), False),
+        ("operator", verdict("agent-1"), False),
+        ("agent-1", T.status("agent-1"), True),
+        ("agent-1", T.model_events("agent-1"), True),
+        ("agent-1", ack("agent-1"), True),
+        ("agent-1", verdict("agent-1"), True),
+        ("agent-1", heatmap("agent-1"), True),
+        ("agent-1", verdict("agent-2"), False),  # another agent's camera, on its line
+        ("agent-1", verdict("agent-2", "line-2"), False),
+        ("agent-1", T.status("agent-2"), False),
+        ("agent-1", ack("agent-2"), False),
+        ("agent-1", meta("agent-1"), False),  # an agent cannot push to itself
+        ("agent-1", chunk("agent-1"), False),
+        ("agent-1", T.model_command("agent-1"), False),  # nor command itself
+        ("agent-2", chunk("agent-1"), False),
+        ("agent-2", verdict("agent-2", "line-2"), True),
     ],
 )
 def test_who_may_publish_where(clients: dict[str, Client], user: str, topic: str, allowed: bool) -> None:
@@ -204,10 +231,10 @@ def test_who_may_publish_where(clients: dict[str, Client], user: str, topic: str
 
 def test_the_operator_pushes_to_each_agent_and_only_that_agent_receives_it(clients: dict[str, Client]) -> None:
     for agent in ("agent-1", "agent-2"):
-        assert clients["operator"].publish(f"lineguard/{agent}/model/push/t/meta", agent.encode()).value == 0
+        assert clients["operator"].publish(meta(agent), agent.encode()).value == 0
     for agent, other in (("agent-1", "agent-2"), ("agent-2", "agent-1")):
-        assert clients[agent].wait_for(f"lineguard/{agent}/model/push/t/meta")
-        assert clients[agent].received(f"lineguard/{other}/model/push/t/meta") == []
+        assert clients[agent].wait_for(meta(agent))
+        assert clients[agent].received(meta(other)) == []
 
 
 def test_a_whole_push_runs_under_the_acl(broker: MosquittoBroker, tmp_path: Path) -> None:
@@ -289,15 +316,15 @@ def test_with_client_certificates_the_cn_is_the_user_the_acl_names(tmp_path: Pat
         try:
             assert [c.connack.value for c in (operator, agent_1, stranger) if c.connack] == [0, 0, 0]
             assert operator.subscribe("lineguard/#")[0].value == 1
-            assert operator.publish("lineguard/agent-1/model/push/t/meta").value == 0
-            assert agent_1.publish("lineguard/agent-2/model/push/t/meta").value == NOT_AUTHORIZED
-            assert agent_1.publish("lineguard/agent-1/status").value == 0
-            # Any certificate from the CA gets the pattern rights of its CN: here lineguard/lineguard-test-stranger/#.
-            assert stranger.publish("lineguard/lineguard-test-stranger/status").value == 0
-            assert stranger.publish("lineguard/agent-1/model/push/t/meta").value == NOT_AUTHORIZED
-            assert operator.wait_for("lineguard/agent-1/status")
+            assert operator.publish(meta("agent-1")).value == 0
+            assert agent_1.publish(meta("agent-2")).value == NOT_AUTHORIZED
+            assert agent_1.publish(T.status("agent-1")).value == 0
+            # Any certificate from the CA gets the pattern rights of its CN: here, its own agent topics.
+            assert stranger.publish(T.status("lineguard-test-stranger")).value == 0
+            assert stranger.publish(meta("agent-1")).value == NOT_AUTHORIZED
+            assert operator.wait_for(T.status("agent-1"))
             time.sleep(0.1)
-            assert "lineguard/agent-2/model/push/t/meta" not in [topic for topic, _ in operator.messages]
+            assert meta("agent-2") not in [topic for topic, _ in operator.messages]
         finally:
             for client in (operator, agent_1, stranger):
                 client.close()

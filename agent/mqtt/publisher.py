@@ -16,7 +16,6 @@ every drop is counted and logged (at most one WARNING per 10 s).
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import sys
 import threading
@@ -26,63 +25,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from .config import MqttConfig
+from ..config import MqttConfig
+from ..contract import AgentStatus, Record
+from .client import RECONNECT_MAX_S, RECONNECT_MIN_S, MqttError, Will, make_client, start, stop, tls_enabled
 
 log = logging.getLogger(__name__)
 
 MAX_INFLIGHT = 20  # unacknowledged QoS >= 1 messages; lowered to the broker's Receive Maximum (Mosquitto: 20)
-SESSION_EXPIRY_S = 3600  # the broker keeps our session this long after a lost connection
-RECONNECT_MIN_S = 1  # paho doubles the wait after each failed attempt, up to RECONNECT_MAX_S
-RECONNECT_MAX_S = 5
 DROP_LOG_INTERVAL_S = 10.0
 MAX_PAYLOAD_BYTES = 268_435_455  # MQTT's limit
-
-
-class MqttError(Exception):
-    """The MQTT client cannot be set up (TLS files) or used (closed, sender thread failed)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Topics:
-    """Every topic the agent publishes on."""
-
-    prefix: str
-    line: str
-    agent_id: str
-
-    def verdict(self, camera: str) -> str:
-        return f"{self.prefix}/{self.line}/{_level(camera, 'camera')}/verdict"
-
-    def heatmap(self, camera: str) -> str:
-        return f"{self.prefix}/{self.line}/{_level(camera, 'camera')}/heatmap"
-
-    @property
-    def status(self) -> str:
-        return f"{self.prefix}/{self.agent_id}/status"
-
-    @property
-    def model_events(self) -> str:
-        return f"{self.prefix}/{self.agent_id}/model/events"
-
-
-def topics(prefix: str, line: str, agent_id: str) -> Topics:
-    """Topics under `prefix` (may contain '/') for one line and agent (single topic levels)."""
-    if not prefix or "+" in prefix or "#" in prefix or "//" in prefix or prefix.startswith("/") or prefix.endswith("/"):
-        msg = f"MQTT topic prefix {prefix!r} must be non-empty, without wildcards or empty levels"
-        raise ValueError(msg)
-    return Topics(prefix, _level(line, "line"), _level(agent_id, "agent id"))
-
-
-def _level(name: str, role: str) -> str:
-    if not name or any(char in name for char in "/+#\0"):
-        msg = f"{role} {name!r} cannot be an MQTT topic level: it must be non-empty, without '/', '+' or '#'"
-        raise ValueError(msg)
-    return name
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,16 +48,17 @@ class _Message:
     payload: bytes
     qos: int
     retain: bool
+    properties: Properties | None = None
 
 
 class MqttPublisher:
     """One paho client (MQTT 5, persistent session, last will) fed from a bounded local FIFO."""
 
-    def __init__(self, config: MqttConfig, *, client_id: str, status_topic: str) -> None:
-        """Connects in the background and keeps reconnecting; raises MqttError if the TLS files do not load."""
-        if not client_id:
-            msg = "MQTT client_id must be non-empty: the broker keeps the session under it"
-            raise ValueError(msg)
+    def __init__(self, config: MqttConfig, *, client_id: str, status_topic: str, will: AgentStatus | None) -> None:
+        """Connects in the background and keeps reconnecting; raises MqttError if the TLS files do not load.
+
+        will: the retained status the broker publishes on `status_topic` if this client vanishes (None: no will).
+        """
         _check_topic(status_topic)
         self._config = config
         self._client_id = client_id
@@ -130,54 +87,35 @@ class MqttPublisher:
         self._connect_failures = 0
         self._refused = False  # the broker refused the last CONNECT: on_disconnect need not say more
         self._last_drop_log: dict[str, float] = {}
-        self._client = self._make_client()
+        will_message = None if will is None else Will(status_topic, will.encode())
+        # No client.enable_logger(): paho logs an ERROR at every failed reconnect attempt; we log state changes.
+        self._client = make_client(config, client_id, will=will_message)
+        self._client.max_inflight_messages_set(MAX_INFLIGHT)  # only takes effect before connect()
+        self._client.on_connect = self._on_connect
+        self._client.on_connect_fail = self._on_connect_fail
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_publish = self._on_publish
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
         self._sender.start()
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = SESSION_EXPIRY_S
-        self._client.connect_async(
-            config.host, config.port, config.keepalive_s, clean_start=False, properties=properties
-        )
-        self._client.loop_start()
-        log.info("mqtt client %s connecting to %s (tls: %s)", client_id, self._where, self._tls_enabled)
-
-    @property
-    def _tls_enabled(self) -> bool:
-        return self._config.tls_ca is not None or self._config.tls_cert is not None
-
-    def _make_client(self) -> mqtt.Client:
-        config = self._config
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=MQTTProtocolVersion.MQTTv5
-        )
-        # No client.enable_logger(): paho logs an ERROR at every failed reconnect attempt; we log state changes.
-        client.max_inflight_messages_set(MAX_INFLIGHT)  # only takes effect before connect()
-        client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
-        will = {"online": False, "client_id": self._client_id, "reason": "connection lost"}
-        client.will_set(self._status_topic, json.dumps(will), qos=1, retain=True)
-        if config.username:
-            client.username_pw_set(config.username, config.password or None)
-        if self._tls_enabled:
-            ca, cert, key = (str(path) if path else None for path in (config.tls_ca, config.tls_cert, config.tls_key))
-            try:
-                client.tls_set(ca_certs=ca, certfile=cert, keyfile=key)
-            except OSError as error:  # ssl.SSLError is an OSError
-                msg = f"cannot load TLS files (mqtt.tls_ca={ca}, tls_cert={cert}, tls_key={key}): {error}"
-                raise MqttError(msg) from error
-        client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
-        client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
-        return client
+        start(self._client, config, persistent=True)
+        log.info("mqtt client %s connecting to %s (tls: %s)", client_id, self._where, tls_enabled(config))
 
     # -- caller side: never blocks ------------------------------------------------------------------------
 
-    def publish_json(self, topic: str, payload: dict[str, Any], *, qos: int, retain: bool = False) -> None:
-        """Queue `payload` as compact JSON; NaN or infinity raises ValueError (subscribers could not parse it)."""
-        data = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
-        self.publish_bytes(topic, data, qos=qos, retain=retain)
+    def publish(self, topic: str, record: Record, *, qos: int, retain: bool = False) -> None:
+        """Queue one contract record (ContractError if it breaks the contract, e.g. too large)."""
+        self.publish_bytes(topic, record.encode(), qos=qos, retain=retain)
 
-    def publish_bytes(self, topic: str, payload: bytes, *, qos: int, retain: bool = False) -> None:
+    def publish_bytes(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int,
+        retain: bool = False,
+        user_properties: list[tuple[str, str]] | None = None,
+        content_type: str = "",
+    ) -> None:
         """Queue one message; QoS 0 messages are the first dropped when the local queue is full."""
         _check_topic(topic)
         if qos not in (0, 1, 2):
@@ -190,7 +128,8 @@ class MqttPublisher:
             if self._closed or self._sender_error is not None:
                 msg = f"MQTT publisher {self._client_id} is closed; cannot publish to {topic}"
                 raise MqttError(msg) from self._sender_error
-            message = _Message(next(self._seq), topic, bytes(payload), qos, retain)
+            properties = _publish_properties(user_properties, content_type)
+            message = _Message(next(self._seq), topic, bytes(payload), qos, retain, properties)
             if topic == self._status_topic and retain:
                 self._last_status = message.payload
             self._enqueue(message)
@@ -256,14 +195,14 @@ class MqttPublisher:
         """Connection attempts that failed (nothing listening, TLS error, refused); paho waits >= 1 s after each."""
         return self._connect_failures
 
-    def close(self, *, offline_status: dict[str, Any] | None = None, flush_timeout_s: float = 2.0) -> None:
-        """Publish the retained offline status (`offline_status` plus "online": false), flush, disconnect."""
+    def close(self, *, offline_status: AgentStatus | None = None, flush_timeout_s: float = 2.0) -> None:
+        """Publish the retained offline status (when given), flush, disconnect."""
         with self._cond:
             if self._closed:
                 return
             usable = self._sender_error is None
-        if usable:
-            self.publish_json(self._status_topic, {**(offline_status or {}), "online": False}, qos=1, retain=True)
+        if usable and offline_status is not None:
+            self.publish(self._status_topic, offline_status, qos=1, retain=True)
         if usable and not self.flush(flush_timeout_s):
             log.warning(
                 "closing mqtt client %s with %d messages the broker %s has not acknowledged; they are lost",
@@ -275,8 +214,7 @@ class MqttPublisher:
             self._closed = True
             self._cond.notify_all()
         self._sender.join(timeout=5.0)
-        self._client.disconnect()  # a clean DISCONNECT: the broker does not publish the will
-        self._client.loop_stop()
+        stop(self._client)  # a clean DISCONNECT: the broker does not publish the will
         log.info(
             "mqtt client %s closed: %d acknowledged, %d dropped", self._client_id, self._acknowledged, self._dropped
         )
@@ -292,7 +230,13 @@ class MqttPublisher:
     def _send_loop(self) -> None:
         try:
             while (message := self._next_message()) is not None:
-                info = self._client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+                info = self._client.publish(
+                    message.topic,
+                    message.payload,
+                    qos=message.qos,
+                    retain=message.retain,
+                    properties=message.properties,
+                )
                 with self._cond:
                     self._after_publish(message, info)
         except Exception as error:  # top of the thread: make the failure visible to callers
@@ -415,3 +359,14 @@ def _check_topic(topic: str) -> None:
     if not topic or "+" in topic or "#" in topic or "\0" in topic:
         msg = f"cannot publish to MQTT topic {topic!r}: it must be non-empty, without wildcards"
         raise ValueError(msg)
+
+
+def _publish_properties(user_properties: list[tuple[str, str]] | None, content_type: str) -> Properties | None:
+    if not user_properties and not content_type:
+        return None
+    properties = Properties(PacketTypes.PUBLISH)
+    if user_properties:
+        properties.UserProperty = user_properties
+    if content_type:
+        properties.ContentType = content_type
+    return properties

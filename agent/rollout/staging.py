@@ -1,6 +1,6 @@
 """Staged transfers on the agent's disk: staging/<transfer_id>/ with archive.tar and transfer.json (chunk map).
 
-See lineguard.agent.transfer.protocol for the topics, acks and resume rules.
+See agent/rollout/wire.py for the topics, acks and resume rules.
 """
 
 from __future__ import annotations
@@ -15,13 +15,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lineguard.agent.transfer.protocol import (
-    TRANSFER_ID_PATTERN,
-    State,
-    TransferMeta,
-    _expand,
-    _ranges,
-)
+from lineguard.agent.contract import TransferMeta, TransferState, decode
+from lineguard.agent.contract.codec import ID_PATTERN
+from lineguard.agent.rollout.wire import as_ranges, expand
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +33,18 @@ def _remove(path: Path) -> None:
         log.warning("cannot remove %s (%s); remove it by hand", path, error)
 
 
-RECORD_FILE = "transfer.json"
+RECORD_FILE = "transfer.json"  # chunk map and state: rewritten after every chunk, small
+META_FILE = "meta.json"  # the TransferMeta: written when the transfer starts (and when a new push_id resumes it)
 
 
 @dataclass
 class _Incoming:
-    """One staged transfer: its meta, folder and chunk map; transfer.json mirrors it after every change."""
+    """One staged transfer: its meta, folder and chunk map; meta.json and transfer.json mirror it on disk."""
 
     meta: TransferMeta
     folder: Path
     received: set[int] = field(default_factory=set)
-    state: State = "receiving"
+    state: TransferState = "receiving"
     reason: str = ""
     updated_unix_s: float = field(default_factory=time.time)
 
@@ -73,31 +70,34 @@ class _Incoming:
         with (folder / "archive.tar").open("wb") as handle:
             handle.truncate(meta.total_bytes)  # sparse until the chunks land
         incoming = cls(meta, folder)
-        incoming.save()
+        incoming.replace_meta(meta)
         return incoming
 
     @classmethod
     def load(cls, folder: Path) -> _Incoming:
-        """Raises OSError, ValueError, KeyError or TypeError for a missing or damaged transfer.json."""
+        """Raises OSError, ValueError (ContractError), KeyError or TypeError for a missing or damaged transfer."""
+        meta = decode(TransferMeta, (folder / META_FILE).read_bytes())
         raw = json.loads((folder / RECORD_FILE).read_bytes())
-        meta = TransferMeta.model_validate(raw["meta"])
         if meta.transfer_id != folder.name or raw["state"] not in ("receiving", "received", "failed"):
             msg = f"{folder / RECORD_FILE} does not describe transfer {folder.name}"
             raise ValueError(msg)
-        received = _expand(raw["received"]) & set(range(meta.chunk_count))
+        received = expand(tuple(map(tuple, raw["received"]))) & set(range(meta.chunk_count))
         return cls(meta, folder, received, raw["state"], str(raw["reason"]), float(raw["updated_unix_s"]))
+
+    def replace_meta(self, meta: TransferMeta) -> None:
+        """Take a (re-sent) meta of the same archive, on disk too."""
+        self.meta, self.updated_unix_s = meta, time.time()
+        _write_atomically(self.folder / META_FILE, meta.encode())
+        self.save()
 
     def save(self) -> None:
         record = {
-            "meta": self.meta.model_dump(mode="json"),
-            "received": _ranges(self.received),
+            "received": as_ranges(self.received),
             "state": self.state,
             "reason": self.reason,
             "updated_unix_s": self.updated_unix_s,
         }
-        temporary = self.folder / f"{RECORD_FILE}.tmp"
-        temporary.write_text(json.dumps(record))
-        temporary.replace(self.folder / RECORD_FILE)  # atomic: a crash leaves the old map or the new one
+        _write_atomically(self.folder / RECORD_FILE, json.dumps(record).encode())
 
     def check(self, index_text: str, data: bytes) -> tuple[int | None, str]:
         """(index, "") for a chunk that belongs at `index`, else (index or None, why not)."""
@@ -124,11 +124,18 @@ class _Incoming:
         self.save()
 
 
+def _write_atomically(path: Path, data: bytes) -> None:
+    """A crash leaves the old file or the new one, never a torn one."""
+    temporary = path.with_name(f"{path.name}.tmp")
+    temporary.write_bytes(data)
+    temporary.replace(path)
+
+
 def _load_staged(staging_dir: Path) -> dict[str, _Incoming]:
     """Transfers staged by an earlier receiver; unreadable transfer folders are removed."""
     transfers: dict[str, _Incoming] = {}
     for folder in sorted(staging_dir.iterdir()):
-        if not folder.is_dir() or not re.fullmatch(TRANSFER_ID_PATTERN, folder.name):
+        if not folder.is_dir() or not re.fullmatch(ID_PATTERN, folder.name):
             continue
         try:
             transfers[folder.name] = _Incoming.load(folder)

@@ -1,11 +1,10 @@
 """Agent side of a push: BundleReceiver stages chunks on disk, checks and unpacks the archive, hands it on.
 
-See lineguard.agent.transfer.protocol for the topics, acks and resume rules.
+See agent/rollout/wire.py for the topics, acks and resume rules.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import shutil
@@ -16,26 +15,25 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from lineguard.agent.bundle import file_sha256
 from lineguard.agent.config import MqttConfig
-from lineguard.agent.transfer.archive import unpack_bundle
-from lineguard.agent.transfer.protocol import (
-    INBOX_MAX_BYTES,
-    MAX_ARCHIVE_BYTES,
-    SESSION_EXPIRY_S,
-    Ack,
-    ArchiveError,
+from lineguard.agent.contract import (
+    ANY,
+    ContractError,
+    ModelEvent,
     PushTopics,
-    State,
+    Topics,
+    TransferAck,
     TransferMeta,
-    _ranges,
-    make_client,
-    push_topics,
+    TransferState,
+    clip,
+    decode,
 )
-from lineguard.agent.transfer.staging import _Incoming, _load_staged, _remove
+from lineguard.agent.mqtt import make_client, start, stop
+from lineguard.agent.rollout.archive import unpack_bundle
+from lineguard.agent.rollout.staging import _Incoming, _load_staged, _remove
+from lineguard.agent.rollout.wire import INBOX_MAX_BYTES, MAX_ARCHIVE_BYTES, ArchiveError, as_ranges
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +63,12 @@ class BundleReceiver:
         abandon_after_s: float = 600.0,
         max_archive_bytes: int = MAX_ARCHIVE_BYTES,
     ) -> None:
-        push_topics(config.topic_prefix, agent_id, "check")  # ValueError for an agent id that is no topic level
+        self._topics = Topics(config.topic_prefix)
+        self._subscriptions = self._topics.push(agent_id, ANY)  # ContractError for an agent id that is no level
         if abandon_after_s <= 0 or max_archive_bytes <= 0:
             msg = f"abandon_after_s and max_archive_bytes must be > 0, got {abandon_after_s}, {max_archive_bytes}"
             raise ValueError(msg)
-        self._prefix, self._agent_id = config.topic_prefix, agent_id
-        self._subscription = f"{config.topic_prefix}/{agent_id}/model/push/"
+        self._agent_id = agent_id
         self._staging_dir = staging_dir
         self._on_bundle = on_bundle
         self._abandon_after_s, self._max_archive_bytes = abandon_after_s, max_archive_bytes
@@ -89,12 +87,7 @@ class BundleReceiver:
         self._client.on_message = self._on_message
         self._worker = threading.Thread(target=self._work, name="bundle-receiver", daemon=True)
         self._worker.start()
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = SESSION_EXPIRY_S
-        self._client.connect_async(
-            config.host, config.port, config.keepalive_s, clean_start=False, properties=properties
-        )
-        self._client.loop_start()
+        start(self._client, config, persistent=True)
         log.info("bundle receiver %s: staging in %s, %d transfers on disk", agent_id, staging_dir, len(self._transfers))
 
     def wait_subscribed(self, timeout_s: float) -> bool:
@@ -103,7 +96,7 @@ class BundleReceiver:
 
     def missing_chunks(self, transfer_id: str) -> list[int] | None:
         """Chunk indices the staged transfer still needs, from its chunk map on disk; None if none is staged."""
-        push_topics(self._prefix, self._agent_id, transfer_id)  # ValueError for a name that is no folder of ours
+        self._topics.push(self._agent_id, transfer_id)  # ContractError for a name that is no folder of ours
         try:
             return sorted(_Incoming.load(self._staging_dir / transfer_id).missing())
         except (OSError, ValueError, KeyError, TypeError):
@@ -116,8 +109,7 @@ class BundleReceiver:
         self._worker.join(timeout_s)
         if self._worker.is_alive():
             log.warning("bundle receiver still busy after %g s (in on_bundle?); disconnecting anyway", timeout_s)
-        self._client.disconnect()
-        self._client.loop_stop()
+        stop(self._client)
 
     def __enter__(self) -> BundleReceiver:
         return self
@@ -132,7 +124,7 @@ class BundleReceiver:
             log.error("bundle receiver: broker refused the connection: %s; check mqtt.username/password", reason)
             return
         log.info("bundle receiver connected (session present: %s)", flags.session_present)
-        client.subscribe([(f"{self._subscription}+/meta", 1), (f"{self._subscription}+/chunk/+", 1)])
+        client.subscribe([(self._subscriptions.meta, 1), (self._subscriptions.chunk(ANY), 1)])
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self._subscribed.clear()
@@ -141,7 +133,7 @@ class BundleReceiver:
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: list[Any], properties: Any) -> None:
         if any(code.is_failure for code in codes):
-            log.error("bundle receiver: broker refused the subscriptions to %s: %s", self._subscription, codes)
+            log.error("bundle receiver: broker refused the subscriptions to %s: %s", self._subscriptions.meta, codes)
         else:
             self._subscribed.set()
 
@@ -181,24 +173,23 @@ class BundleReceiver:
     def _dispatch(self, topic: str, payload: bytes) -> None:
         with self._lock:
             self._inbox_bytes -= len(payload)
-        levels = topic[len(self._subscription) :].split("/")
-        try:
-            topics = push_topics(self._prefix, self._agent_id, levels[0])
-        except ValueError as error:
-            log.warning("ignoring a push on %s: %s", topic, error)
+        match = self._topics.match(topic)
+        if match is None or match.levels.get("agent") != self._agent_id:
+            log.warning("ignoring a message on %s: not a push topic of this agent", clip(topic, 200))
             return
-        if levels[1:] == ["meta"]:
+        topics = self._topics.push(self._agent_id, match.levels["transfer"])
+        if match.channel.name == "push_meta":
             self._on_meta(topics, payload)
-        elif len(levels) == 3 and levels[1] == "chunk":
-            self._on_chunk(topics, levels[2], payload)
+        elif match.channel.name == "push_chunk":
+            self._on_chunk(topics, match.levels["index"], payload)
 
     def _on_meta(self, topics: PushTopics, payload: bytes) -> None:
         try:
-            meta = TransferMeta.decode(payload)
-            if meta.transfer_id != topics.transfer_id:
-                msg = f"transfer_id {meta.transfer_id!r} differs from the topic's {topics.transfer_id!r}"
-                raise ValueError(msg)
-        except ValueError as error:
+            meta = decode(TransferMeta, payload)
+            if meta.transfer_id != topics.transfer:
+                msg = f"transfer_id {meta.transfer_id!r} differs from the topic's {topics.transfer!r}"
+                raise ContractError(msg)
+        except ContractError as error:
             self._publish_verdict(topics, None, "failed", f"meta is not valid: {error}")
             return
         current = self._transfers.get(meta.transfer_id)
@@ -210,8 +201,7 @@ class BundleReceiver:
                     len(current.received),
                     meta.chunk_count,
                 )
-                current.meta, current.updated_unix_s = meta, time.time()
-                current.save()
+                current.replace_meta(meta)
                 self._answer_meta(current)
                 return
             if current.meta.push_id == meta.push_id:  # the same push asking again: repeat the verdict
@@ -238,18 +228,16 @@ class BundleReceiver:
         if incoming.complete:  # staged before a restart: install it now
             self._finish(incoming)
         else:
-            self._ack(incoming, "receiving", missing=_ranges(incoming.missing()))
+            self._ack(incoming, "receiving", missing=as_ranges(incoming.missing()))
 
     def _on_chunk(self, topics: PushTopics, index_text: str, payload: bytes) -> None:
-        incoming = self._transfers.get(topics.transfer_id)
+        incoming = self._transfers.get(topics.transfer)
         if incoming is None or incoming.state != "receiving":  # late duplicates, or meta not seen yet
-            log.debug(
-                "ignoring chunk %s of transfer %s (%s)", index_text, topics.transfer_id, incoming and incoming.state
-            )
+            log.debug("ignoring chunk %s of transfer %s (%s)", index_text, topics.transfer, incoming and incoming.state)
             return
         index, problem = incoming.check(index_text, payload)
         if index is None or problem:
-            log.warning("transfer %s: refused %s", topics.transfer_id, problem)
+            log.warning("transfer %s: refused %s", topics.transfer, problem)
             self._ack(incoming, "receiving", chunk=index, refused=problem)
             return
         if index not in incoming.received:
@@ -282,14 +270,12 @@ class BundleReceiver:
             ok, reason = False, f"on_bundle failed: {type(error).__name__}: {error}"
         self._conclude(incoming, "received" if ok else "failed", str(reason))
 
-    def _conclude(self, incoming: _Incoming, state: State, reason: str) -> None:
+    def _conclude(self, incoming: _Incoming, state: TransferState, reason: str) -> None:
         incoming.state, incoming.reason, incoming.updated_unix_s = state, reason, time.time()
         _remove(incoming.archive)
         _remove(incoming.bundle)
         incoming.save()  # only transfer.json stays, until the sweep: a sender asking again gets the verdict
-        self._publish_verdict(
-            push_topics(self._prefix, self._agent_id, incoming.meta.transfer_id), incoming, state, reason
-        )
+        self._publish_verdict(self._topics.push(self._agent_id, incoming.meta.transfer_id), incoming, state, reason)
 
     def _sweep(self) -> None:
         """Install transfers staged whole before a restart; fail and remove those idle for abandon_after_s."""
@@ -321,27 +307,43 @@ class BundleReceiver:
     def _ack(
         self,
         incoming: _Incoming,
-        state: State,
+        state: TransferState,
         *,
         missing: tuple[tuple[int, int], ...] | None = None,
         chunk: int | None = None,
         refused: str = "",
     ) -> None:
-        ack = Ack(
-            incoming.meta.transfer_id, state, len(incoming.received), incoming.meta.chunk_count, missing, chunk, refused
+        ack = TransferAck(
+            transfer_id=incoming.meta.transfer_id,
+            state=state,
+            received=len(incoming.received),
+            chunk_count=incoming.meta.chunk_count,
+            missing=missing,
+            chunk=chunk,
+            refused=clip(refused, 500),
         )
-        topics = push_topics(self._prefix, self._agent_id, incoming.meta.transfer_id)
+        topics = self._topics.push(self._agent_id, incoming.meta.transfer_id)
         self._client.publish(topics.ack, ack.encode(), qos=1)
 
     def _publish_verdict(
-        self, topics: PushTopics, incoming: _Incoming | None, state: State, reason: str, *, model: str = ""
+        self, topics: PushTopics, incoming: _Incoming | None, state: TransferState, reason: str, *, model: str = ""
     ) -> None:
-        """The final answer on the ack topic and, as an event, on `<prefix>/<agent_id>/model/events`."""
+        """The final answer on the ack topic and, as a ModelEvent, on the agent's model events topic."""
         received, count = (len(incoming.received), incoming.meta.chunk_count) if incoming else (0, 0)
         model = incoming.meta.model if incoming else model
-        ack = Ack(topics.transfer_id, state, received, count, reason=reason)
+        reason = clip(reason, 500)
+        ack = TransferAck(transfer_id=topics.transfer, state=state, received=received, chunk_count=count, reason=reason)
         self._client.publish(topics.ack, ack.encode(), qos=1)
-        event = {"transfer_id": topics.transfer_id, "model": model, "state": state, "reason": reason}
-        self._client.publish(topics.events, json.dumps(event, separators=(",", ":")).encode(), qos=1)
+        event = ModelEvent(
+            agent_id=self._agent_id,
+            action="push",
+            request_id=topics.transfer,
+            outcome="accepted" if state == "received" else "refused",
+            model=model,
+            serving=model if state == "received" else "",
+            reason=reason,
+            ts=time.time(),
+        )
+        self._client.publish(self._topics.model_events(self._agent_id), event.encode(), qos=1)
         level = logging.INFO if state == "received" else logging.ERROR
-        log.log(level, "transfer %s of %s %s: %s", topics.transfer_id, model or "?", state, reason)
+        log.log(level, "transfer %s of %s %s: %s", topics.transfer, model or "?", state, reason)

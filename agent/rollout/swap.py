@@ -1,4 +1,4 @@
-"""Model changes on a running agent: install into the store, swap in the engine, record; or roll back.
+"""Where a verified bundle becomes the serving model: install into the store, swap in the engine, record; or roll back.
 
 The engine loads the candidate beside the serving model, runs its canary and swaps between two
 batches; only then does the store's `active` link move. A candidate that fails any check leaves
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import zmq
 
-from .bundle import BundleError
-from .config import AgentConfig
-from .ipc import Receiver, Sender, endpoint
-from .messages import SwapModel, SwapResult
-from .models import ModelStore, label_of, store_root
-from .signing import load_trusted_keys
+from ..bundle import BundleError
+from ..config import AgentConfig
+from ..ipc import Receiver, Sender, endpoint
+from ..messages import SwapModel, SwapResult
+from ..signing import load_trusted_keys
+from .store import ModelStore, label_of, store_root
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 def request_swap(config: AgentConfig, bundle_dir: Path, *, timeout_s: float = 60.0) -> SwapResult:
     """Ask the running engine to serve bundle_dir; its answer (ok, or the reason it refused)."""
     context = zmq.Context()
-    replies = Receiver(context, endpoint(config.run_dir, "model-manager"))
+    replies = Receiver(context, endpoint(config.run_dir, "rollout"))
     engine = Sender(context, endpoint(config.run_dir, "engine-control"))
     try:
         if not engine.wait_connected(timeout_s=5.0):

@@ -1,6 +1,6 @@
 """Operator side of a push: BundleSender sends one bundle to one agent, resuming where the agent stands.
 
-See lineguard.agent.transfer.protocol for the topics, acks and resume rules.
+See agent/rollout/wire.py for the topics, acks and resume rules; the agent's side is agent/rollout/receiver.py.
 """
 
 from __future__ import annotations
@@ -19,26 +19,23 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from lineguard.agent.config import MqttConfig
-from lineguard.agent.transfer.archive import pack_bundle, read_model_id
-from lineguard.agent.transfer.protocol import (
-    CHUNK_BYTES,
-    CONNECT_TIMEOUT_S,
+from lineguard.agent.contract import (
     MAX_CHUNK_BYTES,
-    MAX_REFUSALS,
     MIN_CHUNK_BYTES,
-    WINDOW_CHUNKS,
-    Ack,
+    ContractError,
+    ModelCommand,
     PushTopics,
-    TransferError,
+    Topics,
+    TransferAck,
     TransferMeta,
-    _expand,
-    make_client,
-    push_topics,
+    decode,
 )
+from lineguard.agent.mqtt import make_client, stop
+from lineguard.agent.mqtt.client import CONNECT_TIMEOUT_S
+from lineguard.agent.rollout.archive import pack_bundle, read_model_id
+from lineguard.agent.rollout.wire import CHUNK_BYTES, MAX_REFUSALS, WINDOW_CHUNKS, TransferError, expand
 
 log = logging.getLogger(__name__)
-
-# -- operator side ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +85,7 @@ class _Push:
 
     def ask(self) -> None:
         """Publish meta: the agent answers with the chunks it still needs."""
-        self.client.publish(self.topics.meta, self.meta.model_dump_json().encode(), qos=1)
+        self.client.publish(self.topics.meta, self.meta.encode(), qos=1)
         self.waiting_for_list = True
         self.in_flight.clear()
         self.to_send.clear()
@@ -103,24 +100,26 @@ class _Push:
             self.in_flight.add(index)
             self.chunks_sent += 1
 
-    def handle(self, ack: Ack) -> bool:
+    def handle(self, ack: TransferAck) -> bool:
         """Apply one ack; True when it confirmed a new chunk. TransferError when the agent refuses the push."""
         if ack.state == "failed":
-            msg = f"agent {self.topics.agent_id} refused transfer {self.meta.transfer_id} of {self.meta.model}: {ack.reason}"
+            msg = (
+                f"agent {self.topics.agent} refused transfer {self.meta.transfer_id} of {self.meta.model}: {ack.reason}"
+            )
             raise TransferError(msg, reason=ack.reason)
         if ack.missing is not None and self.waiting_for_list:
-            missing = _expand(ack.missing)
+            missing = expand(ack.missing) & set(range(self.meta.chunk_count))  # the agent's ranges are bounded here
             self.received = set(range(self.meta.chunk_count)) - missing
             self.to_send = deque(sorted(missing))
             self.waiting_for_list = False
-        if ack.chunk is None:
+        if ack.chunk is None or ack.chunk >= self.meta.chunk_count:
             return False
         self.in_flight.discard(ack.chunk)
         if ack.refused:
             self.refusals[ack.chunk] += 1
-            log.warning("agent %s refused chunk %d: %s", self.topics.agent_id, ack.chunk, ack.refused)
+            log.warning("agent %s refused chunk %d: %s", self.topics.agent, ack.chunk, ack.refused)
             if self.refusals[ack.chunk] >= MAX_REFUSALS:
-                msg = f"agent {self.topics.agent_id} refused chunk {ack.chunk} {MAX_REFUSALS} times: {ack.refused}"
+                msg = f"agent {self.topics.agent} refused chunk {ack.chunk} {MAX_REFUSALS} times: {ack.refused}"
                 raise TransferError(msg, reason=ack.refused)
             self.to_send.appendleft(ack.chunk)
             return False
@@ -169,7 +168,7 @@ class BundleSender:
         if not 1 <= window_chunks <= 64 or ask_interval_s <= 0:
             msg = f"window_chunks must be in 1..64 and ask_interval_s > 0, got {window_chunks}, {ask_interval_s}"
             raise ValueError(msg)
-        self._prefix = config.topic_prefix
+        self._topics = Topics(config.topic_prefix)
         self._chunk_bytes, self._window, self._ask_interval_s = chunk_bytes, window_chunks, ask_interval_s
         self._where = f"{config.host}:{config.port}"
         self._inbox: queue.Queue[object] = queue.Queue()
@@ -196,13 +195,20 @@ class BundleSender:
             raise TransferError(msg)
 
     def send(
-        self, bundle_dir: Path, *, agent_id: str, timeout_s: float = 600.0, progress: ProgressCallback | None = None
+        self,
+        bundle_dir: Path,
+        *,
+        agent_id: str,
+        timeout_s: float = 600.0,
+        progress: ProgressCallback | None = None,
+        command: Callable[[TransferMeta], ModelCommand | None] | None = None,
     ) -> TransferResult:
         """Push the bundle to `agent_id`; return once the agent has verified and accepted it.
 
         Raises TransferError (the agent refused it: `.reason` holds why; or no verdict within timeout_s),
         BundleError (no readable manifest), ArchiveError (links or special files in the bundle). An exception
-        raised by `progress` stops the push; a later send() of the same bundle resumes it."""
+        raised by `progress` stops the push; a later send() of the same bundle resumes it. `command` makes the
+        operator's signed push command for the meta (see deploy/commands.py)."""
         if timeout_s <= 0:
             msg = f"timeout_s must be > 0, got {timeout_s}"
             raise ValueError(msg)
@@ -211,7 +217,9 @@ class BundleSender:
         meta = TransferMeta.for_archive(
             archive, model_id=model_id, model_version=model_version, chunk_bytes=self._chunk_bytes
         )
-        topics = push_topics(self._prefix, agent_id, meta.transfer_id)
+        if command is not None:
+            meta = meta.model_copy(update={"command": command(meta)})
+        topics = self._topics.push(agent_id, meta.transfer_id)
         log.info(
             "pushing %s to %s as transfer %s: %d bytes in %d chunks",
             meta.model,
@@ -236,25 +244,25 @@ class BundleSender:
             now = time.monotonic()
             if now >= deadline:
                 msg = (
-                    f"agent {push.topics.agent_id} gave no verdict on transfer {push.meta.transfer_id} within "
+                    f"agent {push.topics.agent} gave no verdict on transfer {push.meta.transfer_id} within "
                     f"{timeout_s:g} s ({len(push.received)}/{push.meta.chunk_count} chunks confirmed); is it online "
                     f"and may this user publish to {push.topics.meta}?"
                 )
-                raise TransferError(msg)
+                raise TransferError(msg, timed_out=True)
             try:
                 item = self._inbox.get(timeout=min(deadline, heard + self._ask_interval_s) - now)
             except queue.Empty:
                 item = None
             if isinstance(item, _BrokerRefusal):
                 msg = (
-                    f"broker {self._where} refused our publish to {push.topics.base}/...: {item.reason}; "
+                    f"broker {self._where} refused our publish to {push.topics.meta}: {item.reason}; "
                     f"is user {self._user or '(anonymous)'} an operator in the broker's ACL (deploy/mosquitto/README.md)?"
                 )
                 raise TransferError(msg, reason=item.reason)
-            if not isinstance(item, Ack):
+            if not isinstance(item, TransferAck):
                 why = "reconnected" if item is _RECONNECTED else f"no answer for {self._ask_interval_s:g} s"
                 log.info(
-                    "transfer %s: %s; asking %s which chunks it lacks", push.meta.transfer_id, why, push.topics.agent_id
+                    "transfer %s: %s; asking %s which chunks it lacks", push.meta.transfer_id, why, push.topics.agent
                 )
                 push.ask()
                 heard = time.monotonic()
@@ -267,12 +275,12 @@ class BundleSender:
             if item.state == "received":
                 elapsed_s = time.monotonic() - started
                 log.info(
-                    "agent %s accepted %s in %.1f s: %s", push.topics.agent_id, push.meta.model, elapsed_s, item.reason
+                    "agent %s accepted %s in %.1f s: %s", push.topics.agent, push.meta.model, elapsed_s, item.reason
                 )
                 meta = push.meta
                 return TransferResult(
                     meta.transfer_id,
-                    push.topics.agent_id,
+                    push.topics.agent,
                     meta.model,
                     meta.total_bytes,
                     meta.chunk_count,
@@ -294,8 +302,7 @@ class BundleSender:
 
     def close(self) -> None:
         self._closing = True
-        self._client.disconnect()
-        self._client.loop_stop()
+        stop(self._client)
 
     def __enter__(self) -> BundleSender:
         return self
@@ -335,9 +342,6 @@ class BundleSender:
         if message.topic != self._ack_topic:
             return
         try:
-            self._inbox.put(Ack.decode(bytes(message.payload)))
-        except (ValueError, TypeError) as error:
+            self._inbox.put(decode(TransferAck, message.payload))
+        except ContractError as error:
             log.warning("ignoring a malformed ack on %s: %s", message.topic, error)
-
-
-# -- agent side -------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """A bundle as a deterministic tar: pack, check and unpack it; read its model id.
 
-See lineguard.agent.transfer.protocol for the topics, acks and resume rules.
+See agent/rollout/wire.py for how archives travel.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import tarfile
 from pathlib import Path, PurePosixPath
 
 from lineguard.agent.bundle import MANIFEST_FILE, BundleError
-from lineguard.agent.transfer.protocol import MAX_ARCHIVE_BYTES, ArchiveError
+from lineguard.agent.rollout.wire import MAX_ARCHIVE_BYTES, ArchiveError
 
 # -- the archive ----------------------------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ import pytest
 from bundle_tools import bundle_variant
 
 from lineguard.agent.bundle import BundleError
-from lineguard.agent.models import ModelStore, ModelStoreError, serving_bundle, store_root
+from lineguard.agent.rollout.store import ModelStore, ModelStoreError, serving_bundle, store_root
 from lineguard.agent.signing import SignatureError, load_public_key, public_key_path
 
 

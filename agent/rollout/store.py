@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .bundle import Manifest, verify_bundle
+from ..bundle import Manifest, verify_bundle
 
 log = logging.getLogger(__name__)
 

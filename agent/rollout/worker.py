@@ -1,0 +1,149 @@
+"""The agent's `rollout` process: bundles pushed by operators and their commands become model swaps here.
+
+A pushed bundle arrives in chunks (receiver.py), then goes through the same path as
+`lineguard-agent activate` (swap.py): signature and digests, install into the store, load beside
+the serving model, canary, swap. Commands (ModelCommand on `<prefix>/<agent_id>/model/command`)
+are decoded through the contract and run one at a time on one thread, from a bounded queue.
+Every outcome goes to the operator (the transfer's ack) and to everyone as a ModelEvent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+
+import zmq
+
+from ..bundle import BundleError
+from ..config import AgentConfig
+from ..contract import ContractError, ModelCommand, ModelEvent, Topics, clip, decode
+from ..ipc import Sender, endpoint
+from ..messages import Heartbeat
+from ..mqtt import MqttPublisher, Subscription
+from ..signing import KeyFileError, SignatureError
+from .receiver import BundleReceiver
+from .store import ModelStoreError
+from .swap import activate, rollback
+
+log = logging.getLogger(__name__)
+
+_REFUSALS = (BundleError, SignatureError, KeyFileError, ModelStoreError)
+COMMAND_QUEUE = 16  # commands waiting to run; more are refused (logged, counted), never a thread each
+DROP_LOG_INTERVAL_S = 10.0
+
+
+class RolloutWorker:
+    """Bundle pushes and model commands for one agent."""
+
+    def __init__(self, config: AgentConfig, context: zmq.Context) -> None:
+        self.config = config
+        self.topics = Topics(config.mqtt.topic_prefix)
+        base_id = config.mqtt.client_id or f"lineguard-{config.agent_id}"
+        self.publisher = MqttPublisher(
+            config.mqtt,
+            client_id=f"{base_id}-rollout",
+            status_topic=self.topics.model_events(config.agent_id),
+            will=None,
+        )
+        self.receiver = BundleReceiver(
+            config.mqtt, agent_id=config.agent_id, staging_dir=config.state_dir / "staging", on_bundle=self._on_bundle
+        )
+        self.to_supervisor = Sender(context, endpoint(config.run_dir, "supervisor"))
+        self.dropped = 0
+        self._last_drop_log = -DROP_LOG_INTERVAL_S
+        self._commands: queue.Queue[ModelCommand | None] = queue.Queue(maxsize=COMMAND_QUEUE)
+        self._runner = threading.Thread(target=self._run_commands, name="model-commands", daemon=True)
+        self._runner.start()
+        self._listener = Subscription(
+            config.mqtt, f"{base_id}-commands", [self.topics.model_command(config.agent_id)], self._on_message
+        )
+
+    def _on_bundle(self, path: Path, transfer_id: str) -> tuple[bool, str]:
+        try:
+            outcome = activate(self.config, path)
+        except _REFUSALS as error:
+            log.warning("push %s refused: %s", transfer_id, error)
+            return False, str(error)
+        return True, outcome
+
+    def _on_message(self, topic: str, payload: bytes, properties: object) -> None:
+        """paho's thread: decode and queue; never blocks, never raises."""
+        try:
+            command = decode(ModelCommand, payload)
+        except ContractError as error:
+            self._drop(f"refused a model command on {topic}: {error}")
+            return
+        try:
+            self._commands.put_nowait(command)
+        except queue.Full:
+            self._drop(f"refused model command {command.request_id}: {COMMAND_QUEUE} commands already waiting")
+
+    def _drop(self, what: str) -> None:
+        """Count a refused input; log it at most once every DROP_LOG_INTERVAL_S."""
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._last_drop_log >= DROP_LOG_INTERVAL_S:
+            self._last_drop_log = now
+            log.warning("%s (%d refused since start)", clip(what, 400), self.dropped)
+
+    def _run_commands(self) -> None:
+        while (command := self._commands.get()) is not None:
+            try:
+                self._execute(command)
+            except Exception:  # top of the command thread: one failed command must not end the listener
+                log.exception("model command %s failed", command.request_id)
+
+    def _execute(self, command: ModelCommand) -> None:
+        if command.agent_id != self.config.agent_id:
+            self._event(command, "refused", f"command is for agent {command.agent_id}, this is {self.config.agent_id}")
+            return
+        if command.action != "rollback":
+            self._event(command, "refused", f"action {command.action} is not a command here; pushes carry it in meta")
+            return
+        try:
+            label = rollback(self.config)
+        except _REFUSALS as error:
+            self._event(command, "refused", str(error))
+            return
+        self._event(command, "accepted", f"{label} is serving", serving=label)
+
+    def _event(self, command: ModelCommand, outcome: str, reason: str, *, serving: str = "") -> None:
+        event = ModelEvent(
+            agent_id=self.config.agent_id,
+            action=command.action,
+            request_id=command.request_id,
+            outcome=outcome,  # type: ignore[arg-type]
+            model=command.model,
+            serving=serving,
+            reason=clip(reason, 500),
+            ts=time.time(),
+        )
+        self.publisher.publish(self.topics.model_events(self.config.agent_id), event, qos=1)
+
+    def heartbeat(self) -> None:
+        self.to_supervisor.send(Heartbeat(process="rollout", pid=os.getpid(), t_ns=time.monotonic_ns()))
+
+    def close(self) -> None:
+        self._listener.close()
+        self._commands.put(None)
+        self._runner.join(timeout=30)
+        self.receiver.close(timeout_s=5.0)
+        self.publisher.close()
+        self.to_supervisor.close()
+
+
+def run(config: AgentConfig, stop: threading.Event) -> int:
+    """The rollout process body."""
+    context = zmq.Context()
+    worker = RolloutWorker(config, context)
+    try:
+        while not stop.wait(1.0):
+            worker.heartbeat()
+    finally:
+        worker.close()
+        context.term()
+    return 0
