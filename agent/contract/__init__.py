@@ -20,6 +20,7 @@ from .model_change import (
     TransferMeta,
     TransferState,
 )
+from .samples import LabelKind, SampleKind, SampleLabel, SampleLabelResult, SampleRecord
 from .topics import ANY, CHANNELS, Channel, PushTopics, TopicMatch, Topics, check_prefix
 
 RECORDS: tuple[type[Record], ...] = (
@@ -30,6 +31,9 @@ RECORDS: tuple[type[Record], ...] = (
     ModelCommand,
     TransferMeta,
     TransferAck,
+    SampleRecord,
+    SampleLabel,
+    SampleLabelResult,
 )
 
 __all__ = [
@@ -48,12 +52,17 @@ __all__ = [
     "ContractError",
     "FailsafeCause",
     "HeatmapInfo",
+    "LabelKind",
     "Latency",
     "ModelCommand",
     "ModelEvent",
     "Part",
     "PushTopics",
     "Record",
+    "SampleKind",
+    "SampleLabel",
+    "SampleLabelResult",
+    "SampleRecord",
     "ShadowResult",
     "TopicMatch",
     "Topics",

@@ -41,6 +41,7 @@ CHANNELS: dict[str, Channel] = {
             False,
             "agent -> line",
         ),
+        Channel("sample", "{line}/{agent}/{camera}/sample", "SampleRecord", 1, False, "agent -> line"),
         Channel("status", "{agent}/status", "AgentStatus", 1, True, "agent -> anyone (last will: online false)"),
         Channel("model_events", "{agent}/model/events", "ModelEvent", 1, False, "agent -> operators"),
         Channel("model_command", "{agent}/model/command", "ModelCommand", 1, False, "operator -> agent"),
@@ -54,6 +55,8 @@ CHANNELS: dict[str, Channel] = {
             "operator -> agent",
         ),
         Channel("push_ack", "{agent}/model/push/{transfer}/ack", "TransferAck", 1, False, "agent -> operator"),
+        Channel("sample_label", "{agent}/samples/label", "SampleLabel", 1, False, "labeller -> agent"),
+        Channel("sample_events", "{agent}/samples/events", "SampleLabelResult", 1, False, "agent -> labellers"),
     )
 }
 
@@ -122,6 +125,15 @@ class Topics:
 
     def heatmap(self, line: str, agent: str, camera: str) -> str:
         return self.topic("heatmap", line=line, agent=agent, camera=camera)
+
+    def sample(self, line: str, agent: str, camera: str) -> str:
+        return self.topic("sample", line=line, agent=agent, camera=camera)
+
+    def sample_label(self, agent: str) -> str:
+        return self.topic("sample_label", agent=agent)
+
+    def sample_events(self, agent: str) -> str:
+        return self.topic("sample_events", agent=agent)
 
     def status(self, agent: str) -> str:
         return self.topic("status", agent=agent)

@@ -25,6 +25,9 @@ from lineguard.agent.contract import (
     ModelCommand,
     ModelEvent,
     Record,
+    SampleLabel,
+    SampleLabelResult,
+    SampleRecord,
     ShadowResult,
     Topics,
     TransferAck,
@@ -91,6 +94,33 @@ def examples() -> dict[type[Record], Record]:
         ),
         TransferMeta: TransferMeta.for_archive(b"x" * 5000, model_id="brick", model_version="1.1.0", chunk_bytes=2048),
         TransferAck: TransferAck(transfer_id="t1", state="receiving", received=1, chunk_count=3, missing=((1, 3),)),
+        SampleRecord: SampleRecord(
+            sample_id="s-1042",
+            agent_id="press-3",
+            line="line-1",
+            camera="top",
+            seq=1042,
+            kind="close-call",
+            verdict="accept",
+            score=0.40,
+            threshold=0.42,
+            model="brick@1.0.0",
+            capture_ts=1_764_000_000.25,
+            thumbnail_jpeg="/9j/4AAQ",
+        ),
+        SampleLabel: SampleLabel(
+            agent_id="press-3",
+            sample_id="s-1042",
+            label="nok",
+            defect_type="crack",
+            by="anna",
+            request_id="r2",
+            issued_ts=1_764_000_100.0,
+            nonce="n2",
+        ),
+        SampleLabelResult: SampleLabelResult(
+            agent_id="press-3", sample_id="s-1042", request_id="r2", outcome="stored", reason="", ts=1_764_000_101.0
+        ),
     }
 
 
