@@ -7,6 +7,7 @@ raises ContractError and nothing else. JSON Schema files for integrators who are
 schemas/, generated from these records (`python -m lineguard.agent.contract.schema_files --write`).
 """
 
+from .actuator import REJECT_REASONS, ActuatorStatus, RejectReason
 from .codec import SCHEMA_VERSION, ContractError, Part, Record, clip, decode, decode_object
 from .line import FAILSAFE_CAUSES, AgentStatus, Backend, CameraStatus, FailsafeCause, HeatmapInfo, Latency, Verdict
 from .model_change import (
@@ -34,6 +35,7 @@ RECORDS: tuple[type[Record], ...] = (
     SampleRecord,
     SampleLabel,
     SampleLabelResult,
+    ActuatorStatus,
 )
 
 __all__ = [
@@ -44,7 +46,9 @@ __all__ = [
     "MAX_CHUNK_BYTES",
     "MIN_CHUNK_BYTES",
     "RECORDS",
+    "REJECT_REASONS",
     "SCHEMA_VERSION",
+    "ActuatorStatus",
     "AgentStatus",
     "Backend",
     "CameraStatus",
@@ -59,6 +63,7 @@ __all__ = [
     "Part",
     "PushTopics",
     "Record",
+    "RejectReason",
     "SampleKind",
     "SampleLabel",
     "SampleLabelResult",

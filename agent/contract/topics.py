@@ -57,6 +57,14 @@ CHANNELS: dict[str, Channel] = {
         Channel("push_ack", "{agent}/model/push/{transfer}/ack", "TransferAck", 1, False, "agent -> operator"),
         Channel("sample_label", "{agent}/samples/label", "SampleLabel", 1, False, "labeller -> agent"),
         Channel("sample_events", "{agent}/samples/events", "SampleLabelResult", 1, False, "agent -> labellers"),
+        Channel(
+            "actuator_status",
+            "actuators/{actuator}/status",
+            "ActuatorStatus",
+            1,
+            True,
+            "actuator -> anyone (last will: online false)",
+        ),
     )
 }
 
@@ -80,6 +88,7 @@ _LEVEL_PATTERNS = {
     "line": _LEVEL,
     "agent": _LEVEL,
     "camera": _LEVEL,
+    "actuator": _LEVEL,
     "transfer": re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"),
     "index": re.compile(r"^[0-9]{1,9}$"),
 }
@@ -134,6 +143,9 @@ class Topics:
 
     def sample_events(self, agent: str) -> str:
         return self.topic("sample_events", agent=agent)
+
+    def actuator_status(self, actuator: str) -> str:
+        return self.topic("actuator_status", actuator=actuator)
 
     def status(self, agent: str) -> str:
         return self.topic("status", agent=agent)

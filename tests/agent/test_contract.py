@@ -16,6 +16,7 @@ from lineguard.agent.contract import (
     ANY,
     CHANNELS,
     RECORDS,
+    ActuatorStatus,
     AgentStatus,
     Backend,
     CameraStatus,
@@ -117,6 +118,17 @@ def examples() -> dict[type[Record], Record]:
             request_id="r2",
             issued_ts=1_764_000_100.0,
             nonce="n2",
+        ),
+        ActuatorStatus: ActuatorStatus(
+            actuator_id="gate-1",
+            line="line-1",
+            online=True,
+            output="modbus-coil",
+            agents={"press-3": True},
+            parts=120,
+            pulses=7,
+            rejects={"reject": 6, "failsafe": 1},
+            ts=1_764_000_000.0,
         ),
         SampleLabelResult: SampleLabelResult(
             agent_id="press-3", sample_id="s-1042", request_id="r2", outcome="stored", reason="", ts=1_764_000_101.0
