@@ -35,11 +35,16 @@ class CommandRefused(Exception):
 
 
 class SignedCommand(Protocol):
-    agent_id: str
-    issued_ts: float
-    nonce: str
-    key_id: str
-    signature: str
+    @property
+    def agent_id(self) -> str: ...
+    @property
+    def issued_ts(self) -> float: ...
+    @property
+    def nonce(self) -> str: ...
+    @property
+    def key_id(self) -> str: ...
+    @property
+    def signature(self) -> str: ...
 
     def signed_bytes(self) -> bytes: ...
 

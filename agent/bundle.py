@@ -16,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -136,6 +137,39 @@ class EngineInfo(_Record):
     parity: EngineParity
 
 
+ANY = "*"
+
+
+class Targets(_Record):
+    """Where a bundle may serve: agents, lines and cameras by name; "*" = any. Signed with the manifest."""
+
+    lines: tuple[str, ...] = Field((ANY,), min_length=1, description="Production lines, or * for any.")
+    agents: tuple[str, ...] = Field((ANY,), min_length=1, description="Agent ids, or * for any.")
+    cameras: tuple[str, ...] = Field((ANY,), min_length=1, description="Camera names, or * for any.")
+
+    def refusal(self, *, line: str, agent_id: str, cameras: Sequence[str]) -> str:
+        """Why this bundle may not serve on that agent ("" when it may)."""
+        if ANY not in self.agents and agent_id not in self.agents:
+            return f"the bundle is for agents {', '.join(self.agents)}, not {agent_id}"
+        if ANY not in self.lines and line not in self.lines:
+            return f"the bundle is for lines {', '.join(self.lines)}, not {line}"
+        if ANY not in self.cameras and not set(cameras) & set(self.cameras):
+            return f"the bundle is for cameras {', '.join(self.cameras)}; this agent has {', '.join(cameras)}"
+        return ""
+
+    def text(self) -> str:
+        parts = [f"{kind} {', '.join(names)}" for kind, names in self.model_dump().items() if tuple(names) != (ANY,)]
+        return "; ".join(parts) or "any agent"
+
+
+def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """A sort key for model versions: parts compare one by one, numbers as numbers (1.10 > 1.9).
+
+    The trainer's default versions (UTC timestamps, 20261204T151200Z) sort by time.
+    """
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.findall(r"[0-9]+|[A-Za-z]+", version))
+
+
 class Manifest(_Record):
     schema_version: int = Field(SCHEMA_VERSION, description="Bundle format version.")
     model_id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
@@ -151,6 +185,7 @@ class Manifest(_Record):
     golden: tuple[GoldenImage, ...]
     files: dict[str, str] = Field(description="Relative path -> sha256 of every file but the manifest and signature.")
     engines: tuple[EngineInfo, ...] = Field((), description="TensorRT engines built for this model; none = ONNX only.")
+    targets: Targets = Field(default_factory=Targets, description="Where the bundle may serve (signed).")
 
 
 def manifest_json(manifest: Manifest) -> bytes:
@@ -229,11 +264,16 @@ def verify_bundle(
 
 
 def _check_files(bundle_dir: Path, manifest: Manifest) -> None:
+    # Only the top-level manifest and signature are exempt: a manifest.json in a subfolder must be listed too.
+    exempt = {MANIFEST_FILE, SIGNATURE_FILE}
     present = {
-        p.relative_to(bundle_dir).as_posix()
+        relative
         for p in bundle_dir.rglob("*")
-        if p.is_file() and p.name not in (MANIFEST_FILE, SIGNATURE_FILE)
+        if p.is_file() and (relative := p.relative_to(bundle_dir).as_posix()) not in exempt
     }
+    if not_files := sorted(p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*") if p.is_symlink()):
+        msg = f"bundle {bundle_dir} holds symbolic links ({', '.join(not_files)}); a bundle holds plain files only"
+        raise BundleError(msg)
     listed = set(manifest.files)
     if missing := sorted(listed - present):
         msg = f"bundle {bundle_dir} lacks files its manifest lists: {', '.join(missing)}; re-copy the whole bundle"
@@ -262,9 +302,11 @@ __all__ = [
     "InputSpec",
     "Manifest",
     "SignatureError",
+    "Targets",
     "ThresholdSpec",
     "file_sha256",
     "manifest_json",
     "parse_manifest",
     "verify_bundle",
+    "version_key",
 ]

@@ -138,6 +138,35 @@ class MqttConfig(_Section):
         return self
 
 
+class RolloutConfig(_Section):
+    operator_keys: tuple[Path, ...] = Field(
+        (),
+        description="Public keys (.pub) of operators whose signed pushes and commands this agent accepts; "
+        "none = every push and command over MQTT is refused.",
+    )
+    command_max_age_s: float = Field(
+        300.0, gt=0, le=86400, description="A signed command older (or newer) than this by the agent's clock is refused."
+    )
+    staging_dir: Path | None = Field(
+        None, description="Where pushed bundles are staged; None = <state_dir>/staging. Best on its own file system."
+    )
+    staging_max_bytes: int = Field(
+        4 * 2**30, ge=2**20, description="Bytes all staged transfers may take together (allocated, not sparse)."
+    )
+    staging_reserve_bytes: int = Field(
+        512 * 2**20, ge=0, description="Free space a push must leave on the staging file system, for everything else."
+    )
+    max_transfers: int = Field(2, ge=1, le=64, description="Transfers staged at once; a further one is refused.")
+    max_archive_bytes: int = Field(2 * 2**30, ge=2**10, description="Largest bundle archive accepted, bytes.")
+    max_chunks: int = Field(16_384, ge=1, le=16_384, description="Most chunks one transfer may have.")
+    max_archive_members: int = Field(
+        1000, ge=1, description="Most files and folders a bundle archive may unpack to."
+    )
+    transfer_timeout_s: float = Field(
+        600.0, gt=0, description="A transfer that hears nothing this long is abandoned and removed."
+    )
+
+
 class MetricsConfig(_Section):
     port: int = Field(9108, ge=0, le=65535, description="Prometheus metrics HTTP port; 0 = off.")
     host: str = Field("127.0.0.1", description="Address the metrics server listens on.")
@@ -159,6 +188,7 @@ class AgentConfig(BaseSettings):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     decision: DecisionConfig = Field(default_factory=DecisionConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @model_validator(mode="after")

@@ -1,12 +1,13 @@
 """`lineguard-deploy`: push signed models to running agents, roll back, see what runs where.
 
     lineguard-deploy push BUNDLE --agent ID      transfer in checksummed chunks (resumable), wait for the verdict
-    lineguard-deploy rollback --agent ID         the agent swaps back to its previous model
+    lineguard-deploy rollback --agent ID [--to MODEL]   the agent swaps back to its previous model (or MODEL)
     lineguard-deploy status [--agent ID]         retained status of the agents on the broker
     lineguard-deploy list                        agents seen on the broker
     lineguard-deploy keygen KEY                  Ed25519 signing key pair
     lineguard-deploy trust KEY.pub --dir DIR     add a public key to a directory of trusted keys
 Broker: --host/--port/--username/--tls-* or LINEGUARD_MQTT__* (password: LINEGUARD_MQTT__PASSWORD).
+Pushes and rollbacks are signed with the operator's key: --operator-key or LINEGUARD_OPERATOR_KEY.
 Exit codes: 0 done, 2 refused or bad input (the reason is printed), 3 no answer in time.
 """
 
@@ -18,15 +19,18 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from lineguard.agent.authority import sign_command
 from lineguard.agent.bundle import BundleError
 from lineguard.agent.config import ConfigError
-from lineguard.agent.contract import AgentStatus, ContractError, ModelCommand, ModelEvent, Topics, decode
+from lineguard.agent.contract import AgentStatus, ContractError, ModelCommand, ModelEvent, Topics, TransferMeta, decode
 from lineguard.agent.mqtt import MqttError, Subscription
 from lineguard.agent.rollout.wire import ArchiveError, TransferError
-from lineguard.agent.signing import KeyFileError, generate_key_pair, key_id, load_public_key
+from lineguard.agent.signing import KeyFileError, generate_key_pair, key_id, load_private_key, load_public_key
 from lineguard.deploy.config import DeployConfig, load_deploy_config
 from lineguard.deploy.sender import BundleSender
 
@@ -46,10 +50,39 @@ def _config(args: argparse.Namespace) -> DeployConfig:
     return load_deploy_config(mqtt=flags, operator_key=getattr(args, "operator_key", None))
 
 
+def _operator_key(config: DeployConfig) -> Ed25519PrivateKey:
+    if config.operator_key is None:
+        msg = "pushes and commands must be signed: pass --operator-key KEY.pem or set LINEGUARD_OPERATOR_KEY"
+        raise KeyFileError(msg)
+    return load_private_key(config.operator_key)
+
+
+def _push_command(
+    key: Ed25519PrivateKey, agent: str, *, allow_downgrade: bool
+) -> Callable[[TransferMeta], ModelCommand]:
+    def command(meta: TransferMeta) -> ModelCommand:
+        request_id, nonce = ModelCommand.new_ids()
+        unsigned = ModelCommand(
+            action="push",
+            agent_id=agent,
+            request_id=request_id,
+            model=meta.model,
+            sha256=meta.sha256,
+            allow_downgrade=allow_downgrade,
+            issued_ts=time.time(),
+            nonce=nonce,
+        )
+        return sign_command(unsigned, key)
+
+    return command
+
+
 def _cmd_push(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    sender = BundleSender(_config(args).mqtt)
+    config = _config(args)
+    command = _push_command(_operator_key(config), args.agent, allow_downgrade=args.allow_downgrade)
+    sender = BundleSender(config.mqtt)
     bar = tqdm(unit="B", unit_scale=True, desc=f"push to {args.agent}", disable=not sys.stderr.isatty())
 
     def progress(state: object) -> None:
@@ -58,7 +91,9 @@ def _cmd_push(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        result = sender.send(args.bundle, agent_id=args.agent, timeout_s=args.timeout, progress=progress)
+        result = sender.send(
+            args.bundle, agent_id=args.agent, timeout_s=args.timeout, progress=progress, command=command
+        )
     finally:
         bar.close()
         sender.close()
@@ -71,9 +106,10 @@ def _cmd_push(args: argparse.Namespace) -> int:
 def _cmd_rollback(args: argparse.Namespace) -> int:
     config = _config(args)
     request_id, nonce = ModelCommand.new_ids()
-    command = ModelCommand(
-        action="rollback", agent_id=args.agent, request_id=request_id, issued_ts=time.time(), nonce=nonce
+    unsigned = ModelCommand(
+        action="rollback", agent_id=args.agent, request_id=request_id, model=args.to, issued_ts=time.time(), nonce=nonce
     )
+    command = sign_command(unsigned, _operator_key(config))
     answer = _request(config, command, args.timeout)
     if answer is None:
         print(f"lineguard-deploy: no answer from {args.agent} within {args.timeout:.0f} s", file=sys.stderr)
@@ -151,7 +187,10 @@ def _cmd_trust(args: argparse.Namespace) -> int:
     args.dir.mkdir(parents=True, exist_ok=True)
     target = args.dir / f"{key_id(key)}.pub"
     shutil.copyfile(args.public_key, target)
-    print(f"trusted {target}: add it to engine.trusted_keys of the agent's config")
+    print(
+        f"trusted {target}: add it to the agent's engine.trusted_keys (a trainer's key, signs bundles) or "
+        "rollout.operator_keys (an operator's key, signs pushes and commands)"
+    )
     return 0
 
 
@@ -173,15 +212,25 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("bundle", type=Path)
     push.add_argument("--agent", required=True)
     push.add_argument("--timeout", type=float, default=600.0)
+    push.add_argument(
+        "--allow-downgrade",
+        action="store_true",
+        help="install even if older than the newest version of its model id the agent has accepted",
+    )
     rollback = commands.add_parser("rollback", help="swap an agent back to its previous model")
     rollback.add_argument("--agent", required=True)
     rollback.add_argument("--timeout", type=float, default=120.0)
+    rollback.add_argument(
+        "--to", default="", metavar="MODEL", help="model id@version to go back to (default: previous)"
+    )
     status = commands.add_parser("status", help="retained status of one agent or all")
     status.add_argument("--agent")
     listing = commands.add_parser("list", help="agents seen on the broker")
     for sub, handler in ((push, _cmd_push), (rollback, _cmd_rollback), (status, _cmd_status), (listing, _cmd_list)):
         _add_broker_arguments(sub)
         sub.set_defaults(handler=handler)
+    for sub in (push, rollback):
+        sub.add_argument("--operator-key", type=Path, help="Ed25519 key that signs (default LINEGUARD_OPERATOR_KEY)")
     for sub in (status, listing):
         sub.add_argument("--wait", type=float, default=1.5, help="seconds to collect retained messages")
     keygen = commands.add_parser("keygen", help="make an Ed25519 signing key pair")

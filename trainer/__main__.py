@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lineguard import __version__
-from lineguard.agent.bundle import BundleError
+from lineguard.agent.bundle import BundleError, Targets
 from lineguard.agent.signing import KeyFileError, SignatureError, generate_key_pair
 
 from . import pipeline
@@ -130,6 +131,31 @@ def _add_bundle_arguments(parser: argparse.ArgumentParser) -> None:
     _add_sign_key_argument(parser)
     parser.add_argument("--model-id", help="bundle model id (default: <dataset>-<model>)")
     parser.add_argument("--model-version", help="bundle model version (default: UTC timestamp)")
+    parser.add_argument(
+        "--for",
+        dest="targets",
+        action="append",
+        default=[],
+        metavar="KIND=NAME",
+        help="where the bundle may serve, signed with it: line=NAME, agent=NAME, camera=NAME (repeatable); "
+        "default: any agent",
+    )
+
+
+_TARGET_KINDS = {"line": "lines", "agent": "agents", "camera": "cameras"}
+
+
+def _bundle_options(args: argparse.Namespace) -> pipeline.BundleOptions:
+    """BundleOptions from --sign-key, --model-id, --model-version and --for; TrainerError for a bad --for."""
+    chosen: dict[str, list[str]] = {}
+    for entry in args.targets:
+        kind, _, name = entry.partition("=")
+        if kind not in _TARGET_KINDS or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+            msg = f"--for {entry!r}: use line=NAME, agent=NAME or camera=NAME (names of letters, digits, '_' or '-')"
+            raise TrainerError(msg)
+        chosen.setdefault(_TARGET_KINDS[kind], []).append(name)
+    targets = Targets(**{kind: tuple(names) for kind, names in chosen.items()})
+    return pipeline.BundleOptions(args.sign_key, args.model_id, args.model_version, targets)
 
 
 def _data_options(args: argparse.Namespace) -> pipeline.DataOptions:
@@ -204,9 +230,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
         work,
         _model_config(args),
         threshold=args.threshold,
-        sign_key=args.sign_key,
-        model_id=args.model_id,
-        model_version=args.model_version,
+        bundle_options=_bundle_options(args),
     )
     test = metrics["test"]
     print(
@@ -284,9 +308,7 @@ COMMANDS: dict[
     "bundle": (
         "write (and sign) the model bundle",
         (_add_out_argument, _add_bundle_arguments),
-        lambda a: pipeline.bundle(
-            pipeline.Workdir(a.out), sign_key=a.sign_key, model_id=a.model_id, model_version=a.model_version
-        ),
+        lambda a: pipeline.bundle(pipeline.Workdir(a.out), _bundle_options(a)),
     ),
     "report": (
         "render report/index.html",

@@ -97,7 +97,9 @@ def compare_models(
     for index, (kind, config) in enumerate(zip(kinds, configs, strict=True), 1):
         log.info("compare: %s (%d of %d)", kind.name, index, len(kinds))
         work = pipeline.Workdir(out / kind.name)
-        pipeline.run_all(data, work, config, threshold=threshold, sign_key=sign_key, progress=progress)
+        pipeline.run_all(
+            data, work, config, threshold=threshold, bundle_options=pipeline.BundleOptions(sign_key), progress=progress
+        )
         rows.append(measure(work, kind, out))
     result = ComparisonResult(tuple(rows), pick_line(rows), out / "comparison.json", out / "comparison.html")
     document = {"dataset": str(data.path), "threshold_method": threshold, "cpu": cpu_facts(), "pick": result.pick}

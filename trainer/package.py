@@ -30,6 +30,7 @@ from lineguard.agent.bundle import (
     Manifest,
     ModelInfo,
     ScoreNormalisation,
+    Targets,
     ThresholdSpec,
     file_sha256,
     manifest_json,
@@ -58,6 +59,7 @@ class BundleContents:
     calibration: dict[str, object]  # Calibration.to_dict()
     metrics: dict[str, dict[str, object]]
     calibration_split: SplitScores
+    targets: Targets
 
 
 def write_bundle(bundle_dir: Path, contents: BundleContents, *, sign_key: Path | None) -> Manifest:
@@ -82,6 +84,7 @@ def write_bundle(bundle_dir: Path, contents: BundleContents, *, sign_key: Path |
         metrics=contents.metrics,
         golden=tuple(golden),
         files=files,
+        targets=contents.targets,
     )
     _write_manifest(bundle_dir, manifest, sign_key=sign_key)
     return manifest

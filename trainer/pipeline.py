@@ -16,14 +16,14 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lineguard.agent.bundle import DatasetInfo, InputSpec, Manifest, ModelInfo
+from lineguard.agent.bundle import DatasetInfo, InputSpec, Manifest, ModelInfo, Targets
 
 from . import calibrate as calibration_math
 from .data import (
@@ -319,10 +319,19 @@ def export(work: Workdir) -> Path:
     return onnx_path
 
 
-def bundle(
-    work: Workdir, *, sign_key: Path | None, model_id: str | None = None, model_version: str | None = None
-) -> Manifest:
+@dataclass(frozen=True, slots=True)
+class BundleOptions:
+    """Who signs the bundle, what it is called, and where it may serve."""
+
+    sign_key: Path | None = None
+    model_id: str | None = None  # default: <dataset>-<model>
+    model_version: str | None = None  # default: UTC timestamp
+    targets: Targets = field(default_factory=Targets)
+
+
+def bundle(work: Workdir, options: BundleOptions) -> Manifest:
     """Gather model, threshold, metrics and golden images into OUT/bundle, signed when a key is given."""
+    model_id, model_version, sign_key = options.model_id, options.model_version, options.sign_key
     training = _read_json(work.require(work.training_file, "fit"))
     record = read_model_record(work.require(work.model_dir, "fit"))
     kind, config_raw = model_kind(record["kind"]), record["config"]
@@ -350,6 +359,7 @@ def bundle(
         calibration=_read_json(work.require(work.calibration_file, "calibrate")),
         metrics=metrics,
         calibration_split=calibration_split,
+        targets=options.targets,
     )
     return write_bundle(work.bundle_dir, contents, sign_key=sign_key)
 
@@ -380,9 +390,7 @@ def run_all(
     config: ModelConfig,
     *,
     threshold: str,
-    sign_key: Path | None,
-    model_id: str | None = None,
-    model_version: str | None = None,
+    bundle_options: BundleOptions,
     progress: bool = True,
 ) -> tuple[dict[str, dict[str, object]], Manifest, Path]:
     """Every step in order (`lineguard-train run`): (metrics, bundle manifest, report index.html)."""
@@ -390,7 +398,7 @@ def run_all(
     calibrate(data, work, threshold)
     metrics = evaluate(data, work)
     export(work)
-    manifest = bundle(work, sign_key=sign_key, model_id=model_id, model_version=model_version)
+    manifest = bundle(work, bundle_options)
     return metrics, manifest, report(work)
 
 

@@ -31,8 +31,9 @@ TransferState = Literal["receiving", "verifying", "received", "failed"]
 class ModelCommand(Record):
     """operator -> agent: change what serves. Authenticated by `signature` (Ed25519, base64) over `signed_bytes()`.
 
-    push: allow the transfer `request_id` of bundle `model` (allow_downgrade: even if older than the newest
-    accepted version of its model id); rollback: swap back to `model`, or to the previous model when empty.
+    push: allow the transfer of bundle `model` whose archive has sha256 `sha256` (allow_downgrade: even if older
+    than the newest accepted version of its model id); rollback: swap back to `model`, or to the previous
+    model when empty.
     """
 
     MAX_BYTES: ClassVar[int] = 4096
@@ -41,6 +42,7 @@ class ModelCommand(Record):
     agent_id: Name = Field(description="The agent this command is for; any other refuses it.")
     request_id: Identifier
     model: ModelLabel | Literal[""] = ""
+    sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$", description="push: the archive's sha256.")
     allow_downgrade: bool = False
     issued_ts: UnixTime = Field(description="When the operator signed it; agents refuse stale commands.")
     nonce: Identifier = Field(description="Random per command; agents refuse a nonce they have seen.")

@@ -12,7 +12,7 @@ import tarfile
 from pathlib import Path, PurePosixPath
 
 from lineguard.agent.bundle import MANIFEST_FILE, BundleError
-from lineguard.agent.rollout.wire import MAX_ARCHIVE_BYTES, ArchiveError
+from lineguard.agent.rollout.wire import MAX_ARCHIVE_BYTES, MAX_MEMBERS, ArchiveError
 
 # -- the archive ----------------------------------------------------------------------------------------------
 
@@ -49,11 +49,15 @@ def pack_bundle(bundle_dir: Path) -> bytes:
     return buffer.getvalue()
 
 
-def unpack_bundle(archive: bytes | Path, dest_dir: Path, *, max_bytes: int = MAX_ARCHIVE_BYTES) -> None:
+def unpack_bundle(
+    archive: bytes | Path, dest_dir: Path, *, max_bytes: int = MAX_ARCHIVE_BYTES, max_members: int = MAX_MEMBERS
+) -> None:
     """Unpack a tar (bytes or a file) into the new or empty `dest_dir`; regular files and folders only.
 
-    Raises ArchiveError, before writing anything, for absolute paths, `..`, links, devices, fifos, sparse files
-    or more than `max_bytes` of content; then extracts with tarfile's "data" filter where Python has it.
+    Raises ArchiveError, before writing anything, for absolute paths, `..`, links, devices, fifos, sparse files,
+    more than `max_bytes` of content or more than `max_members` files and folders (headers are read one at a
+    time and reading stops at the first member past the cap); then extracts with tarfile's "data" filter where
+    Python has it.
     """
     if dest_dir.exists() and any(dest_dir.iterdir()):
         msg = f"cannot unpack into {dest_dir}: it is not empty"
@@ -64,7 +68,7 @@ def unpack_bundle(archive: bytes | Path, dest_dir: Path, *, max_bytes: int = MAX
             if isinstance(archive, bytes)
             else tarfile.open(archive, mode="r:")
         ) as tar:
-            _check_members(tar.getmembers(), max_bytes)
+            _check_members(_members(tar, max_members), max_bytes)
             dest_dir.mkdir(parents=True, exist_ok=True)
             if hasattr(tarfile, "data_filter"):  # 3.12, 3.11.4+, 3.10.12+
                 tar.extractall(dest_dir, filter="data")
@@ -73,6 +77,17 @@ def unpack_bundle(archive: bytes | Path, dest_dir: Path, *, max_bytes: int = MAX
     except tarfile.TarError as error:
         msg = f"bundle archive is not a valid tar: {error}"
         raise ArchiveError(msg) from error
+
+
+def _members(tar: tarfile.TarFile, max_members: int) -> list[tarfile.TarInfo]:
+    """The archive's members, read one header at a time; ArchiveError past `max_members`."""
+    members: list[tarfile.TarInfo] = []
+    while (member := tar.next()) is not None:
+        members.append(member)
+        if len(members) > max_members:
+            msg = f"archive holds more than {max_members} files and folders (rollout.max_archive_members); refused"
+            raise ArchiveError(msg)
+    return members
 
 
 def _check_members(members: list[tarfile.TarInfo], max_bytes: int) -> None:
@@ -91,7 +106,7 @@ def _check_members(members: list[tarfile.TarInfo], max_bytes: int) -> None:
             raise ArchiveError(msg)
         total += member.size
         if total > max_bytes:
-            msg = f"archive unpacks to more than {max_bytes} bytes; refused"
+            msg = f"archive unpacks to more than {max_bytes} bytes (rollout.max_archive_bytes); refused"
             raise ArchiveError(msg)
 
 

@@ -20,6 +20,7 @@ from lineguard.agent.bundle import file_sha256
 from lineguard.agent.config import MqttConfig
 from lineguard.agent.contract import (
     ANY,
+    MAX_CHUNK_BYTES,
     ContractError,
     ModelEvent,
     PushTopics,
@@ -32,13 +33,16 @@ from lineguard.agent.contract import (
 )
 from lineguard.agent.mqtt import make_client, start, stop
 from lineguard.agent.rollout.archive import unpack_bundle
-from lineguard.agent.rollout.staging import _Incoming, _load_staged, _remove
-from lineguard.agent.rollout.wire import INBOX_MAX_BYTES, MAX_ARCHIVE_BYTES, ArchiveError, as_ranges
+from lineguard.agent.rollout.staging import StagingLimits, _Incoming, _load_staged, _remove
+from lineguard.agent.rollout.wire import INBOX_MAX_BYTES, ArchiveError, as_ranges
+
+DROP_LOG_INTERVAL_S = 10.0
 
 log = logging.getLogger(__name__)
 
 
-OnBundle = Callable[[Path, str], tuple[bool, str]]
+OnBundle = Callable[[Path, TransferMeta], tuple[bool, str]]
+Admit = Callable[[TransferMeta], str]  # why a new transfer is refused before anything is staged; "" = admitted
 
 
 class BundleReceiver:
@@ -47,10 +51,12 @@ class BundleReceiver:
     Connects with the agent's MqttConfig (host, credentials, TLS, topic_prefix) as client id
     `<mqtt.client_id or lineguard-<agent_id>>-deploy`, in the background, reconnecting on its own; subscribes to
     `<prefix>/<agent_id>/model/push/+/meta` and `.../+/chunk/+`. It owns `staging_dir`: one folder per transfer
-    (archive.tar, transfer.json), resumed from disk when a receiver starts. When an archive is complete, its
-    sha256 checked and unpacked at staging_dir/<transfer_id>/bundle, `on_bundle(path, transfer_id) -> (ok,
-    reason)` runs on the worker thread (it may take its time; move or copy what it keeps: the folder is deleted
-    when it returns) and its answer is the verdict published on the ack and events topics.
+    (archive.tar, meta.json, transfer.json), resumed from disk when a receiver starts. A new transfer is staged
+    only when `admit(meta)` (the operator's signed push command) and the staging limits allow it, so unsigned
+    traffic never reaches the disk. When an archive is complete, its sha256 checked and unpacked at
+    staging_dir/<transfer_id>/bundle, `on_bundle(path, meta) -> (ok, reason)` runs on the worker thread (it may
+    take its time; move or copy what it keeps: the folder is deleted when it returns) and its answer is the
+    verdict published on the ack and events topics.
     """
 
     def __init__(
@@ -60,21 +66,21 @@ class BundleReceiver:
         agent_id: str,
         staging_dir: Path,
         on_bundle: OnBundle,
-        abandon_after_s: float = 600.0,
-        max_archive_bytes: int = MAX_ARCHIVE_BYTES,
+        admit: Admit,
+        limits: StagingLimits | None = None,
     ) -> None:
         self._topics = Topics(config.topic_prefix)
         self._subscriptions = self._topics.push(agent_id, ANY)  # ContractError for an agent id that is no level
-        if abandon_after_s <= 0 or max_archive_bytes <= 0:
-            msg = f"abandon_after_s and max_archive_bytes must be > 0, got {abandon_after_s}, {max_archive_bytes}"
-            raise ValueError(msg)
         self._agent_id = agent_id
         self._staging_dir = staging_dir
-        self._on_bundle = on_bundle
-        self._abandon_after_s, self._max_archive_bytes = abandon_after_s, max_archive_bytes
-        self._sweep_interval_s = min(abandon_after_s / 4, 5.0)
+        self._on_bundle, self._admit = on_bundle, admit
+        self._limits = limits or StagingLimits()
+        self._abandon_after_s = self._limits.timeout_s
+        self._sweep_interval_s = min(self._abandon_after_s / 4, 5.0)
+        self.dropped = 0  # messages refused before the worker saw them
+        self._last_drop_log = -DROP_LOG_INTERVAL_S
         staging_dir.mkdir(parents=True, exist_ok=True)
-        self._transfers = _load_staged(staging_dir)  # only the worker thread touches it after this
+        self._transfers = _load_staged(staging_dir, self._limits)  # only the worker thread touches it after this
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self._inbox_bytes = 0
         self._lock = threading.Lock()  # guards _inbox_bytes
@@ -138,17 +144,26 @@ class BundleReceiver:
             self._subscribed.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        """paho's thread: bound what is queued for the worker (metas and chunks alike); never raises."""
         size = len(message.payload)
+        limit = TransferMeta.MAX_BYTES if message.topic.endswith("/meta") else MAX_CHUNK_BYTES
         with self._lock:
-            if "/chunk/" in message.topic and self._inbox_bytes + size > INBOX_MAX_BYTES:
-                log.warning(
-                    "bundle receiver backlog over %d bytes: dropped %s (asked for again)",
-                    INBOX_MAX_BYTES,
-                    message.topic,
-                )
+            if size > limit:
+                self._drop(f"{size}-byte message on {clip(message.topic, 200)} is over the {limit}-byte limit")
+                return
+            if self._inbox_bytes + size > INBOX_MAX_BYTES:
+                self._drop(f"backlog over {INBOX_MAX_BYTES} bytes: dropped {clip(message.topic, 200)} (asked again)")
                 return
             self._inbox_bytes += size
         self._inbox.put((message.topic, bytes(message.payload)))
+
+    def _drop(self, what: str) -> None:
+        """Count a dropped message; log at most one WARNING every DROP_LOG_INTERVAL_S (caller holds the lock)."""
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._last_drop_log >= DROP_LOG_INTERVAL_S:
+            self._last_drop_log = now
+            log.warning("bundle receiver: %s (%d dropped since start)", what, self.dropped)
 
     # -- the worker thread ---------------------------------------------------------------------------------------
 
@@ -207,12 +222,12 @@ class BundleReceiver:
             if current.meta.push_id == meta.push_id:  # the same push asking again: repeat the verdict
                 self._publish_verdict(topics, current, current.state, current.reason)
                 return
+        if problem := self._refusal(meta):  # before anything on disk changes: unsigned traffic touches nothing
+            self._publish_verdict(topics, None, "failed", problem, model=meta.model)
+            return
         if current is not None:
             log.info("transfer %s: a new push replaces the staged one (%s)", meta.transfer_id, current.state)
             self._discard(current)
-        if problem := self._refusal(meta):
-            self._publish_verdict(topics, None, "failed", problem, model=meta.model)
-            return
         incoming = _Incoming.create(self._staging_dir / meta.transfer_id, meta)
         self._transfers[meta.transfer_id] = incoming
         log.info(
@@ -259,12 +274,17 @@ class BundleReceiver:
                 msg = f"archive sha256 {actual[:12]}… differs from the meta's {incoming.meta.sha256[:12]}…: push again"
                 raise ArchiveError(msg)
             _remove(incoming.bundle)
-            unpack_bundle(incoming.archive, incoming.bundle, max_bytes=incoming.meta.total_bytes)
+            unpack_bundle(
+                incoming.archive,
+                incoming.bundle,
+                max_bytes=incoming.meta.total_bytes,
+                max_members=self._limits.max_members,
+            )
         except (ArchiveError, OSError) as error:
             self._conclude(incoming, "failed", f"bundle archive refused: {error}")
             return
         try:
-            ok, reason = self._on_bundle(incoming.bundle, incoming.meta.transfer_id)
+            ok, reason = self._on_bundle(incoming.bundle, incoming.meta)
         except Exception as error:  # the agent's code: its failure is this push's verdict, not the receiver's end
             log.exception("on_bundle failed on transfer %s", incoming.meta.transfer_id)
             ok, reason = False, f"on_bundle failed: {type(error).__name__}: {error}"
@@ -278,7 +298,7 @@ class BundleReceiver:
         self._publish_verdict(self._topics.push(self._agent_id, incoming.meta.transfer_id), incoming, state, reason)
 
     def _sweep(self) -> None:
-        """Install transfers staged whole before a restart; fail and remove those idle for abandon_after_s."""
+        """Install transfers staged whole before a restart; fail and remove those idle for transfer_timeout_s."""
         now = time.time()
         for incoming in list(self._transfers.values()):
             if incoming.state == "receiving" and incoming.complete and self._subscribed.is_set():
@@ -288,7 +308,7 @@ class BundleReceiver:
             if idle_s < self._abandon_after_s:
                 continue
             if incoming.state == "receiving":
-                reason = f"abandoned: nothing arrived for {idle_s:.0f} s (abandon_after_s={self._abandon_after_s:g}); push again"
+                reason = f"abandoned: nothing arrived for {idle_s:.0f} s (rollout.transfer_timeout_s={self._abandon_after_s:g}); push again"
                 self._conclude(incoming, "failed", reason)
             self._discard(incoming)
 
@@ -297,12 +317,11 @@ class BundleReceiver:
         self._transfers.pop(incoming.meta.transfer_id, None)
 
     def _refusal(self, meta: TransferMeta) -> str:
-        if meta.total_bytes > self._max_archive_bytes:
-            return f"archive is {meta.total_bytes} bytes; this agent takes at most {self._max_archive_bytes} (max_archive_bytes)"
-        free = shutil.disk_usage(self._staging_dir).free
-        if free < 2 * meta.total_bytes:  # the archive, then the unpacked bundle beside it
-            return f"staging folder {self._staging_dir} has {free} bytes free; this push needs {2 * meta.total_bytes}"
-        return ""
+        """Why a new transfer is refused: the operator's authority first, then the staging limits."""
+        if refusal := self._admit(meta):
+            return refusal
+        staged = [each for each in self._transfers.values() if each.state == "receiving"]
+        return self._limits.refusal(meta, staged=staged, free_bytes=shutil.disk_usage(self._staging_dir).free)
 
     def _ack(
         self,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lineguard.agent.contract import TransferMeta, TransferState, decode
 from lineguard.agent.contract.codec import ID_PATTERN
-from lineguard.agent.rollout.wire import as_ranges, expand
+from lineguard.agent.rollout.wire import MAX_ARCHIVE_BYTES, MAX_MEMBERS, as_ranges, expand
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,55 @@ def _remove(path: Path) -> None:
             path.unlink(missing_ok=True)
     except OSError as error:
         log.warning("cannot remove %s (%s); remove it by hand", path, error)
+
+
+@dataclass(frozen=True, slots=True)
+class StagingLimits:
+    """Caps on what unsigned traffic can make an agent hold; each refusal names its key (rollout.*)."""
+
+    max_transfers: int = 2
+    staging_max_bytes: int = 4 * 2**30  # archive + unpacked bundle of every transfer, allocated
+    reserve_bytes: int = 512 * 2**20  # free space a push must leave on the staging file system
+    max_archive_bytes: int = MAX_ARCHIVE_BYTES
+    max_chunks: int = 16_384
+    max_members: int = MAX_MEMBERS
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if min(self.max_transfers, self.staging_max_bytes, self.max_archive_bytes, self.max_chunks) <= 0:
+            msg = f"staging limits must be > 0: {self}"
+            raise ValueError(msg)
+        if self.timeout_s <= 0 or self.reserve_bytes < 0 or self.max_members <= 0:
+            msg = f"timeout_s and max_members must be > 0, reserve_bytes >= 0: {self}"
+            raise ValueError(msg)
+
+    def refusal(self, meta: TransferMeta, *, staged: list[_Incoming], free_bytes: int) -> str:
+        """Why a new transfer of `meta` cannot be staged now ("" when it can)."""
+        need = 2 * meta.total_bytes  # the archive, then the unpacked bundle beside it
+        held = sum(2 * each.meta.total_bytes for each in staged)
+        checks = (
+            (
+                meta.total_bytes > self.max_archive_bytes,
+                f"archive is {meta.total_bytes} bytes; the limit is {self.max_archive_bytes} (rollout.max_archive_bytes)",
+            ),
+            (
+                meta.chunk_count > self.max_chunks,
+                f"{meta.chunk_count} chunks; the limit is {self.max_chunks} (rollout.max_chunks)",
+            ),
+            (
+                len(staged) >= self.max_transfers,
+                f"{len(staged)} transfers are staged already; the limit is {self.max_transfers} (rollout.max_transfers): wait or let them expire",
+            ),
+            (
+                held + need > self.staging_max_bytes,
+                f"staging holds {held} bytes and this push needs {need}; the budget is {self.staging_max_bytes} (rollout.staging_max_bytes)",
+            ),
+            (
+                free_bytes - need < self.reserve_bytes,
+                f"the staging file system has {free_bytes} bytes free; this push needs {need} and must leave {self.reserve_bytes} (rollout.staging_reserve_bytes)",
+            ),
+        )
+        return next((why for refused, why in checks if refused), "")
 
 
 RECORD_FILE = "transfer.json"  # chunk map and state: rewritten after every chunk, small
@@ -68,7 +117,7 @@ class _Incoming:
         _remove(folder)
         folder.mkdir(parents=True)
         with (folder / "archive.tar").open("wb") as handle:
-            handle.truncate(meta.total_bytes)  # sparse until the chunks land
+            os.posix_fallocate(handle.fileno(), 0, meta.total_bytes)  # allocated now: no overcommitted sparse file
         incoming = cls(meta, folder)
         incoming.replace_meta(meta)
         return incoming
@@ -131,15 +180,32 @@ def _write_atomically(path: Path, data: bytes) -> None:
     temporary.replace(path)
 
 
-def _load_staged(staging_dir: Path) -> dict[str, _Incoming]:
-    """Transfers staged by an earlier receiver; unreadable transfer folders are removed."""
+def _load_staged(staging_dir: Path, limits: StagingLimits) -> dict[str, _Incoming]:
+    """Transfers staged by an earlier receiver, newest first and at most limits.max_transfers of them;
+    unreadable, surplus or oversized transfer folders are removed (a backlog never stops a start)."""
     transfers: dict[str, _Incoming] = {}
-    for folder in sorted(staging_dir.iterdir()):
-        if not folder.is_dir() or not re.fullmatch(ID_PATTERN, folder.name):
-            continue
+    folders = [p for p in staging_dir.iterdir() if p.is_dir() and re.fullmatch(ID_PATTERN, p.name)]
+    for folder in sorted(folders, key=_mtime, reverse=True):
         try:
-            transfers[folder.name] = _Incoming.load(folder)
+            if len(transfers) >= limits.max_transfers:
+                msg = f"more than {limits.max_transfers} transfers staged (rollout.max_transfers)"
+                raise ValueError(msg)
+            incoming = _Incoming.load(folder)
+            if incoming.meta.total_bytes > limits.max_archive_bytes or incoming.meta.chunk_count > limits.max_chunks:
+                msg = "larger than rollout.max_archive_bytes or rollout.max_chunks allow"
+                raise ValueError(msg)
+            transfers[folder.name] = incoming
         except (OSError, ValueError, KeyError, TypeError) as error:
-            log.warning("staging folder %s is unreadable (%s); removing it", folder, error)
+            log.warning("staging folder %s cannot resume (%s); removing it", folder, error)
             _remove(folder)
+    for stray in staging_dir.iterdir():
+        if stray.name not in transfers:
+            _remove(stray)
     return transfers
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0

@@ -3,6 +3,7 @@
     state_dir/models/<model_id>@<model_version>/   a verified bundle (copied in whole)
     state_dir/models/active -> <label>             symlink, replaced atomically (rename)
     state_dir/models/history.json                  activations, newest last
+    state_dir/models/accepted.json                 per model id, the newest version ever accepted
 
 The active model survives agent restarts because the engine serves `models/active`. Only the
 last `keep` models are kept, never the active or the previous one, so rollback is instant.
@@ -12,18 +13,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ..bundle import Manifest, verify_bundle
+from ..bundle import Manifest, verify_bundle, version_key
 
 log = logging.getLogger(__name__)
 
 ACTIVE = "active"
 HISTORY = "history.json"
+ACCEPTED = "accepted.json"
 
 
 class ModelStoreError(Exception):
@@ -46,10 +49,20 @@ class ModelStore:
         root.mkdir(parents=True, exist_ok=True)
 
     def install(
-        self, bundle_dir: Path, trusted_keys: Sequence[Ed25519PublicKey], *, require_signature: bool = True
+        self,
+        bundle_dir: Path,
+        trusted_keys: Sequence[Ed25519PublicKey],
+        *,
+        require_signature: bool = True,
+        admit: Callable[[Manifest], None] | None = None,
     ) -> Manifest:
-        """Verify a bundle and copy it into the store; returns its manifest. Raises BundleError/SignatureError."""
+        """Verify a bundle and copy it into the store; returns its manifest. Raises BundleError/SignatureError.
+
+        admit: called with the verified manifest before anything is copied; raises BundleError to refuse it.
+        """
         manifest = verify_bundle(bundle_dir, trusted_keys, require_signature=require_signature)
+        if admit is not None:
+            admit(manifest)
         target = self.root / label_of(manifest)
         if target.exists():
             verify_bundle(target, trusted_keys, require_signature=require_signature)  # same label: must be intact
@@ -100,9 +113,27 @@ class ModelStore:
         temporary.symlink_to(label)
         temporary.replace(self.active_path)  # rename(2): readers see the old or the new link, never none
         history = [entry for entry in self.history() if entry != label] + [label]
-        (self.root / HISTORY).write_text(json.dumps(history[-50:]) + "\n")
+        write_atomically(self.root / HISTORY, (json.dumps(history[-50:]) + "\n").encode())
+        self._record_accepted(label)
         self._prune()
         log.info("active model: %s", label)
+
+    def newest_accepted(self, model_id: str) -> str | None:
+        """The newest version of `model_id` this agent ever activated (rollbacks do not lower it)."""
+        file = self.root / ACCEPTED
+        accepted = json.loads(file.read_text()) if file.is_file() else {}
+        version = accepted.get(model_id) if isinstance(accepted, dict) else None
+        return version if isinstance(version, str) else None
+
+    def _record_accepted(self, label: str) -> None:
+        model_id, _, version = label.rpartition("@")
+        newest = self.newest_accepted(model_id)
+        if newest is not None and version_key(newest) >= version_key(version):
+            return
+        file = self.root / ACCEPTED
+        accepted = json.loads(file.read_text()) if file.is_file() else {}
+        accepted[model_id] = version
+        write_atomically(file, (json.dumps(accepted, indent=1, sort_keys=True) + "\n").encode())
 
     def rollback(self) -> str:
         """Activate the previous model; returns its label."""
@@ -127,6 +158,21 @@ class ModelStore:
             if label not in keep:
                 shutil.rmtree(self.root / label)
                 log.info("pruned %s from the model store", label)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash or power cut leaves the old file or the new one, never a torn one."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    temporary.replace(path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a power cut only once the folder is on disk
+    finally:
+        os.close(directory)
 
 
 def store_root(state_dir: Path) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import zmq
 
-from ..bundle import BundleError
+from ..bundle import BundleError, Manifest, version_key
 from ..config import AgentConfig
 from ..ipc import Receiver, Sender, endpoint
 from ..messages import SwapModel, SwapResult
@@ -58,13 +58,21 @@ def _store(config: AgentConfig) -> ModelStore:
     return store
 
 
-def activate(config: AgentConfig, bundle_dir: Path) -> str:
+def activate(config: AgentConfig, bundle_dir: Path, *, allow_downgrade: bool = False) -> str:
     """Install, swap and record a new model; returns what happened (label, canary and shadow results).
 
-    BundleError/SignatureError say why not."""
+    Refused (BundleError/SignatureError, saying why) when the bundle is not signed by a trusted key, is not
+    meant for this agent (its signed targets), or is older than the newest version of its model id this agent
+    has accepted, unless allow_downgrade (an operator's explicit, signed choice)."""
     store = _store(config)
     trusted = load_trusted_keys(config.engine.trusted_keys)
-    manifest = store.install(bundle_dir, trusted, require_signature=config.engine.require_signature)
+
+    def admit(manifest: Manifest) -> None:
+        _check_targets(config, manifest)
+        if not allow_downgrade:
+            _check_not_older(config, store, manifest)
+
+    manifest = store.install(bundle_dir, trusted, require_signature=config.engine.require_signature, admit=admit)
     label = label_of(manifest)
     result = request_swap(config, store.path(label))
     if not result.ok:
@@ -76,16 +84,36 @@ def activate(config: AgentConfig, bundle_dir: Path) -> str:
     return f"{label} is serving: {result.reason}" if result.reason else f"{label} is serving"
 
 
-def rollback(config: AgentConfig) -> str:
-    """Swap back to the previously active model; returns its label."""
+def _check_targets(config: AgentConfig, manifest: Manifest) -> None:
+    cameras = [camera.name for camera in config.cameras]
+    refusal = manifest.targets.refusal(line=config.line, agent_id=config.agent_id, cameras=cameras)
+    if refusal:
+        msg = f"{label_of(manifest)} is not meant for this agent: {refusal} (its signed targets)"
+        raise BundleError(msg)
+
+
+def _check_not_older(config: AgentConfig, store: ModelStore, manifest: Manifest) -> None:
+    newest = store.newest_accepted(manifest.model_id)
+    if newest is not None and version_key(manifest.model_version) < version_key(newest):
+        msg = (
+            f"{label_of(manifest)} is older than {manifest.model_id}@{newest}, the newest version this agent has "
+            f"accepted; to go back on purpose: lineguard-deploy rollback --agent {config.agent_id} --to "
+            f"{label_of(manifest)} (if it is still installed), or push again with --allow-downgrade"
+        )
+        raise BundleError(msg)
+
+
+def rollback(config: AgentConfig, *, to: str = "") -> str:
+    """Swap back to `to` (a label in the store) or to the previously active model; returns its label."""
     store = _store(config)
-    previous = store.previous()
-    if previous is None:
+    target = to or store.previous()
+    if target is None:
         msg = f"no previous model to roll back to (active: {store.active()})"
         raise BundleError(msg)
-    result = request_swap(config, store.path(previous))
+    path = store.path(target)  # ModelStoreError when it is not installed here
+    result = request_swap(config, path)
     if not result.ok:
-        msg = f"rollback to {previous} refused: {result.reason}; {result.model} keeps serving"
+        msg = f"rollback to {target} refused: {result.reason}; {result.model} keeps serving"
         raise BundleError(msg)
-    store.activate(previous)
-    return previous
+    store.activate(target)
+    return target

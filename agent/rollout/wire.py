@@ -17,7 +17,7 @@ deterministically, so pushing the same bundle again continues the same transfer.
 sender asks what is missing: the sender does so at start, after a reconnect, and after `ask_interval_s` without
 an answer, then sends only the chunks the agent lacks. The receiver keeps the archive and its chunk map on disk
 (staging/<transfer_id>/archive.tar, transfer.json), so a restarted receiver resumes too. A transfer that hears
-nothing for `abandon_after_s` is failed ("abandoned") and its staging folder removed; a finished one keeps only
+nothing for `rollout.transfer_timeout_s` is failed ("abandoned") and its staging folder removed; a finished one keeps only
 transfer.json for that long, so a sender that missed the verdict gets it again (same push_id), while a new push
 of the same bundle (new push_id) installs it again.
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 CHUNK_BYTES = 256 * 1024
 MAX_ARCHIVE_BYTES = 2 * 2**30  # receiver's default cap on one archive
+MAX_MEMBERS = 1000  # receiver's default cap on files and folders in one archive
 WINDOW_CHUNKS = 8  # chunks sent and not yet acknowledged by the agent (end-to-end flow control)
 MAX_REFUSALS = 3  # the agent refusing one chunk this often fails the push: the sender's data is bad
 INBOX_MAX_BYTES = 64 * 2**20  # receiver drops messages past this backlog; the sender's next ask recovers them

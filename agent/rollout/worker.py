@@ -4,7 +4,10 @@ A pushed bundle arrives in chunks (receiver.py), then goes through the same path
 `lineguard-agent activate` (swap.py): signature and digests, install into the store, load beside
 the serving model, canary, swap. Commands (ModelCommand on `<prefix>/<agent_id>/model/command`)
 are decoded through the contract and run one at a time on one thread, from a bounded queue.
-Every outcome goes to the operator (the transfer's ack) and to everyone as a ModelEvent.
+Pushes and commands must carry an operator's signature (agent/authority.py, keys in
+rollout.operator_keys): a push's meta names the archive's sha256 and this agent, so nothing unsigned
+is staged, and a recorded command cannot be replayed. Every outcome goes to the operator (the
+transfer's ack) and to everyone as a ModelEvent.
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ from pathlib import Path
 
 import zmq
 
+from ..authority import CommandRefused, CommandVerifier
 from ..bundle import BundleError
 from ..config import AgentConfig
-from ..contract import ContractError, ModelCommand, ModelEvent, Topics, clip, decode
+from ..contract import ContractError, ModelCommand, ModelEvent, Topics, TransferMeta, clip, decode
 from ..ipc import Sender, endpoint
 from ..messages import Heartbeat
 from ..mqtt import MqttPublisher, Subscription
-from ..signing import KeyFileError, SignatureError
+from ..signing import KeyFileError, SignatureError, load_trusted_keys
 from .receiver import BundleReceiver
+from .staging import StagingLimits
 from .store import ModelStoreError
 from .swap import activate, rollback
 
@@ -49,8 +54,29 @@ class RolloutWorker:
             status_topic=self.topics.model_events(config.agent_id),
             will=None,
         )
+        self.verifier = CommandVerifier(
+            config.agent_id,
+            load_trusted_keys(config.rollout.operator_keys),
+            config.state_dir / "rollout" / "nonces.json",
+            max_age_s=config.rollout.command_max_age_s,
+        )
+        self._verify_lock = threading.Lock()  # the receiver's and the command thread's checks share the nonces
+        rollout = config.rollout
         self.receiver = BundleReceiver(
-            config.mqtt, agent_id=config.agent_id, staging_dir=config.state_dir / "staging", on_bundle=self._on_bundle
+            config.mqtt,
+            agent_id=config.agent_id,
+            staging_dir=rollout.staging_dir or config.state_dir / "staging",
+            on_bundle=self._on_bundle,
+            admit=self._admit,
+            limits=StagingLimits(
+                max_transfers=rollout.max_transfers,
+                staging_max_bytes=rollout.staging_max_bytes,
+                reserve_bytes=rollout.staging_reserve_bytes,
+                max_archive_bytes=rollout.max_archive_bytes,
+                max_chunks=rollout.max_chunks,
+                max_members=rollout.max_archive_members,
+                timeout_s=rollout.transfer_timeout_s,
+            ),
         )
         self.to_supervisor = Sender(context, endpoint(config.run_dir, "supervisor"))
         self.dropped = 0
@@ -62,11 +88,26 @@ class RolloutWorker:
             config.mqtt, f"{base_id}-commands", [self.topics.model_command(config.agent_id)], self._on_message
         )
 
-    def _on_bundle(self, path: Path, transfer_id: str) -> tuple[bool, str]:
+    def _admit(self, meta: TransferMeta) -> str:
+        """The receiver's thread: why a new transfer is refused before anything is staged ("" = admitted)."""
+        command = meta.command
+        if command is None:
+            return "the push carries no signed command; push with lineguard-deploy --operator-key (an operator key)"
+        if command.action != "push" or command.model != meta.model or command.sha256 != meta.sha256:
+            return f"the signed command is for {command.action} of {command.model or 'no model'}, not this archive"
         try:
-            outcome = activate(self.config, path)
+            with self._verify_lock:
+                self.verifier.check(command)
+        except CommandRefused as error:
+            return str(error)
+        return ""
+
+    def _on_bundle(self, path: Path, meta: TransferMeta) -> tuple[bool, str]:
+        allow_downgrade = meta.command is not None and meta.command.allow_downgrade
+        try:
+            outcome = activate(self.config, path, allow_downgrade=allow_downgrade)
         except _REFUSALS as error:
-            log.warning("push %s refused: %s", transfer_id, error)
+            log.warning("push %s refused: %s", meta.transfer_id, error)
             return False, str(error)
         return True, outcome
 
@@ -98,14 +139,17 @@ class RolloutWorker:
                 log.exception("model command %s failed", command.request_id)
 
     def _execute(self, command: ModelCommand) -> None:
-        if command.agent_id != self.config.agent_id:
-            self._event(command, "refused", f"command is for agent {command.agent_id}, this is {self.config.agent_id}")
+        try:
+            with self._verify_lock:
+                self.verifier.check(command)
+        except CommandRefused as error:
+            self._event(command, "refused", str(error))
             return
         if command.action != "rollback":
             self._event(command, "refused", f"action {command.action} is not a command here; pushes carry it in meta")
             return
         try:
-            label = rollback(self.config)
+            label = rollback(self.config, to=command.model)
         except _REFUSALS as error:
             self._event(command, "refused", str(error))
             return

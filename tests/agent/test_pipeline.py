@@ -82,6 +82,9 @@ trusted_keys = ["{public_key_path(signing_key)}"]
 max_batch = 4
 threads = 1
 
+[rollout]
+operator_keys = ["{public_key_path(signing_key)}"]
+
 [decision]
 deadline_ms = {deadline_ms}
 heatmap = "rejects"
@@ -403,9 +406,11 @@ def test_workers_stop_when_their_supervisor_is_killed(broker, trained_work, sign
         time.sleep(0.2)
 
 
-def deploy_cli(broker: MosquittoBroker, *args: str) -> subprocess.CompletedProcess:
+def deploy_cli(broker: MosquittoBroker, operator_key: Path, *args: str) -> subprocess.CompletedProcess:
+    """`lineguard-deploy ARGS` as an operator whose key the agent trusts (rollout.operator_keys)."""
     command = [Path(sys.executable).with_name("lineguard-deploy"), *args, "--port", str(broker.port)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=180)
+    env = {**os.environ, "LINEGUARD_OPERATOR_KEY": str(operator_key)}
+    return subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
 
 
 def test_operators_push_models_over_mqtt_and_bad_bundles_are_refused_while_the_old_model_serves(
@@ -424,6 +429,7 @@ def test_operators_push_models_over_mqtt_and_bad_bundles_are_refused_while_the_o
 
     pushed = deploy_cli(
         broker,
+        signing_key,
         "push",
         str(bundle_variant(source, tmp_path / "good", signing_key, model_version="2.0.0")),
         "--agent",
@@ -454,16 +460,60 @@ def test_operators_push_models_over_mqtt_and_bad_bundles_are_refused_while_the_o
             "",
         ),
     }
+    refusals["older"] = (
+        bundle_variant(source, tmp_path / "older", signing_key, model_version="1.5.0"),
+        f"brick-test@1.5.0 is older than brick-test@2.0.0, the newest version this agent has accepted; to go back on "
+        f"purpose: lineguard-deploy rollback --agent {AGENT} --to brick-test@1.5.0",
+    )
+    refusals["another line"] = (
+        bundle_variant(
+            source,
+            tmp_path / "line-2",
+            signing_key,
+            model_version="2.1.0",
+            targets={"lines": ["line-2"], "agents": ["*"], "cameras": ["*"]},
+        ),
+        "is not meant for this agent: the bundle is for lines line-2, not line-1",
+    )
     for name, (bundle, reason) in refusals.items():
-        result = deploy_cli(broker, "push", str(bundle), "--agent", AGENT, "--timeout", "120")
+        result = deploy_cli(broker, signing_key, "push", str(bundle), "--agent", AGENT, "--timeout", "120")
         assert result.returncode == 2, (name, result.stdout, result.stderr)
         assert reason in result.stderr, (name, result.stderr)
     assert verdicts(subscriber)[-1].model == "brick-test@2.0.0"
 
-    rolled = deploy_cli(broker, "rollback", "--agent", AGENT)
+    # Only a signature by a trusted operator key gets a push staged, and nothing unsigned reaches the disk.
+    good = tmp_path / "good"
+    intruder, _ = generate_key_pair(tmp_path / "intruder.pem")
+    refused = deploy_cli(broker, intruder, "push", str(good), "--agent", AGENT, "--timeout", "30")
+    assert refused.returncode == 2 and "which this agent does not trust" in refused.stderr, refused.stderr
+    assert not list((tmp_path / "state" / "staging").rglob("archive.tar"))  # finished transfers keep transfer.json
+    unsigned = subprocess.run(
+        [
+            Path(sys.executable).with_name("lineguard-deploy"),
+            "push",
+            str(good),
+            "--agent",
+            AGENT,
+            "--port",
+            str(broker.port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={key: value for key, value in os.environ.items() if key != "LINEGUARD_OPERATOR_KEY"},
+    )
+    assert unsigned.returncode == 2 and "must be signed" in unsigned.stderr, unsigned.stderr
+
+    rolled = deploy_cli(broker, signing_key, "rollback", "--agent", AGENT)
     assert rolled.returncode == 0 and "brick-test@1.0.0" in rolled.stdout, rolled.stderr
     assert subscriber.wait_until(lambda: verdicts(subscriber)[-1].model == "brick-test@1.0.0", 30)
-    status = deploy_cli(broker, "status", "--agent", AGENT)
+    # An explicit downgrade goes through; the newest accepted version stays 2.0.0.
+    downgrade = deploy_cli(
+        broker, signing_key, "push", str(refusals["older"][0]), "--agent", AGENT, "--allow-downgrade"
+    )
+    assert downgrade.returncode == 0, downgrade.stderr
+    assert subscriber.wait_until(lambda: verdicts(subscriber)[-1].model == "brick-test@1.5.0", 30)
+    status = deploy_cli(broker, signing_key, "status", "--agent", AGENT)
     assert status.returncode == 0 and f"{AGENT}: online" in status.stdout
     assert stop(agent) == 0
     seqs = sorted(v.seq for v in verdicts(subscriber))

@@ -244,7 +244,7 @@ def test_a_whole_push_runs_under_the_acl(broker: MosquittoBroker, tmp_path: Path
     (bundle / "model.onnx").write_bytes(random.Random(1).randbytes(600_000))
     arrived: list[bytes] = []
 
-    def install(path: Path, transfer_id: str) -> tuple[bool, str]:
+    def install(path: Path, meta: object) -> tuple[bool, str]:
         arrived.append((path / "model.onnx").read_bytes())
         return True, "installed"
 
@@ -252,7 +252,11 @@ def test_a_whole_push_runs_under_the_acl(broker: MosquittoBroker, tmp_path: Path
         return MqttConfig(host=broker.host, port=broker.port, username=user, password=PASSWORDS[user])
 
     receiver = BundleReceiver(
-        config("agent-1"), agent_id="agent-1", staging_dir=tmp_path / "staging", on_bundle=install
+        config("agent-1"),
+        agent_id="agent-1",
+        staging_dir=tmp_path / "staging",
+        on_bundle=install,
+        admit=lambda meta: "",  # the broker's ACL is under test here; the operator's signature in test_rollout.py
     )
     assert receiver.wait_subscribed(5)
     try:

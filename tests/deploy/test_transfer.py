@@ -27,6 +27,7 @@ from lineguard.agent.config import MqttConfig
 from lineguard.agent.contract import ModelEvent, Topics, TransferAck, TransferMeta, decode
 from lineguard.agent.rollout.archive import pack_bundle, unpack_bundle
 from lineguard.agent.rollout.receiver import BundleReceiver
+from lineguard.agent.rollout.staging import StagingLimits
 from lineguard.agent.rollout.wire import CHUNK_BYTES, ArchiveError, TransferError
 from lineguard.deploy.sender import BundleSender, TransferProgress
 
@@ -63,11 +64,16 @@ class Installs:
         self.verdict = verdict
         self.calls: list[tuple[Path, str]] = []
 
-    def __call__(self, path: Path, transfer_id: str) -> tuple[bool, str]:
-        copy = self.folder / f"{transfer_id}-{len(self.calls)}"
+    def __call__(self, path: Path, meta: TransferMeta) -> tuple[bool, str]:
+        copy = self.folder / f"{meta.transfer_id}-{len(self.calls)}"
         shutil.copytree(path, copy)
-        self.calls.append((copy, transfer_id))
+        self.calls.append((copy, meta.transfer_id))
         return self.verdict
+
+
+def admit_every_push(meta: TransferMeta) -> str:
+    """These tests are about the transport; the operator's signature is tested in tests/agent/test_rollout.py."""
+    return ""
 
 
 @pytest.fixture
@@ -80,7 +86,13 @@ def make_receiver(config: MqttConfig, tmp_path: Path, installs: Installs) -> Ite
     made: list[BundleReceiver] = []
 
     def make(**options: Any) -> BundleReceiver:
-        options = {"agent_id": AGENT, "staging_dir": tmp_path / "staging", "on_bundle": installs, **options}
+        options = {
+            "agent_id": AGENT,
+            "staging_dir": tmp_path / "staging",
+            "on_bundle": installs,
+            "admit": admit_every_push,
+            **options,
+        }
         receiver = BundleReceiver(config, **options)
         made.append(receiver)
         assert receiver.wait_subscribed(5)
@@ -431,7 +443,7 @@ def test_an_archive_that_escapes_with_dotdot_is_refused_and_writes_nothing_outsi
 def test_an_abandoned_transfer_is_failed_and_cleaned_up_after_its_timeout(
     bundle: Path, broker: MosquittoBroker, make_receiver: Callable[..., BundleReceiver], events: Subscriber
 ) -> None:
-    receiver = make_receiver(abandon_after_s=1.0)
+    receiver = make_receiver(limits=StagingLimits(timeout_s=1.0))
     archive = pack_bundle(bundle)
     meta = meta_for(bundle)
     operator = RawOperator(broker, meta.transfer_id)
@@ -442,7 +454,7 @@ def test_an_abandoned_transfer_is_failed_and_cleaned_up_after_its_timeout(
     verdict = operator.verdict(timeout_s=4)
     operator.close()
     assert verdict.state == "failed"
-    assert verdict.reason.startswith("abandoned: nothing arrived for 1 s (abandon_after_s=1)")
+    assert verdict.reason.startswith("abandoned: nothing arrived for 1 s (rollout.transfer_timeout_s=1)")
     assert not staged.exists()
     assert events.wait_until(lambda: events.messages, 5)
     assert events.records(EVENTS, ModelEvent)[0].reason == verdict.reason
@@ -462,8 +474,8 @@ def test_the_agent_s_refusal_reaches_the_operator_as_a_transfer_error(
 def test_an_archive_over_the_agent_s_size_cap_is_refused_before_any_chunk(
     bundle: Path, config: MqttConfig, make_receiver: Callable[..., BundleReceiver]
 ) -> None:
-    make_receiver(max_archive_bytes=1_000_000)
-    with BundleSender(config) as sender, pytest.raises(TransferError, match="max_archive_bytes"):
+    make_receiver(limits=StagingLimits(max_archive_bytes=1_000_000))
+    with BundleSender(config) as sender, pytest.raises(TransferError, match=r"rollout\.max_archive_bytes"):
         sender.send(bundle, agent_id=AGENT, timeout_s=20)
 
 
@@ -526,3 +538,114 @@ def test_after_a_broker_restart_both_sides_reconnect_and_only_missing_chunks_go_
         result = sender.send(bundle, agent_id=AGENT, timeout_s=20, progress=restart_broker)
     assert result.chunks_sent <= result.chunk_count + 2
     assert files_of(installs.calls[0][0]) == files_of(bundle)
+
+
+# -- limits on what unsigned traffic can make an agent hold (issue: flooding before any signature) -----------------
+
+
+def many_folders_tar(count: int) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for index in range(count):
+            info = tarfile.TarInfo(f"d{index}")
+            info.type = tarfile.DIRTYPE
+            archive.addfile(info)
+    return buffer.getvalue()
+
+
+def test_an_archive_with_more_members_than_the_cap_is_refused_while_reading_its_headers(tmp_path: Path) -> None:
+    archive = many_folders_tar(20_000)  # ~10 MiB of headers, no content: a byte cap alone lets it through
+    with pytest.raises(ArchiveError, match=r"more than 1000 files and folders \(rollout\.max_archive_members\)"):
+        unpack_bundle(archive, tmp_path / "out", max_members=1000)
+    assert not (tmp_path / "out").exists()
+
+
+def refused_push(broker: MosquittoBroker, meta: TransferMeta) -> TransferAck:
+    operator = RawOperator(broker, meta.transfer_id)
+    operator.publish(operator.topics.meta, meta.encode())
+    verdict = operator.verdict()
+    operator.close()
+    return verdict
+
+
+def fake_meta(total_bytes: int, *, chunk_bytes: int = 1024, model_version: str = "1") -> TransferMeta:
+    """A meta for an archive of `total_bytes` nobody will send (limits are checked on the meta alone)."""
+    count = -(-total_bytes // chunk_bytes)
+    return TransferMeta(
+        transfer_id=f"t{total_bytes}-{model_version}",
+        push_id="p1",
+        total_bytes=total_bytes,
+        chunk_bytes=chunk_bytes,
+        chunk_count=count,
+        sha256="0" * 64,
+        chunk_sha256=("0" * 64,) * count,
+        model_id="brick",
+        model_version=model_version,
+    )
+
+
+@pytest.mark.parametrize(
+    ("limits", "meta", "key"),
+    [
+        (StagingLimits(max_archive_bytes=10_000), fake_meta(20_000), "rollout.max_archive_bytes"),
+        (StagingLimits(max_chunks=10), fake_meta(20_000), "rollout.max_chunks"),
+        (StagingLimits(staging_max_bytes=30_000), fake_meta(20_000), "rollout.staging_max_bytes"),
+        (StagingLimits(reserve_bytes=2**62), fake_meta(20_000), "rollout.staging_reserve_bytes"),
+    ],
+    ids=["archive size", "chunk count", "staging budget", "free-space reserve"],
+)
+def test_each_staging_limit_refuses_a_push_naming_its_key_and_stages_nothing(
+    broker: MosquittoBroker,
+    make_receiver: Callable[..., BundleReceiver],
+    limits: StagingLimits,
+    meta: TransferMeta,
+    key: str,
+) -> None:
+    receiver = make_receiver(limits=limits)
+    verdict = refused_push(broker, meta)
+    assert verdict.state == "failed" and f"({key}" in verdict.reason, verdict.reason
+    assert not (receiver._staging_dir / meta.transfer_id).exists()
+
+
+def test_transfers_beyond_the_cap_are_refused_until_one_finishes(
+    broker: MosquittoBroker, make_receiver: Callable[..., BundleReceiver]
+) -> None:
+    receiver = make_receiver(limits=StagingLimits(max_transfers=2))
+    for version in ("1", "2"):
+        operator = RawOperator(broker, fake_meta(4096, model_version=version).transfer_id)
+        operator.publish(operator.topics.meta, fake_meta(4096, model_version=version).encode())
+        assert wait_for(lambda op=operator: any(a.missing is not None for a in op.acks))
+        operator.close()
+    third = refused_push(broker, fake_meta(4096, model_version="3"))
+    assert third.state == "failed" and "2 transfers are staged already" in third.reason
+    assert "(rollout.max_transfers)" in third.reason
+    staged = sorted(p.name for p in receiver._staging_dir.iterdir())
+    assert staged == ["t4096-1", "t4096-2"]
+    # Each staged archive is allocated on disk, not a sparse promise.
+    assert all((receiver._staging_dir / name / "archive.tar").stat().st_blocks * 512 >= 4096 for name in staged)
+
+
+def test_an_oversized_meta_is_dropped_and_counted_before_it_is_queued(
+    broker: MosquittoBroker, make_receiver: Callable[..., BundleReceiver], caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = make_receiver()
+    operator = RawOperator(broker, "huge")
+    operator.publish(operator.topics.meta, b"{" + b" " * (TransferMeta.MAX_BYTES + 10) + b"}")
+    assert wait_for(lambda: receiver.dropped == 1)
+    assert "over the" in caplog.text and "-byte limit" in caplog.text
+    operator.close()
+
+
+def test_a_restart_keeps_only_the_newest_staged_transfers(
+    broker: MosquittoBroker, make_receiver: Callable[..., BundleReceiver], tmp_path: Path
+) -> None:
+    first = make_receiver(limits=StagingLimits(max_transfers=3))
+    for version in ("1", "2", "3"):
+        operator = RawOperator(broker, fake_meta(4096, model_version=version).transfer_id)
+        operator.publish(operator.topics.meta, fake_meta(4096, model_version=version).encode())
+        assert wait_for(lambda op=operator: any(a.missing is not None for a in op.acks))
+        operator.close()
+    first.close()
+    os.utime(tmp_path / "staging" / "t4096-1")  # the newest now
+    second = make_receiver(limits=StagingLimits(max_transfers=2))
+    assert sorted(p.name for p in second._staging_dir.iterdir()) == ["t4096-1", "t4096-3"]
