@@ -19,10 +19,10 @@ import zmq
 
 from ..bundle import MANIFEST_FILE, BundleError, Manifest, parse_manifest, verify_bundle
 from ..config import AgentConfig
-from ..engine.preprocess import Preprocessor
 from ..ipc import Receiver, Sender, endpoint
 from ..messages import EngineStatus, FrameFailed, FrameReady, Heartbeat, Message, Scored, ScoreFailed
 from ..metrics import PipelineMetrics
+from ..model_input import Preprocessor
 from ..models import serving_bundle, store_root
 from ..mqtt import MqttPublisher, topics
 from ..ring import AttachedRings, RingError

@@ -105,7 +105,7 @@ class ServingModel:
     def attach_source(self, key: str, source: FrameSource) -> bool:
         """True when the back end reads frames of `source` from their ring slots itself (GPU crop and resize).
 
-        False: prepare them with engine/preprocess.py and call infer; also while the back end still builds the
+        False: prepare them with agent/model_input.py and call infer; also while the back end still builds the
         source's frame engine in the background (it never blocks on a build). Cheap: call it once per camera per batch.
         """
         return self._slot_backend is not None and self._slot_backend.attach_source(key, source)

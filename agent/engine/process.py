@@ -1,7 +1,7 @@
 """Engine process: FrameReady -> check slot, crop/resize -> micro-batch inference -> Scored.
 
 Crop and resize run on the GPU where the back end offers it (TensorRT with engine.gpu_preprocess:
-only slot addresses go to the back end), else on the CPU into a batch buffer (engine/preprocess.py).
+only slot addresses go to the back end), else on the CPU into a batch buffer (agent/model_input.py).
 A batch goes the GPU way only when every camera in it is attached; while a camera's frame engine is
 still being built (in the background), its batches take the CPU way.
 
@@ -28,13 +28,13 @@ from ..config import AgentConfig
 from ..decision.rules import rows_needing_maps
 from ..ipc import Receiver, Sender, endpoint
 from ..messages import EngineStatus, FrameReady, Heartbeat, Scored, ScoreFailed, SwapModel, SwapResult
+from ..model_input import InputMismatch, Preprocessor
 from ..models import serving_bundle
 from ..ring import AttachedRings, RingError, ShmRing
 from ..signing import SignatureError, load_trusted_keys
 from .backends import BackendUnavailable, FrameSource, Inference, SlotFrame
 from .background import lower_thread_priority
 from .model import ServingModel
-from .preprocess import InputMismatch, Preprocessor
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from lineguard.agent.engine.backends import BackendUnavailable, FrameSource, Slo
 from lineguard.agent.engine.backends.tensorrt import TensorRTBackend, row_runs
 from lineguard.agent.engine.backends.tensorrt_frames import FramePlanCache
 from lineguard.agent.engine.cuda import CudaError, check
-from lineguard.agent.engine.preprocess import Preprocessor
+from lineguard.agent.model_input import Preprocessor
 from lineguard.agent.ring import ShmRing
 
 SHAPE = (256, 256, 1)

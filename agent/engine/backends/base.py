@@ -8,8 +8,8 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
+from ...model_input import PixelFormat
 from ...ring import ShmRing
-from ..frame_graph import SourceFormat
 
 
 class BackendUnavailable(Exception):
@@ -48,12 +48,12 @@ class FrameSource:
     """One camera's frames as they lie in its ring, and the part of them the model sees.
 
     box: (x, y, width, height) of the ROI in frame pixels, checked against the frames already
-    (engine/preprocess.py). Equal only for the same ring object: a re-attached ring is a new source.
+    (agent/model_input.py). Equal only for the same ring object: a re-attached ring is a new source.
     """
 
     ring: ShmRing
     box: tuple[int, int, int, int]
-    source_format: SourceFormat
+    source_format: PixelFormat
 
 
 class SlotFrame(NamedTuple):

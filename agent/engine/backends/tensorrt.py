@@ -8,7 +8,7 @@ the engine's own stream, then one synchronise:
   (backends/tensorrt_frames.py). No CPU pixel work, no staging copy. A camera's frame engine
   is built on a background thread the first time its frames arrive; until it is ready (a
   TensorRT build can take a minute) its frames take the CPU path below, so none is late.
-- `infer`: model-size frames the CPU prepared (engine/preprocess.py) are copied into a
+- `infer`: model-size frames the CPU prepared (agent/model_input.py) are copied into a
   page-locked staging buffer and sent in one copy. The canary, a shadow-tested candidate and
   any camera whose frame engine is being built or cannot be built use this path.
 The model part may be replayed as one CUDA graph per batch size. Anomaly maps stay on the device

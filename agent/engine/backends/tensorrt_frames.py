@@ -23,9 +23,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ...model_input import PixelFormat
 from ..background import lower_thread_priority
 from ..cuda import CudaError, HostRegistration, Stream
-from ..frame_graph import IMAGE_NAME, ROI_NAME, SourceFormat, frame_graph
+from ..frame_graph import IMAGE_NAME, ROI_NAME, frame_graph
 from .base import FrameSource
 from .tensorrt_network import OnnxParseError, parse_onnx, profile_shapes
 
@@ -219,7 +220,7 @@ class FramePlanBuild:
         return self._plan
 
 
-def plan_inputs(source: FrameSource) -> tuple[tuple[int, int, int], SourceFormat]:
+def plan_inputs(source: FrameSource) -> tuple[tuple[int, int, int], PixelFormat]:
     """What a source's frame plan depends on: the (h_roi, w_roi, C) of its ROI and its pixel format."""
     _, _, width, height = source.box
     return (height, width, _frame_shape(source)[2]), source.source_format
