@@ -6,8 +6,6 @@ from .sources import (
     CameraUnavailable,
     FrameInfo,
     FrameSource,
-    SlotFrame,
-    SlotSource,
     SourceExhausted,
     open_source,
 )
@@ -18,8 +16,6 @@ __all__ = [
     "CameraUnavailable",
     "FrameInfo",
     "FrameSource",
-    "SlotFrame",
-    "SlotSource",
     "SourceExhausted",
     "open_source",
 ]

@@ -2,17 +2,16 @@
 
 A source is opened and configured in its constructor and is usable right after. The capture loop hands it a
 (height, width, channels) uint8 view of a ring slot and the source writes one frame into it, without allocating
-per frame in steady state. Sources that can let the camera write straight into ring slots also implement
-`SlotSource` (zero copy; see aravis.py for how the capture loop drives it).
+per frame in steady state.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -55,14 +54,6 @@ class FrameInfo:
     missed_before: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class SlotFrame:
-    """A frame the camera wrote straight into ring slot `slot_index` (zero copy)."""
-
-    slot_index: int
-    info: FrameInfo
-
-
 class FrameSource(Protocol):
     """One camera, video or image folder, delivering frames of a fixed geometry."""
 
@@ -80,22 +71,6 @@ class FrameSource(Protocol):
     def close(self) -> None:
         """Stop acquisition and release the device; safe to call twice."""
         ...
-
-
-@runtime_checkable
-class SlotSource(FrameSource, Protocol):
-    """A source whose camera can write straight into ring slots; use it instead of read_into, never both.
-
-    attach_slots(views): once, before the first read; views[i] is ring slot i's (height, width, channels) uint8.
-    queue_slot(i): the camera may now overwrite slot i (mark the slot's header as being written first).
-    read_slot(timeout_s): the slot holding the next frame, now the caller's until queued again; None on timeout.
-    """
-
-    def attach_slots(self, slots: Sequence[np.ndarray]) -> None: ...
-
-    def queue_slot(self, slot_index: int) -> None: ...
-
-    def read_slot(self, *, timeout_s: float) -> SlotFrame | None: ...
 
 
 def open_source(config: CameraConfig) -> FrameSource:
