@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .sources import CHANNELS, CameraError, CameraUnavailable, FrameInfo, check_out
+from .base import CHANNELS, CameraError, CameraUnavailable, FrameInfo, check_out
 
 if TYPE_CHECKING:
     from ..config import CameraConfig
