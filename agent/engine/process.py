@@ -32,7 +32,7 @@ from ..model_input import InputMismatch, Preprocessor
 from ..models import serving_bundle
 from ..ring import AttachedRings, RingError, ShmRing
 from ..signing import SignatureError, load_trusted_keys
-from .backends import BackendUnavailable, FrameSource, Inference, SlotFrame
+from .backends import BackendUnavailable, Inference, RingRegion, SlotAddress
 from .background import lower_thread_priority
 from .model import ServingModel
 
@@ -145,7 +145,7 @@ class EngineLoop:
                 SwapResult(shadow.request.request_id, ok=True, model=self.model.label, reason=shadow.summary(old))
             )
 
-    def _load(self, frames: list[FrameReady]) -> tuple[list[_Job], list[SlotFrame] | None]:
+    def _load(self, frames: list[FrameReady]) -> tuple[list[_Job], list[SlotAddress] | None]:
         """Check each announced frame's slot (failing those that cannot be scored) and hand the rest on.
 
         Returns the jobs, and on the GPU frame path the slots the back end reads itself; None: each
@@ -162,10 +162,10 @@ class EngineLoop:
         # A shadow-tested candidate scores the same model-size frames on the host: that batch takes the CPU path.
         # Each camera in the batch is asked once (a list, not a short-circuit), so each starts building its
         # frame engine at once.
-        sources = {ready.camera: FrameSource(ring, prep.box, prep.source_format) for ready, ring, _, prep in found}
-        on_gpu = self.shadow is None and all([self.model.attach_source(key, src) for key, src in sources.items()])
+        regions = {ready.camera: RingRegion(ring, prep.box, prep.source_format) for ready, ring, _, prep in found}
+        on_gpu = self.shadow is None and all([self.model.attach_region(key, reg) for key, reg in regions.items()])
         if on_gpu:
-            slots = [SlotFrame(ready.camera, ring.address(ready.slot)) for ready, ring, _, _ in found]
+            slots = [SlotAddress(ready.camera, ring.address(ready.slot)) for ready, ring, _, _ in found]
             return [_Job(ready, index) for index, (ready, *_) in enumerate(found)], slots
         jobs: list[_Job] = []
         for ready, _, pixels, prep in found:
@@ -173,7 +173,7 @@ class EngineLoop:
             jobs.append(_Job(ready, len(jobs)))
         return jobs, None
 
-    def _score(self, jobs: list[_Job], slots: list[SlotFrame] | None) -> None:
+    def _score(self, jobs: list[_Job], slots: list[SlotAddress] | None) -> None:
         started = time.monotonic_ns()
         inference = self.model.infer(self.batch[: len(jobs)]) if slots is None else self.model.infer_slots(slots)
         scores = inference.scores
