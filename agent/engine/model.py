@@ -12,6 +12,8 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..bundle import BundleError, Manifest, verify_bundle
+from ..config import AgentConfig
+from ..signing import load_trusted_keys
 from .backends import Backend, BackendRequest, Inference, RingRegion, Selection, SlotAddress, SlotBackend, load_backend
 from .cuda import CudaError
 
@@ -148,3 +150,18 @@ def read_golden_images(bundle_dir: Path, manifest: Manifest) -> np.ndarray:
             image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
         frames[index] = image.reshape(shape)
     return frames
+
+
+def load_serving_model(config: AgentConfig, bundle_dir: Path) -> ServingModel:
+    """The bundle at bundle_dir as a ServingModel with the engine settings of config (keys, back end, batch)."""
+    return ServingModel(
+        bundle_dir,
+        trusted_keys=load_trusted_keys(config.engine.trusted_keys),
+        require_signature=config.engine.require_signature,
+        backend=config.engine.backend,
+        threads=config.engine.threads,
+        canary_rtol=config.engine.canary_rtol,
+        max_batch=config.engine.max_batch,
+        cuda_graph=config.engine.cuda_graph,
+        frame_plans=config.state_dir / "engines" if config.engine.gpu_preprocess else None,
+    )
