@@ -7,8 +7,8 @@ The trainer's images (trainer/data.py) and the agent's ring slots (engine, decis
   training image decoded for a colour model is; a mono8 camera can feed a 3-channel model.
 - colour frame, grey model: OpenCV's luma, 0.299 R + 0.587 G + 0.114 B, read in the frame's channel order.
 - bgr8 frame, colour model: reordered to RGB (every colour model takes RGB).
-- size: cv2.resize(INTER_AREA) to the model's height x width, after the grey conversion and before the
-  replication (the cheaper order; both are per-pixel, so the order does not change a value).
+- size: cv2.resize(INTER_AREA) to the model's height x width, after any grey conversion and before the
+  replication (fewer channels to resize). Rounding makes the order matter; trainer and agent share it here.
 - ROI (agent only): cropped from the frame before all of that.
 
 engine/frame_graph.py does the same on the GPU, within one grey level.
@@ -99,8 +99,8 @@ def _resize_into(image: np.ndarray, out: np.ndarray) -> None:
 class Preprocessor:
     """One camera's (H, W, C_cam) uint8 frames -> the model's (h, w, c) uint8 input: ROI crop, then to_model_input.
 
-    Built once per camera and model; the constructor checks the combination, so a mismatch is refused
-    at start-up or model swap, before any frame is lost to it.
+    Built once per camera and frame size; the constructor checks the combination (InputMismatch with the fix),
+    so the engine learns of a camera that cannot feed the model at its first frame.
     """
 
     roi: RoiConfig
