@@ -28,20 +28,16 @@ log = logging.getLogger("lineguard.agent")
 
 
 def preflight(config: AgentConfig) -> Manifest:
-    """Checks that need I/O, before any process starts: the bundle verifies and fits the cameras."""
-    manifest = verify_bundle(
+    """Checks that need I/O, before any process starts: the bundle verifies.
+
+    Whether each camera's frames fit the model (ROI, aspect) is checked by the engine once it sees the
+    frame size; any pixel format feeds a grey or a colour model (agent/model_input.py).
+    """
+    return verify_bundle(
         serving_bundle(config.state_dir, config.engine.bundle),
         load_trusted_keys(config.engine.trusted_keys),
         require_signature=config.engine.require_signature,
     )
-    for camera in config.cameras:
-        if manifest.input.channels == 3 and camera.pixel_format == "mono8":
-            msg = (
-                f"bundle {manifest.model_id} expects colour frames but camera {camera.name} is mono8: "
-                "set pixel_format = 'rgb8' or deploy a grey model"
-            )
-            raise BundleError(msg)
-    return manifest
 
 
 def _stop_on_signals(stop: threading.Event) -> None:

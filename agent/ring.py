@@ -310,7 +310,7 @@ class ShmRing:
         return self._arrays[slot]
 
     def address(self, slot: int) -> int:
-        """Integer address of slot `slot`'s payload, for zero-copy DMA (e.g. Aravis.Buffer.new)."""
+        """Integer address of slot `slot`'s payload, for DMA (the GPU frame path reads ROIs from it)."""
         self._check_slot(slot)
         return self._addresses[slot]
 

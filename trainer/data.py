@@ -19,6 +19,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from lineguard.agent.model_input import PixelFormat, to_model_input
+
 from .errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -284,6 +286,11 @@ def read_image(path: Path) -> np.ndarray:
     return image
 
 
+def decoded_format(image: np.ndarray) -> PixelFormat:
+    """The pixel format of a trainer image (read_image's or a model input): mono8 for (H, W) or (H, W, 1), else rgb8."""
+    return "mono8" if image.ndim == 2 or image.shape[2] == 1 else "rgb8"
+
+
 def detect_channels(samples: tuple[Sample, ...]) -> int:
     """1 when the first image is grey, else 3."""
     return 1 if read_image(samples[0].path).ndim == 2 else 3
@@ -292,7 +299,7 @@ def detect_channels(samples: tuple[Sample, ...]) -> int:
 def load_images(
     samples: tuple[Sample, ...], *, height: int, width: int, channels: int, source_size: tuple[int, int] | None = None
 ) -> np.ndarray:
-    """(N, height, width, channels) uint8, resized with area averaging.
+    """(N, height, width, channels) uint8 model input, by the agent's rule (agent/model_input.py).
 
     source_size: (h, w) every image must have; defaults to the first image's size. Mixed sizes
     are refused: a line camera delivers one size, and the model must see it the same way.
@@ -307,19 +314,8 @@ def load_images(
                 f"{source_size[1]}x{source_size[0]}: crop or resize all images to one size, or split the dataset"
             )
             raise DatasetError(msg)
-        out[index] = to_model_input(image, height=height, width=width, channels=channels)
+        to_model_input(image, pixel_format=decoded_format(image), input_shape=(height, width, channels), out=out[index])
     return out
-
-
-def to_model_input(image: np.ndarray, *, height: int, width: int, channels: int) -> np.ndarray:
-    """One decoded image to (height, width, channels) uint8."""
-    if channels == 1 and image.ndim == 3 and image.shape[2] == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    elif channels == 3 and image.ndim == 2:
-        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    if image.shape[:2] != (height, width):
-        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
-    return image.reshape(height, width, channels)
 
 
 def load_masks(

@@ -24,17 +24,18 @@ import numpy as np
 import torch
 
 from lineguard.agent.bundle import DatasetInfo, InputSpec, Manifest, ModelInfo, Targets
+from lineguard.agent.model_input import to_model_input
 
 from . import calibrate as calibration_math
 from .data import (
     Dataset,
     Sample,
+    decoded_format,
     detect_channels,
     discover_dataset,
     load_images,
     load_masks,
     read_image,
-    to_model_input,
 )
 from .errors import TrainerError
 from .evaluate import split_metrics
@@ -311,7 +312,7 @@ def export(work: Workdir) -> Path:
         height, width = alternate_size(config.input_height, config.input_width)
         resized = np.stack(
             [
-                to_model_input(image, height=height, width=width, channels=config.channels)
+                to_model_input(image, pixel_format=decoded_format(image), input_shape=(height, width, config.channels))
                 for image in calibration.images[:4]
             ]
         )

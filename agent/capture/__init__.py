@@ -1,16 +1,10 @@
-"""Capture: frame sources (GigE Vision via Aravis, USB/video/RTSP via OpenCV, image folders) feeding the ring."""
+"""Capture: frame sources (GigE Vision via Aravis, USB/video/RTSP via OpenCV, image folders) feeding the ring.
 
-from .sources import (
-    CHANNELS,
-    CameraError,
-    CameraUnavailable,
-    FrameInfo,
-    FrameSource,
-    SlotFrame,
-    SlotSource,
-    SourceExhausted,
-    open_source,
-)
+base.py is what a source is; sources.py opens one by name; process.py is the capture loop.
+"""
+
+from .base import CHANNELS, CameraError, CameraUnavailable, FrameInfo, FrameSource, SourceExhausted
+from .sources import open_source
 
 __all__ = [
     "CHANNELS",
@@ -18,8 +12,6 @@ __all__ = [
     "CameraUnavailable",
     "FrameInfo",
     "FrameSource",
-    "SlotFrame",
-    "SlotSource",
     "SourceExhausted",
     "open_source",
 ]

@@ -1,23 +1,9 @@
 """GigE Vision cameras through Aravis 0.8 (PyGObject), imported when a gige source opens.
 
-Two ways to take frames, chosen by the first call and fixed after it:
-- read_into(out): Aravis fills a private pool of pre-allocated buffers and each frame is copied once (one memcpy)
-  into `out`; the buffer goes straight back to the stream.
-- zero copy (SlotSource): the capture loop calls attach_slots([ring.array(i) for every slot]) once; each slot
-  becomes an Aravis buffer (`Aravis.Buffer.new(payload, slot address)`) and the camera writes straight into the
-  ring. The loop claims a few slots for writing and queue_slot()s them; read_slot() returns the slot holding the
-  next frame, which the loop publishes (or releases, if `info.ok` is False) before claiming and queueing another:
-
-      source.attach_slots([ring.array(i) for i in range(slot_count)])
-      for _ in range(lead): source.queue_slot(claim_slot_for_writing())
-      while running:
-          got = source.read_slot(timeout_s=0.2)      # None on timeout
-          publish_or_fail(got.slot_index, got.info)    # the slot is the loop's again
-          source.queue_slot(claim_slot_for_writing())  # keep `lead` slots with the camera
-
-  Aravis fills queued slots in queueing order. A queued slot may be written at any moment until read_slot
-  returns it, so the ring must never reclaim or hand out a slot while it is queued (even when the camera idles
-  on a hardware trigger). With no slot queued the camera's frames are dropped and show up as frame-id gaps.
+read_into(out): Aravis fills a private pool of pre-allocated buffers and each frame is copied once (one memcpy)
+into `out` (a ring slot); the buffer goes straight back to the stream. (Letting the camera write straight into
+ring slots works with Aravis, see ENVIRONMENT.md, but needs a ring rule that a slot queued to the camera is never
+reclaimed; the capture loop does not do that, so this source does not offer it.)
 
 Verified on Aravis 0.8.26 with arv-fake-gv-camera-0.8: the same Python buffer object comes back from the stream;
 the 16-bit frame id wraps from 65535 to 1 (0 is reserved); a broken buffer keeps a stale frame id, so it is
@@ -32,13 +18,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .sources import CHANNELS, CameraError, CameraUnavailable, FrameInfo, SlotFrame, check_out
+from .base import CHANNELS, CameraError, CameraUnavailable, FrameInfo, check_out
 
 if TYPE_CHECKING:
     from ..config import CameraConfig
@@ -209,11 +195,9 @@ class AravisSource:
             raise CameraError(msg) from error
         self._liveness = _Liveness(self._camera.get_device(), self._name, silence_limit_s=self._silence_limit_s)
         self._ids = FrameIdTracker()
-        self._mode = ""  # "copy" (read_into) or "slots" (zero copy), fixed by the first call
         self._images: list[np.ndarray] = []  # memory Aravis writes into, as (height, width, channels) views
         self._buffers: list[Any] = []
-        self._slot_of: dict[Any, int] = {}
-        self._queued: set[int] = set()
+        self._index_of: dict[Any, int] = {}
         self._started = False
         self._trigger_sent_at: float | None = None  # software trigger awaiting its frame
 
@@ -307,77 +291,31 @@ class AravisSource:
             camera.set_trigger(lines[0])
             log.info("camera %s: hardware trigger on %s (rising edge), of %s", self._name, lines[0], ", ".join(lines))
 
-    # -- copy mode ------------------------------------------------------------------------------------------------
-
     def read_into(self, out: np.ndarray, *, timeout_s: float) -> FrameInfo | None:
         """Copy the next frame into `out` (one memcpy from a private Aravis buffer); None on timeout."""
         check_out(out, self)
-        if not self._mode:
-            self._add_buffers([np.empty(self._payload, np.uint8) for _ in range(self._n_buffers)], queue=True)
-            self._mode = "copy"
-        elif self._mode != "copy":
-            msg = "read_into cannot be mixed with attach_slots/read_slot on one source"
-            raise RuntimeError(msg)
+        if not self._buffers:
+            self._add_buffers([np.empty(self._payload, np.uint8) for _ in range(self._n_buffers)])
         buffer = self._next_buffer(timeout_s)
         if buffer is None:
             return None
         try:
             info = self._frame_info(buffer)
             if info.ok:
-                np.copyto(out, self._images[self._slot_of[buffer]])
+                np.copyto(out, self._images[self._index_of[buffer]])
         finally:
             self._stream.push_buffer(buffer)
         return info
 
-    # -- zero-copy mode (SlotSource) -----------------------------------------------------------------------------
-
-    def attach_slots(self, slots: Sequence[np.ndarray]) -> None:
-        """Let the camera write into these ring slot views; once, before any read. Nothing is queued yet."""
-        if self._mode:
-            msg = "attach_slots must come once, before the first read"
-            raise RuntimeError(msg)
-        if len(slots) < 2:
-            msg = f"zero copy needs at least 2 ring slots, got {len(slots)}"
-            raise ValueError(msg)
-        for slot in slots:
-            check_out(slot, self)
-            if slot.nbytes < self._payload:
-                msg = f"camera {self._name}: payload {self._payload} bytes does not fit a {slot.nbytes}-byte ring slot (chunk data enabled?); use read_into"
-                raise CameraError(msg)
-        self._add_buffers(list(slots), queue=False)
-        self._mode = "slots"
-
-    def queue_slot(self, slot_index: int) -> None:
-        """The camera may now overwrite slot `slot_index` (its header must already say it is being written)."""
-        if self._mode != "slots" or not 0 <= slot_index < len(self._buffers) or slot_index in self._queued:
-            msg = f"cannot queue slot {slot_index}: not attached, out of range or already queued"
-            raise ValueError(msg)
-        self._queued.add(slot_index)
-        self._stream.push_buffer(self._buffers[slot_index])
-
-    def read_slot(self, *, timeout_s: float) -> SlotFrame | None:
-        """The slot holding the next frame, now the caller's until queued again; None on timeout."""
-        if self._mode != "slots":
-            msg = "read_slot needs attach_slots first"
-            raise RuntimeError(msg)
-        buffer = self._next_buffer(timeout_s)
-        if buffer is None:
-            return None
-        slot_index = self._slot_of[buffer]
-        self._queued.discard(slot_index)
-        return SlotFrame(slot_index=slot_index, info=self._frame_info(buffer))
-
-    # -- shared ---------------------------------------------------------------------------------------------------
-
-    def _add_buffers(self, memories: list[np.ndarray], *, queue: bool) -> None:
+    def _add_buffers(self, memories: list[np.ndarray]) -> None:
+        """Hand the stream these memories as its buffers (Aravis writes into them) and queue them all."""
         shape = (self.height, self.width, self.channels)
         for index, memory in enumerate(memories):
             buffer = self._aravis.Buffer.new(self._payload, memory.ctypes.data)
             self._buffers.append(buffer)  # kept alive: the stream hands back these very objects
-            self._slot_of[buffer] = index
+            self._index_of[buffer] = index
             self._images.append(memory.reshape(-1)[: self.height * self.width * self.channels].reshape(shape))
-            if queue:
-                self._stream.push_buffer(buffer)
+            self._stream.push_buffer(buffer)
 
     def _next_buffer(self, timeout_s: float) -> Any:
         """Pop the next filled buffer, firing the software trigger if needed; None on timeout."""
@@ -409,7 +347,7 @@ class AravisSource:
             raise CameraUnavailable(msg) from error
         self._started = True
         self._liveness.saw_frame()  # the silence clock starts now, not at open
-        log.info("camera %s: acquisition started (%s, %s mode)", self._name, self._trigger, self._mode)
+        log.info("camera %s: acquisition started (%s)", self._name, self._trigger)
 
     def _fire_trigger(self) -> None:
         """One trigger per frame read; re-fire only if the last one produced nothing for _TRIGGER_RETRY_S."""
@@ -455,10 +393,6 @@ class AravisSource:
             except self._glib.Error as error:
                 log.warning("camera %s: stop acquisition failed (%s)", self._name, error.message)
             return  # the stream finalises on return, joining its thread: no write lands in our memory after it
-        if self._mode == "slots":
-            # Fast; from here no write can land in the ring slots. When the stream finalises later, Aravis logs a
-            # harmless CRITICAL "arv_gv_stream_stop_thread: assertion 'priv->thread != NULL' failed".
-            stream.stop_thread(True)
         keep = [camera, stream, self._buffers, self._images]
         del camera, stream  # the thread must hold the last references, or they finalise here, blocking
         release = threading.Thread(target=keep.clear, name=f"aravis-release-{self._name}", daemon=True)

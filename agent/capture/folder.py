@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
+from .base import CHANNELS, CameraError, FrameInfo, SourceExhausted, check_out
 from .opencv import bgr_into
-from .sources import CHANNELS, CameraError, FrameInfo, ReplayClock, SourceExhausted, check_out
+from .replay import ReplayClock
 
 if TYPE_CHECKING:
     from ..config import CameraConfig

@@ -18,7 +18,8 @@ from urllib.parse import urlsplit, urlunsplit
 import cv2
 import numpy as np
 
-from .sources import CHANNELS, CameraError, CameraUnavailable, FrameInfo, ReplayClock, SourceExhausted, check_out
+from .base import CHANNELS, CameraError, CameraUnavailable, FrameInfo, SourceExhausted, check_out
+from .replay import ReplayClock
 
 if TYPE_CHECKING:
     from ..config import CameraConfig

@@ -21,7 +21,8 @@ from ..config import AgentConfig, CameraConfig
 from ..ipc import Sender, endpoint
 from ..messages import FrameFailed, FrameReady, Heartbeat
 from ..ring import ShmRing
-from .sources import CameraUnavailable, FrameInfo, FrameSource, SourceExhausted, open_source
+from .base import CameraUnavailable, FrameInfo, FrameSource, SourceExhausted
+from .sources import open_source
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ import zmq
 from ..bundle import MANIFEST_FILE, BundleError, Manifest, parse_manifest, verify_bundle
 from ..config import AgentConfig
 from ..contract import AgentStatus, Backend, CameraStatus, HeatmapInfo, Latency, Topics, Verdict, clip
-from ..engine.preprocess import Preprocessor
 from ..ipc import Receiver, Sender, endpoint
 from ..messages import EngineStatus, FrameFailed, FrameReady, Heartbeat, Message, Scored, ScoreFailed
 from ..metrics import PipelineMetrics
+from ..model_input import Preprocessor
 from ..mqtt import MqttPublisher
 from ..ring import AttachedRings, RingError
 from ..rollout.store import serving_bundle, store_root

@@ -1,11 +1,11 @@
-"""The ROI-to-model-input step as an ONNX graph, so the GPU can do what engine/preprocess.py does with OpenCV.
+"""The ROI-to-model-input step as an ONNX graph, so the GPU can do what agent/model_input.py does with OpenCV.
 
 `frame_graph` maps an ROI-sized batch `roi` (N, h_roi, w_roi, C_cam) uint8 to the model input `image`
 (N, h, w, C_model) uint8: channel order or grey conversion, then resampling as two MatMuls with constant
-weight matrices, then rounding. The ROI crop is not in the graph: the host-to-device copy takes only the ROI
+weight matrices, then rounding, then grey replicated into three channels for a colour model fed by mono8. The ROI crop is not in the graph: the host-to-device copy takes only the ROI
 rows and columns out of the ring slot (engine/cuda.py `Stream.to_device_2d`).
 
-The weights reproduce `cv2.resize(..., interpolation=cv2.INTER_AREA)` and `cv2.cvtColor` as Preprocessor
+The weights reproduce `cv2.resize(..., interpolation=cv2.INTER_AREA)` and `cv2.cvtColor` as to_model_input
 calls them: a model scored on GPU-prepared frames sees what its canary and the CPU path see, within one grey
 level (float rounding at exact halves); tests/agent/test_frame_graph.py compares the two on real images.
 """
@@ -13,11 +13,12 @@ level (float rounding at exact halves); tests/agent/test_frame_graph.py compares
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-SourceFormat = Literal["mono8", "rgb8", "bgr8"]
+from ..model_input import CHANNELS, PixelFormat
+
 ROI_NAME = "roi"
 IMAGE_NAME = "image"  # the model graph's input (engine/backends/tensorrt.py INPUT_NAME)
 OPSET = 17
@@ -92,13 +93,13 @@ def _rounds_half_up(roi_hw: tuple[int, int], model_hw: tuple[int, int]) -> bool:
 
 
 def frame_graph(
-    roi_hw: tuple[int, int], camera_channels: int, source_format: SourceFormat, input_shape: tuple[int, int, int]
+    roi_hw: tuple[int, int], camera_channels: int, source_format: PixelFormat, input_shape: tuple[int, int, int]
 ) -> bytes:
     """Serialised ONNX model: `roi` (N, h_roi, w_roi, C_cam) uint8 -> `image` (N, h, w, C_model) uint8.
 
     input_shape is the model's (h, w, C_model); N is dynamic. Raises ValueError for a combination
-    Preprocessor refuses too (a colour model fed by a mono8 camera, a channel count that does not
-    match the pixel format).
+    to_model_input refuses too (a channel count that does not match the pixel format, a model that
+    takes neither 1 nor 3 channels).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -126,7 +127,7 @@ def frame_graph(
         x = round_half_up(node("MatMul", [x, constant("grey", weights.reshape(3, 1).astype(np.float32))]))
     elif model_channels == 3 and source_format == "bgr8":
         x = node("Gather", [x, constant("bgr_to_rgb", np.array([2, 1, 0], np.int64))], axis=3)
-    if roi_hw != (h, w):  # Preprocessor copies a ROI of the model's size as it is
+    if roi_hw != (h, w):  # to_model_input copies a ROI of the model's size as it is
         weights_h, weights_w = resize_weights(roi_hw, (h, w))
         r_h, r_w = constant("r_h", weights_h.astype(np.float32)), constant("r_w_t", weights_w.T.astype(np.float32))
         x = node("Transpose", [x], perm=[0, 3, 1, 2])  # (N, C, h_roi, w_roi): rows and columns are the last two axes
@@ -137,6 +138,8 @@ def frame_graph(
             x = node("MatMul", [node("MatMul", [r_h, x]), r_w])
         x = node("Transpose", [x], perm=[0, 2, 3, 1])
         x = round_half_up(x) if _rounds_half_up(roi_hw, (h, w)) else node("Round", [x])
+    if model_channels == 3 and camera_channels == 1:  # after resampling: a third of the work, the same values
+        x = node("Gather", [x, constant("grey_to_rgb", np.array([0, 0, 0], np.int64))], axis=3)
     x = node("Clip", [x, constant("zero", np.array(0, np.float32)), constant("full", np.array(255, np.float32))])
     nodes.append(helper.make_node("Cast", [x], [IMAGE_NAME], name="to_uint8", to=TensorProto.UINT8))
     graph = helper.make_graph(
@@ -152,14 +155,11 @@ def frame_graph(
     return bytes(model.SerializeToString())
 
 
-def _check(camera_channels: int, source_format: SourceFormat, model_channels: int) -> None:
-    expected = 1 if source_format == "mono8" else 3
+def _check(camera_channels: int, source_format: PixelFormat, model_channels: int) -> None:
+    expected = CHANNELS[source_format]
     if camera_channels != expected:
         msg = f"pixel_format {source_format} means {expected} channels, the frames have {camera_channels}"
         raise ValueError(msg)
     if model_channels not in (1, 3):
         msg = f"the model takes {model_channels} channels; frames can feed 1 (grey) or 3 (RGB)"
-        raise ValueError(msg)
-    if model_channels == 3 and camera_channels == 1:
-        msg = "the model expects colour (rgb8) but the camera delivers mono8: set pixel_format = 'rgb8' or use a grey model"
         raise ValueError(msg)

@@ -12,7 +12,9 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..bundle import BundleError, Manifest, verify_bundle
-from .backends import Backend, BackendRequest, FrameSource, Inference, Selection, SlotBackend, SlotFrame, load_backend
+from ..config import AgentConfig
+from ..signing import load_trusted_keys
+from .backends import Backend, BackendRequest, Inference, RingRegion, Selection, SlotAddress, SlotBackend, load_backend
 from .cuda import CudaError
 
 log = logging.getLogger(__name__)
@@ -102,16 +104,16 @@ class ServingModel:
         """frames: (N, H, W, C) uint8 at the input size, N <= max_batch -> scores (N,), maps on request."""
         return self.backend.infer(frames)
 
-    def attach_source(self, key: str, source: FrameSource) -> bool:
-        """True when the back end reads frames of `source` from their ring slots itself (GPU crop and resize).
+    def attach_region(self, key: str, region: RingRegion) -> bool:
+        """True when the back end reads frames of `region` from their ring slots itself (GPU crop and resize).
 
-        False: prepare them with engine/preprocess.py and call infer; also while the back end still builds the
-        source's frame engine in the background (it never blocks on a build). Cheap: call it once per camera per batch.
+        False: prepare them with agent/model_input.py and call infer; also while the back end still builds the
+        region's frame engine in the background (it never blocks on a build). Cheap: call it once per camera per batch.
         """
-        return self._slot_backend is not None and self._slot_backend.attach_source(key, source)
+        return self._slot_backend is not None and self._slot_backend.attach_region(key, region)
 
-    def infer_slots(self, frames: Sequence[SlotFrame]) -> Inference:
-        """Frames of attached sources, straight from their ring slots -> scores (N,) in order, maps on request."""
+    def infer_slots(self, frames: Sequence[SlotAddress]) -> Inference:
+        """Frames of attached regions, straight from their ring slots -> scores (N,) in order, maps on request."""
         if self._slot_backend is None:
             msg = f"back end {self.backend.name} cannot read ring slots; prepare frames and call infer()"
             raise TypeError(msg)
@@ -148,3 +150,18 @@ def read_golden_images(bundle_dir: Path, manifest: Manifest) -> np.ndarray:
             image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
         frames[index] = image.reshape(shape)
     return frames
+
+
+def load_serving_model(config: AgentConfig, bundle_dir: Path) -> ServingModel:
+    """The bundle at bundle_dir as a ServingModel with the engine settings of config (keys, back end, batch)."""
+    return ServingModel(
+        bundle_dir,
+        trusted_keys=load_trusted_keys(config.engine.trusted_keys),
+        require_signature=config.engine.require_signature,
+        backend=config.engine.backend,
+        threads=config.engine.threads,
+        canary_rtol=config.engine.canary_rtol,
+        max_batch=config.engine.max_batch,
+        cuda_graph=config.engine.cuda_graph,
+        frame_plans=config.state_dir / "engines" if config.engine.gpu_preprocess else None,
+    )

@@ -1,7 +1,7 @@
 """Engine process: FrameReady -> check slot, crop/resize -> micro-batch inference -> Scored.
 
 Crop and resize run on the GPU where the back end offers it (TensorRT with engine.gpu_preprocess:
-only slot addresses go to the back end), else on the CPU into a batch buffer (engine/preprocess.py).
+only slot addresses go to the back end), else on the CPU into a batch buffer (agent/model_input.py).
 A batch goes the GPU way only when every camera in it is attached; while a camera's frame engine is
 still being built (in the background), its batches take the CPU way.
 
@@ -18,23 +18,20 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import zmq
 
-from ..bundle import BundleError
 from ..config import AgentConfig
 from ..decision.rules import rows_needing_maps
 from ..ipc import Receiver, Sender, endpoint
-from ..messages import EngineStatus, FrameReady, Heartbeat, Scored, ScoreFailed, SwapModel, SwapResult
+from ..messages import EngineStatus, FrameReady, Heartbeat, Scored, ScoreFailed
+from ..model_input import InputMismatch, Preprocessor
 from ..ring import AttachedRings, RingError, RingMissing, ShmRing, StaleSlotError
 from ..rollout.store import serving_bundle
-from ..signing import SignatureError, load_trusted_keys
-from .backends import BackendUnavailable, FrameSource, Inference, SlotFrame
-from .background import lower_thread_priority
-from .model import ServingModel
-from .preprocess import InputMismatch, Preprocessor
+from .backends import Inference, RingRegion, SlotAddress
+from .model import ServingModel, load_serving_model
+from .swap import ModelChanges
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +50,11 @@ class EngineLoop:
     def __init__(self, config: AgentConfig, model: ServingModel, context: zmq.Context) -> None:
         self.config, self.model = config, model
         self.frames = Receiver(context, endpoint(config.run_dir, "engine"))
-        self.control = Receiver(context, endpoint(config.run_dir, "engine-control"))
-        self.to_manager = Sender(context, endpoint(config.run_dir, "rollout"))
-        self.swap = ModelSwap(config)
-        self.shadow: Shadow | None = None
+        self.swap = ModelChanges(
+            config,
+            control=Receiver(context, endpoint(config.run_dir, "engine-control")),
+            to_manager=Sender(context, endpoint(config.run_dir, "rollout")),
+        )
         self.to_decision = Sender(context, endpoint(config.run_dir, "decision"))
         self.to_supervisor = Sender(context, endpoint(config.run_dir, "supervisor"))
         height, width, channels = model.input_shape
@@ -80,7 +78,7 @@ class EngineLoop:
         jobs, slots = self._load(self._take_batch())
         if jobs:
             self._score(jobs, slots)
-        self._between_batches()
+        self.model = self.swap.between_batches(self.model)  # model changes only here: one model per frame
         self._heartbeat()
 
     def _collect(self) -> None:
@@ -116,37 +114,7 @@ class EngineLoop:
             batch.append(ready)
         return batch
 
-    def _between_batches(self) -> None:
-        """Model changes happen here, between two batches: every frame is scored by exactly one model."""
-        request = self.control.receive(timeout_ms=0)
-        if isinstance(request, SwapModel):
-            refusal = "another model is being shadow-tested; try again when it has finished" if self.shadow else ""
-            refusal = refusal or self.swap.start(request)
-            if refusal:
-                self.to_manager.send(SwapResult(request.request_id, ok=False, model=self.model.label, reason=refusal))
-        finished = self.swap.poll()
-        if finished is not None:
-            request, candidate, reason = finished
-            if candidate is not None and candidate.input_shape != self.model.input_shape:
-                reason = f"input {candidate.input_shape} differs from the serving model's {self.model.input_shape}"
-                candidate.close()
-                candidate = None
-            if candidate is None:
-                self.to_manager.send(SwapResult(request.request_id, ok=False, model=self.model.label, reason=reason))
-                return
-            self.shadow = Shadow(
-                request, candidate, until_ns=time.monotonic_ns() + int(self.config.engine.shadow_s * 1e9)
-            )
-        if self.shadow is not None and self.shadow.done():
-            shadow, self.shadow = self.shadow, None
-            old, self.model = self.model, shadow.candidate
-            old.close()
-            log.info("swapped model: %s -> %s (%s)", old.label, self.model.label, shadow.summary(old))
-            self.to_manager.send(
-                SwapResult(shadow.request.request_id, ok=True, model=self.model.label, reason=shadow.summary(old))
-            )
-
-    def _load(self, frames: list[FrameReady]) -> tuple[list[_Job], list[SlotFrame] | None]:
+    def _load(self, frames: list[FrameReady]) -> tuple[list[_Job], list[SlotAddress] | None]:
         """Check each announced frame's slot (failing those that cannot be scored) and hand the rest on.
 
         Returns the jobs, and on the GPU frame path the slots the back end reads itself; None: each
@@ -163,10 +131,10 @@ class EngineLoop:
         # A shadow-tested candidate scores the same model-size frames on the host: that batch takes the CPU path.
         # Each camera in the batch is asked once (a list, not a short-circuit), so each starts building its
         # frame engine at once.
-        sources = {ready.camera: FrameSource(ring, prep.box, prep.source_format) for ready, ring, _, prep in found}
-        on_gpu = self.shadow is None and all([self.model.attach_source(key, src) for key, src in sources.items()])
+        regions = {ready.camera: RingRegion(ring, prep.box, prep.source_format) for ready, ring, _, prep in found}
+        on_gpu = not self.swap.shadowing and all([self.model.attach_region(key, reg) for key, reg in regions.items()])
         if on_gpu:
-            slots = [SlotFrame(ready.camera, ring.address(ready.slot)) for ready, ring, _, _ in found]
+            slots = [SlotAddress(ready.camera, ring.address(ready.slot)) for ready, ring, _, _ in found]
             return [_Job(ready, index) for index, (ready, *_) in enumerate(found)], slots
         jobs: list[_Job] = []
         for ready, _, pixels, prep in found:
@@ -174,7 +142,7 @@ class EngineLoop:
             jobs.append(_Job(ready, len(jobs)))
         return jobs, None
 
-    def _score(self, jobs: list[_Job], slots: list[SlotFrame] | None) -> None:
+    def _score(self, jobs: list[_Job], slots: list[SlotAddress] | None) -> None:
         started = time.monotonic_ns()
         inference = self.model.infer(self.batch[: len(jobs)]) if slots is None else self.model.infer_slots(slots)
         scores = inference.scores
@@ -182,8 +150,8 @@ class EngineLoop:
         # Moving estimate of one batch's time, including the per-frame work around it.
         self.expected_batch_ns = int(0.8 * self.expected_batch_ns + 0.2 * (finished - started))
         map_slots = self._publish_maps(jobs, inference, now_ns=finished)
-        if self.shadow is not None:  # _load took the CPU path: self.batch holds this batch
-            self.shadow.observe(self.batch[: len(jobs)], scores, serving_threshold=self.model.threshold)
+        if self.swap.shadowing:  # _load took the CPU path: self.batch holds this batch
+            self.swap.observe(self.batch[: len(jobs)], scores, serving_threshold=self.model.threshold)
         for job in jobs:
             ready, map_slot = job.ready, map_slots.get(job.index)
             self.to_decision.send(
@@ -248,8 +216,7 @@ class EngineLoop:
         self.rings.close()
         self.map_ring.close()
         self.frames.close()
-        self.control.close()
-        self.to_manager.close()
+        self.swap.close()
         self.to_decision.close()
         self.to_supervisor.close()
         self.model.close()
@@ -262,85 +229,6 @@ def _cause_of(error: Exception) -> str:
     if isinstance(error, StaleSlotError):
         return "slot-overwritten"
     return "engine-error"
-
-
-class Shadow:
-    """A loaded candidate scoring live frames beside the serving model before it takes over.
-
-    Its scores are never published; they predict how the reject rate will change. With
-    engine.shadow_s = 0 the phase ends at once and only the golden-image canary applies.
-    """
-
-    def __init__(self, request: SwapModel, candidate: ServingModel, *, until_ns: int) -> None:
-        self.request, self.candidate, self.until_ns = request, candidate, until_ns
-        self.frames = self.serving_rejects = self.candidate_rejects = 0
-
-    def observe(self, frames: np.ndarray, serving_scores: np.ndarray, *, serving_threshold: float) -> None:
-        candidate_scores = self.candidate.infer(frames).scores
-        self.frames += len(frames)
-        self.serving_rejects += int(np.count_nonzero(serving_scores >= serving_threshold))
-        self.candidate_rejects += int(np.count_nonzero(candidate_scores >= self.candidate.threshold))
-
-    def done(self) -> bool:
-        return time.monotonic_ns() >= self.until_ns
-
-    def summary(self, serving: ServingModel) -> str:
-        if not self.frames:
-            return f"canary passed ({self.candidate.canary.n_images} golden images); no live frames shadow-scored"
-        before, after = 100 * self.serving_rejects / self.frames, 100 * self.candidate_rejects / self.frames
-        return (
-            f"canary passed; shadow-scored {self.frames} live frames: reject rate {before:.1f} % with "
-            f"{serving.label} -> {after:.1f} % predicted with {self.candidate.label}"
-        )
-
-
-class ModelSwap:
-    """Loads a candidate model on a background thread, so scoring never waits for a model to load."""
-
-    def __init__(self, config: AgentConfig) -> None:
-        self.config = config
-        self._thread: threading.Thread | None = None
-        self._result: tuple[SwapModel, ServingModel | None, str] | None = None
-
-    def start(self, request: SwapModel) -> str:
-        """Begin loading; returns a refusal reason, or "" when loading started."""
-        if self._thread is not None:
-            return "another model is still loading; try again when it has finished"
-        self._thread = threading.Thread(target=self._load, args=(request,), name="model-swap", daemon=True)
-        self._thread.start()
-        return ""
-
-    def _load(self, request: SwapModel) -> None:
-        lower_thread_priority("the candidate model's loading")  # the serving model keeps the CPU
-        try:
-            candidate = load_serving_model(self.config, Path(request.bundle_dir))
-            self._result = (request, candidate, "")
-        except (BundleError, SignatureError, BackendUnavailable) as error:
-            self._result = (request, None, str(error))
-        except Exception as error:  # noqa: BLE001 - any failure of a candidate (e.g. its graph rejects its own input spec) refuses it
-            self._result = (request, None, f"the candidate cannot run: {error}")
-
-    def poll(self) -> tuple[SwapModel, ServingModel | None, str] | None:
-        """The finished load, once; None while loading or idle."""
-        if self._thread is None or self._thread.is_alive():
-            return None
-        self._thread.join()
-        self._thread, result, self._result = None, self._result, None
-        return result
-
-
-def load_serving_model(config: AgentConfig, bundle_dir: Path) -> ServingModel:
-    return ServingModel(
-        bundle_dir,
-        trusted_keys=load_trusted_keys(config.engine.trusted_keys),
-        require_signature=config.engine.require_signature,
-        backend=config.engine.backend,
-        threads=config.engine.threads,
-        canary_rtol=config.engine.canary_rtol,
-        max_batch=config.engine.max_batch,
-        cuda_graph=config.engine.cuda_graph,
-        frame_plans=config.state_dir / "engines" if config.engine.gpu_preprocess else None,
-    )
 
 
 def run(config: AgentConfig, stop: threading.Event) -> int:

@@ -10,13 +10,12 @@ import itertools
 import sys
 import time
 from contextlib import closing
-from multiprocessing import shared_memory
 
 import numpy as np
 import pytest
 from fake_camera import ADDRESS
 
-from lineguard.agent.capture import CameraError, CameraUnavailable, SlotSource, aravis, open_source
+from lineguard.agent.capture import CameraError, CameraUnavailable, aravis, open_source
 from lineguard.agent.capture.aravis import AravisSource, FrameIdTracker, _import_aravis, frame_id_gap
 from lineguard.agent.config import CameraConfig
 
@@ -85,37 +84,6 @@ def test_mono8_frames_match_the_fake_camera_pattern_byte_for_byte(fake_camera):
             frame_ids.append(info.camera_frame_id)
     assert not_ok <= 2
     assert all(frame_id_gap(a, b) < 5 and a != b for a, b in itertools.pairwise(frame_ids))
-
-
-def test_zero_copy_writes_frames_straight_into_shared_memory_slots(fake_camera):
-    n_slots, lead = 6, 3
-    shm = shared_memory.SharedMemory(create=True, size=n_slots * H * W)
-    try:
-        ring = np.ndarray((n_slots, H, W, 1), np.uint8, buffer=shm.buf)
-        with closing(open_source(gige())) as source:
-            assert isinstance(source, SlotSource)
-            source.attach_slots([ring[i] for i in range(n_slots)])
-            for slot in range(lead):
-                source.queue_slot(slot)
-            free = list(range(lead, n_slots))
-            slots_seen, checked = [], 0
-            for _ in range(30):
-                got = source.read_slot(timeout_s=2.0)
-                assert got is not None
-                slots_seen.append(got.slot_index)
-                if got.info.ok:
-                    assert np.array_equal(ring[got.slot_index], pattern(got.info.camera_frame_id))
-                    checked += 1
-                free.append(got.slot_index)  # "published", then recycled oldest first
-                source.queue_slot(free.pop(0))
-            with pytest.raises(RuntimeError, match="cannot be mixed"):
-                source.read_into(np.empty((H, W, 1), np.uint8), timeout_s=0.1)
-        del ring
-    finally:
-        shm.close()
-        shm.unlink()
-    assert checked >= 28
-    assert slots_seen[:n_slots] == list(range(n_slots))  # filled in queueing order
 
 
 def test_rgb8_frames_arrive_with_three_channels(fake_camera):

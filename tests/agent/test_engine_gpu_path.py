@@ -22,7 +22,8 @@ from fake_gpu import FakeBuilder, FakeCudart, FakeTensorRT, install
 from skimage import data
 
 from lineguard.agent.config import AgentConfig, CameraConfig, DecisionConfig, EngineConfig, RoiConfig
-from lineguard.agent.engine.process import EngineLoop, load_serving_model
+from lineguard.agent.engine.model import load_serving_model
+from lineguard.agent.engine.process import EngineLoop
 from lineguard.agent.ipc import Receiver, Sender, endpoint
 from lineguard.agent.messages import FrameReady, Scored, ScoreFailed
 from lineguard.agent.ring import ShmRing

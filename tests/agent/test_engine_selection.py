@@ -134,27 +134,27 @@ def test_asking_for_tensorrt_without_a_matching_engine_is_an_error(trained_work,
 def test_a_tensorrt_model_with_a_frame_plan_folder_reads_ring_slots_and_onnx_runtime_does_not(
     bundle_with_engine, signing_key, monkeypatch, tmp_path
 ):
-    from lineguard.agent.engine.backends import FrameSource, SlotFrame
+    from lineguard.agent.engine.backends import RingRegion, SlotAddress
     from lineguard.agent.ring import ShmRing
 
     cudart = FakeCudart()
     install(monkeypatch, cudart, FakeTensorRT(cudart))
     ring = ShmRing.create(f"lg-test-{id(tmp_path)}", slot_count=2, slot_shape=(300, 300, 1), dtype=np.uint8)
     try:
-        source = FrameSource(ring, (0, 0, 300, 300), "mono8")
+        region = RingRegion(ring, (0, 0, 300, 300), "mono8")
         model = ServingModel(
             bundle_with_engine, trusted_keys=trusted(signing_key), max_batch=4, frame_plans=tmp_path / "engines"
         )
-        assert not model.attach_source("cam0", source)  # its frame engine is being built in the background
+        assert not model.attach_region("cam0", region)  # its frame engine is being built in the background
         assert model.backend.wait_for_frame_plans(timeout_s=60)
-        assert model.attach_source("cam0", source) and "GPU crop and resize" in model.backend.detail
-        assert model.infer_slots([SlotFrame("cam0", ring.address(1))]).scores.shape == (1,)
+        assert model.attach_region("cam0", region) and "GPU crop and resize" in model.backend.detail
+        assert model.infer_slots([SlotAddress("cam0", ring.address(1))]).scores.shape == (1,)
         model.close()
         assert not cudart.registered
         cpu = ServingModel(bundle_with_engine, trusted_keys=trusted(signing_key), backend="cpu")
-        assert not cpu.attach_source("cam0", source)
+        assert not cpu.attach_region("cam0", region)
         with pytest.raises(TypeError, match="cannot read ring slots"):
-            cpu.infer_slots([SlotFrame("cam0", ring.address(1))])
+            cpu.infer_slots([SlotAddress("cam0", ring.address(1))])
         cpu.close()
     finally:
         ring.close()

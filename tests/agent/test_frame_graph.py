@@ -1,4 +1,4 @@
-"""The GPU frame graph does what Preprocessor does with OpenCV: run with ONNX Runtime on real images."""
+"""The GPU frame graph does what agent/model_input.py does with OpenCV: run with ONNX Runtime on real images."""
 
 import cv2
 import numpy as np
@@ -9,7 +9,7 @@ from skimage import data
 
 from lineguard.agent.config import RoiConfig
 from lineguard.agent.engine.frame_graph import area_weights, frame_graph, resize_weights
-from lineguard.agent.engine.preprocess import Preprocessor
+from lineguard.agent.model_input import Preprocessor
 
 
 def astronaut(width: int, height: int) -> np.ndarray:
@@ -40,6 +40,8 @@ def on_the_cpu(frame: np.ndarray, source_format: str, input_shape: tuple[int, in
         (brick(300, 200), "mono8", (64, 96, 1)),  # 3.125 x 3.125
         (brick(512, 512), "mono8", (256, 256, 1)),  # integer factor 2: OpenCV rounds halves up
         (brick(512, 512), "mono8", (128, 128, 1)),  # integer factor 4: OpenCV rounds halves to even
+        (brick(612, 512), "mono8", (256, 256, 3)),  # grey replicated for a colour model
+        (brick(256, 256), "mono8", (256, 256, 3)),  # same size: replication only
         (astronaut(612, 512), "rgb8", (256, 256, 3)),
         (astronaut(612, 512), "bgr8", (256, 256, 3)),
         (astronaut(612, 512), "rgb8", (256, 256, 1)),
@@ -89,7 +91,7 @@ def test_the_graph_takes_any_batch_and_targets_tensorrt_readable_onnx():
 
 
 def test_combinations_preprocessing_refuses_are_refused_here_too():
-    with pytest.raises(ValueError, match="expects colour"):
-        frame_graph((64, 64), 1, "mono8", (64, 64, 3))
+    with pytest.raises(ValueError, match="takes 2 channels"):
+        frame_graph((64, 64), 1, "mono8", (64, 64, 2))
     with pytest.raises(ValueError, match="rgb8 means 3 channels"):
         frame_graph((64, 64), 1, "rgb8", (64, 64, 1))

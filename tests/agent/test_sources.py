@@ -13,7 +13,7 @@ import pytest
 from lineguard.agent.capture import CameraError, CameraUnavailable, FrameInfo, SourceExhausted, open_source
 from lineguard.agent.capture.folder import FolderSource
 from lineguard.agent.capture.opencv import RtspSource, VideoFileSource, _redact
-from lineguard.agent.capture.sources import ReplayClock
+from lineguard.agent.capture.replay import ReplayClock
 from lineguard.agent.config import CameraConfig
 
 H, W = 24, 32

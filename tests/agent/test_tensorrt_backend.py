@@ -18,11 +18,11 @@ from fake_gpu import FakeBuilder, FakeCudart, FakeTensorRT, cudaError_t, fake_pl
 from skimage import data
 
 from lineguard.agent.config import RoiConfig
-from lineguard.agent.engine.backends import BackendUnavailable, FrameSource, SlotFrame
+from lineguard.agent.engine.backends import BackendUnavailable, RingRegion, SlotAddress
 from lineguard.agent.engine.backends.tensorrt import TensorRTBackend, row_runs
 from lineguard.agent.engine.backends.tensorrt_frames import FramePlanCache
 from lineguard.agent.engine.cuda import CudaError, check
-from lineguard.agent.engine.preprocess import Preprocessor
+from lineguard.agent.model_input import Preprocessor
 from lineguard.agent.ring import ShmRing
 
 SHAPE = (256, 256, 1)
@@ -202,11 +202,11 @@ def gpu_backend(plan: Path, cache: Path) -> TensorRTBackend:
     return TensorRTBackend(plan, max_batch=4, frame_plans=FramePlanCache(cache, "NVIDIA H200"))
 
 
-def attach(backend: TensorRTBackend, key: str, source: FrameSource) -> bool:
-    """attach_source once its frame plan is ready: the first call starts building it and says False."""
-    assert not backend.attach_source(key, source)
+def attach(backend: TensorRTBackend, key: str, region: RingRegion) -> bool:
+    """attach_region once its frame plan is ready: the first call starts building it and says False."""
+    assert not backend.attach_region(key, region)
     assert backend.wait_for_frame_plans(timeout_s=60)
-    return backend.attach_source(key, source)
+    return backend.attach_region(key, region)
 
 
 def test_frames_go_from_the_ring_slot_to_the_gpu_roi_only_and_score_as_on_the_cpu(
@@ -215,9 +215,9 @@ def test_frames_go_from_the_ring_slot_to_the_gpu_roi_only_and_score_as_on_the_cp
     frames = camera_frames(3, (480, 640, 1), seed=0)
     ring = make_ring("mono", frames)
     backend = gpu_backend(plan, tmp_path / "engines")
-    assert attach(backend, "cam0", FrameSource(ring, MONO_BOX, "mono8"))
+    assert attach(backend, "cam0", RingRegion(ring, MONO_BOX, "mono8"))
     cudart.copies.clear()
-    inference = backend.infer_slots([SlotFrame("cam0", ring.address(slot)) for slot in range(3)])
+    inference = backend.infer_slots([SlotAddress("cam0", ring.address(slot)) for slot in range(3)])
     # Only the 400 ROI rows of 400 bytes each crossed, not the 640x480 frame; no staging copy; scores back.
     assert cudart.copies == [("to_device_2d", 400 * 400)] * 3 + [("to_host", 3 * 4)]
     expected_scores, expected_maps = on_the_cpu(onnx_path, frames, MONO_BOX, "mono8")
@@ -230,13 +230,13 @@ def test_a_batch_mixing_cameras_maps_back_to_its_own_order(cudart, plan, onnx_pa
     mono, colour = camera_frames(2, (480, 640, 1), seed=3), camera_frames(2, (300, 400, 3), seed=7)
     mono_ring, colour_ring = make_ring("mono", mono), make_ring("colour", colour)
     backend = gpu_backend(plan, tmp_path / "engines")
-    assert attach(backend, "cam0", FrameSource(mono_ring, MONO_BOX, "mono8"))
-    assert attach(backend, "cam1", FrameSource(colour_ring, COLOUR_BOX, "bgr8"))
+    assert attach(backend, "cam0", RingRegion(mono_ring, MONO_BOX, "mono8"))
+    assert attach(backend, "cam1", RingRegion(colour_ring, COLOUR_BOX, "bgr8"))
     batch = [
-        SlotFrame("cam1", colour_ring.address(0)),
-        SlotFrame("cam0", mono_ring.address(1)),
-        SlotFrame("cam1", colour_ring.address(1)),
-        SlotFrame("cam0", mono_ring.address(0)),
+        SlotAddress("cam1", colour_ring.address(0)),
+        SlotAddress("cam0", mono_ring.address(1)),
+        SlotAddress("cam1", colour_ring.address(1)),
+        SlotAddress("cam0", mono_ring.address(0)),
     ]
     inference = backend.infer_slots(batch)
     mono_scores, mono_maps = on_the_cpu(onnx_path, mono, MONO_BOX, "mono8")
@@ -246,8 +246,8 @@ def test_a_batch_mixing_cameras_maps_back_to_its_own_order(cudart, plan, onnx_pa
     maps = inference.maps([1, 2])
     np.testing.assert_allclose(maps[0], mono_maps[1], rtol=1e-3, atol=1e-3 * mono_maps.max())
     np.testing.assert_allclose(maps[1], colour_maps[1], rtol=1e-3, atol=1e-3 * colour_maps.max())
-    with pytest.raises(ValueError, match="attached sources"):
-        backend.infer_slots([SlotFrame("cam9", mono_ring.address(0))])
+    with pytest.raises(ValueError, match="attached regions"):
+        backend.infer_slots([SlotAddress("cam9", mono_ring.address(0))])
     backend.close()
 
 
@@ -257,10 +257,10 @@ def test_a_frame_engine_that_cannot_be_built_leaves_its_camera_on_the_cpu_path_w
     monkeypatch.setattr(FakeBuilder, "build_serialized_network", lambda self, network, config: None)
     ring = make_ring("mono", camera_frames(1, (480, 640, 1), seed=0))
     backend = gpu_backend(plan, tmp_path / "engines")
-    source = FrameSource(ring, MONO_BOX, "mono8")
+    region = RingRegion(ring, MONO_BOX, "mono8")
     with caplog.at_level(logging.WARNING):
-        assert not attach(backend, "cam0", source)
-        assert not backend.attach_source("cam0", source)
+        assert not attach(backend, "cam0", region)
+        assert not backend.attach_region("cam0", region)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "could not build the frame engine" in warnings[0].getMessage()
     assert "prepared on the CPU" in warnings[0].getMessage() and not cudart.registered
@@ -273,12 +273,12 @@ def test_without_a_plan_cache_or_when_page_locking_fails_frames_take_the_cpu_pat
 ):
     ring = make_ring("mono", camera_frames(1, (480, 640, 1), seed=0))
     plain = TensorRTBackend(plan, max_batch=4)
-    assert not plain.attach_source("cam0", FrameSource(ring, MONO_BOX, "mono8"))
+    assert not plain.attach_region("cam0", RingRegion(ring, MONO_BOX, "mono8"))
     plain.close()
     cudart.register_fails = True
     backend = gpu_backend(plan, tmp_path / "engines")
     with caplog.at_level(logging.WARNING):
-        assert not attach(backend, "cam0", FrameSource(ring, MONO_BOX, "mono8"))
+        assert not attach(backend, "cam0", RingRegion(ring, MONO_BOX, "mono8"))
     assert "cudaHostRegister failed" in caplog.text
     backend.close()
     assert not cudart.device_memory and not cudart.host
@@ -288,10 +288,10 @@ def test_the_ring_is_page_locked_while_attached_and_released_on_reattach_and_clo
     frames_ = camera_frames(2, (480, 640, 1), seed=0)
     first, second = make_ring("first", frames_), make_ring("second", frames_)
     backend = gpu_backend(plan, tmp_path / "engines")
-    assert attach(backend, "cam0", FrameSource(first, MONO_BOX, "mono8"))
+    assert attach(backend, "cam0", RingRegion(first, MONO_BOX, "mono8"))
     assert cudart.registered == {first.segment().ctypes.data: first.segment().nbytes}
-    assert backend.attach_source("cam0", FrameSource(first, MONO_BOX, "mono8"))  # known: nothing new
-    assert attach(backend, "cam0", FrameSource(second, MONO_BOX, "mono8"))  # capture restarted: the plan is cached
+    assert backend.attach_region("cam0", RingRegion(first, MONO_BOX, "mono8"))  # known: nothing new
+    assert attach(backend, "cam0", RingRegion(second, MONO_BOX, "mono8"))  # capture restarted: the plan is cached
     assert list(cudart.registered) == [second.segment().ctypes.data]
     backend.close()
     assert not cudart.registered and not cudart.device_memory and not cudart.host and cudart.streams == 0
@@ -307,29 +307,29 @@ def test_the_frame_plan_is_built_once_and_reused_from_the_cache_on_the_next_star
         trt = FakeTensorRT(cudart)
         install(monkeypatch, cudart, trt)
         backend = gpu_backend(plan, cache)
-        assert attach(backend, "cam0", FrameSource(ring, MONO_BOX, "mono8"))
-        backend.infer_slots([SlotFrame("cam0", ring.address(0))])
+        assert attach(backend, "cam0", RingRegion(ring, MONO_BOX, "mono8"))
+        backend.infer_slots([SlotAddress("cam0", ring.address(0))])
         backend.close()
         assert trt.plans_built == (1 if start == 0 else 0)
     assert [p.name.startswith("frame-") and p.suffix == ".plan" for p in cache.iterdir()] == [True]
 
 
-def test_attach_source_never_waits_for_a_build_which_runs_niced_off_the_scoring_thread(
+def test_attach_region_never_waits_for_a_build_which_runs_niced_off_the_scoring_thread(
     cudart, plan, make_ring, tmp_path, held_builds
 ):
     ring = make_ring("mono", camera_frames(1, (480, 640, 1), seed=0))
     backend = gpu_backend(plan, tmp_path / "engines")
-    source = FrameSource(ring, MONO_BOX, "mono8")
-    assert not backend.attach_source("cam0", source)  # returns at once: the build waits for held_builds.release
+    region = RingRegion(ring, MONO_BOX, "mono8")
+    assert not backend.attach_region("cam0", region)  # returns at once: the build waits for held_builds.release
     assert held_builds.started.wait(30)
     (builder,) = [t for t in threading.enumerate() if t.name == "frame-plan-build"]
     assert builder is not threading.current_thread() and os.getpriority(os.PRIO_PROCESS, builder.native_id) == 19
-    assert not backend.attach_source("cam0", source) and not backend.wait_for_frame_plans(timeout_s=0)
+    assert not backend.attach_region("cam0", region) and not backend.wait_for_frame_plans(timeout_s=0)
     assert not cudart.registered  # nothing of the frame path exists until the plan is ready
     backend.infer(frames(1))  # the CPU-prepared path serves meanwhile
     held_builds.release.set()
     assert backend.wait_for_frame_plans(timeout_s=60)
-    assert backend.attach_source("cam0", source) and cudart.registered
+    assert backend.attach_region("cam0", region) and cudart.registered
     backend.close()
 
 
@@ -338,7 +338,7 @@ def test_closing_while_a_frame_plan_builds_drops_the_build_which_still_caches_it
 ):
     ring = make_ring("mono", camera_frames(1, (480, 640, 1), seed=0))
     backend = gpu_backend(plan, tmp_path / "engines")
-    assert not backend.attach_source("cam0", FrameSource(ring, MONO_BOX, "mono8"))
+    assert not backend.attach_region("cam0", RingRegion(ring, MONO_BOX, "mono8"))
     assert held_builds.started.wait(30)
     backend.close()  # does not wait for the build
     assert not cudart.registered and not cudart.device_memory and not cudart.host and cudart.streams == 0

@@ -4,7 +4,10 @@ import cv2
 import numpy as np
 import pytest
 
+from lineguard.agent.config import RoiConfig
+from lineguard.agent.model_input import Preprocessor
 from lineguard.trainer.data import (
+    Sample,
     discover_dataset,
     load_images,
     load_masks,
@@ -216,3 +219,54 @@ def test_labelled_defects_in_train_are_refused_for_one_class_models_and_read_for
     dataset = discover_dataset(root, allow_train_defects=True)
     defects = [s for s in dataset.train if s.label == 1]
     assert [(s.path.name, s.defect_type) for s in defects] == [("s0.png", "scratch")]
+
+
+# -- the trainer and the agent feed a model the same bytes ---------------------------------------------------------
+
+ROI = RoiConfig(x=37, y=21, width=250, height=190)  # 250 x 190 -> 80 x 64: non-integer area factors
+
+
+def scene(height: int = 300, width: int = 400) -> np.ndarray:
+    """(height, width, 3) uint8 RGB: gradients plus seeded noise, so every rounding of the resize shows."""
+    y, x = np.mgrid[0:height, 0:width]
+    noise = np.random.default_rng(7).integers(0, 64, (height, width, 3))
+    base = np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], axis=2)
+    return ((base + noise) % 256).astype(np.uint8)
+
+
+def camera_frame(rgb: np.ndarray, pixel_format: str) -> np.ndarray:
+    """The scene as a camera with this pixel format puts it into its ring slot: (H, W, C) uint8."""
+    if pixel_format == "mono8":
+        return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)[:, :, None]
+    return rgb if pixel_format == "rgb8" else np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+def saved_roi(frame: np.ndarray, pixel_format: str, path: Path) -> Path:
+    """The frame's ROI saved as a training image, as it would be collected from that camera (PNG: lossless)."""
+    region = frame[ROI.y : ROI.y + ROI.height, ROI.x : ROI.x + ROI.width]
+    on_disk = {"mono8": region[:, :, 0], "rgb8": region[:, :, ::-1], "bgr8": region}[pixel_format]
+    assert cv2.imwrite(str(path), np.ascontiguousarray(on_disk))
+    return path
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("pixel_format", ["mono8", "rgb8", "bgr8"])
+def test_the_trainer_and_the_agent_make_byte_identical_model_input(tmp_path, pixel_format, channels):
+    frame = camera_frame(scene(), pixel_format)
+    input_shape = (64, 80, channels)
+    agent = Preprocessor(ROI, frame.shape, input_shape, pixel_format)(frame, np.empty(input_shape, np.uint8))
+    sample = Sample(saved_roi(frame, pixel_format, tmp_path / "roi.png"), 0, "good")
+    trainer = load_images((sample,), height=64, width=80, channels=channels)[0]
+    assert trainer.shape == agent.shape == input_shape
+    assert trainer.tobytes() == agent.tobytes()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_scene_reaches_the_model_the_same_from_an_rgb8_or_a_bgr8_camera(channels):
+    rgb = scene()
+    input_shape = (64, 80, channels)
+    inputs = [
+        Preprocessor(ROI, rgb.shape, input_shape, fmt)(camera_frame(rgb, fmt), np.empty(input_shape, np.uint8))
+        for fmt in ("rgb8", "bgr8")
+    ]
+    assert inputs[0].tobytes() == inputs[1].tobytes()

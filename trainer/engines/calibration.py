@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from lineguard.agent.bundle import InputSpec
+from lineguard.agent.model_input import to_model_input
 
-from ..data import IMAGE_SUFFIXES, read_image, to_model_input
+from ..data import IMAGE_SUFFIXES, decoded_format, read_image
 from ..errors import EngineBuildError
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ MIN_CALIBRATION_IMAGES = 8
 def load_calibration_images(folder: Path, spec: InputSpec, *, max_images: int = 512) -> np.ndarray:
     """Up to max_images images from folder (sorted by name) as (N, H, W, C) uint8 model input.
 
-    Grey or colour follows the bundle's input spec; resizing is the trainer's (area averaging).
+    Grey or colour and the size follow the bundle's input spec, by the agent's rule (agent/model_input.py).
     """
     if not folder.is_dir():
         msg = f"calibration folder {folder} does not exist: give a folder of good images (--calibration-images)"
@@ -40,7 +41,8 @@ def load_calibration_images(folder: Path, spec: InputSpec, *, max_images: int = 
         raise EngineBuildError(msg)
     images = np.empty((len(paths), spec.height, spec.width, spec.channels), np.uint8)
     for index, path in enumerate(paths):
-        images[index] = to_model_input(read_image(path), height=spec.height, width=spec.width, channels=spec.channels)
+        image = read_image(path)
+        to_model_input(image, pixel_format=decoded_format(image), input_shape=images.shape[1:], out=images[index])
     return images
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ...bundle import EngineInfo, Manifest
 from ..gpu import GpuInfo, detect_gpu, select_engine
-from .base import Backend, BackendUnavailable, FrameSource, Inference, SlotBackend, SlotFrame
+from .base import Backend, BackendUnavailable, Inference, RingRegion, SlotAddress, SlotBackend
 from .onnxrt import OnnxRuntimeBackend
 
 log = logging.getLogger(__name__)
@@ -111,10 +111,10 @@ __all__ = [
     "Backend",
     "BackendRequest",
     "BackendUnavailable",
-    "FrameSource",
     "Inference",
+    "RingRegion",
     "Selection",
+    "SlotAddress",
     "SlotBackend",
-    "SlotFrame",
     "load_backend",
 ]

@@ -8,8 +8,8 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
+from ...model_input import PixelFormat
 from ...ring import ShmRing
-from ..frame_graph import SourceFormat
 
 
 class BackendUnavailable(Exception):
@@ -44,22 +44,22 @@ class Backend(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class FrameSource:
+class RingRegion:
     """One camera's frames as they lie in its ring, and the part of them the model sees.
 
     box: (x, y, width, height) of the ROI in frame pixels, checked against the frames already
-    (engine/preprocess.py). Equal only for the same ring object: a re-attached ring is a new source.
+    (agent/model_input.py). Equal only for the same ring object: a re-attached ring is a new region.
     """
 
     ring: ShmRing
     box: tuple[int, int, int, int]
-    source_format: SourceFormat
+    source_format: PixelFormat
 
 
-class SlotFrame(NamedTuple):
-    """One frame of a batch on the GPU frame path: its source's key and the address of its ring slot."""
+class SlotAddress(NamedTuple):
+    """One frame of a batch on the GPU frame path: the key its ring region was attached under, its slot's address."""
 
-    source: str
+    key: str
     address: int
 
 
@@ -67,14 +67,14 @@ class SlotFrame(NamedTuple):
 class SlotBackend(Backend, Protocol):
     """A back end that also crops and resizes on its device, reading frames straight from their ring slots."""
 
-    def attach_source(self, key: str, source: FrameSource) -> bool:
-        """True when frames of `source` can go through infer_slots; False: preprocess them and call infer.
+    def attach_region(self, key: str, region: RingRegion) -> bool:
+        """True when frames of `region` can go through infer_slots; False: preprocess them and call infer.
 
-        Never blocks: a back end that must first prepare the source (build an engine) does so in the
+        Never blocks: a back end that must first prepare the region (build an engine) does so in the
         background and says False until it is ready.
         """
         ...
 
-    def infer_slots(self, frames: Sequence[SlotFrame]) -> Inference:
-        """N <= max_batch frames of attached sources, any mix and order -> scores in that order, maps on request."""
+    def infer_slots(self, frames: Sequence[SlotAddress]) -> Inference:
+        """N <= max_batch frames of attached regions, any mix and order -> scores in that order, maps on request."""
         ...

@@ -8,7 +8,7 @@ the engine's own stream, then one synchronise:
   (backends/tensorrt_frames.py). No CPU pixel work, no staging copy. A camera's frame engine
   is built on a background thread the first time its frames arrive; until it is ready (a
   TensorRT build can take a minute) its frames take the CPU path below, so none is late.
-- `infer`: model-size frames the CPU prepared (engine/preprocess.py) are copied into a
+- `infer`: model-size frames the CPU prepared (agent/model_input.py) are copied into a
   page-locked staging buffer and sent in one copy. The canary, a shadow-tested candidate and
   any camera whose frame engine is being built or cannot be built use this path.
 The model part may be replayed as one CUDA graph per batch size. Anomaly maps stay on the device
@@ -30,7 +30,7 @@ from types import ModuleType
 import numpy as np
 
 from ..cuda import CudaError, CudaGraph, Stream, runtime
-from .base import BackendUnavailable, FrameSource, Inference, SlotFrame
+from .base import BackendUnavailable, Inference, RingRegion, SlotAddress
 from .tensorrt_frames import FrameEngine, FrameEngineError, FramePlanBuild, FramePlanCache, plan_inputs
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,9 @@ class TensorRTBackend:
         self._graphs: dict[tuple[int, bool], CudaGraph] = {}  # (batch size, staged)
         self._use_graphs = cuda_graph
         self._frame_plans = frame_plans
-        self._sources: dict[str, FrameEngine] = {}
-        self._builds: dict[str, FramePlanBuild] = {}  # frame plans being built, by source key
-        self._refused: dict[str, FrameSource] = {}  # sources whose frame engine failed: CPU path, warned once
+        self._engines: dict[str, FrameEngine] = {}
+        self._builds: dict[str, FramePlanBuild] = {}  # frame plans being built, by region key
+        self._refused: dict[str, RingRegion] = {}  # regions whose frame engine failed: CPU path, warned once
         self._shape_n = 0
         self._generation = 0  # counts batches, so maps of an earlier batch are never mistaken for this one's
         self.name = "tensorrt"
@@ -172,44 +172,44 @@ class TensorRTBackend:
 
         return Inference(self._host_scores[:n].copy(), fetch_maps)
 
-    def attach_source(self, key: str, source: FrameSource) -> bool:
-        """True when frames of `source` can go through infer_slots; False (infer with CPU-prepared frames) else.
+    def attach_region(self, key: str, region: RingRegion) -> bool:
+        """True when frames of `region` can go through infer_slots; False (infer with CPU-prepared frames) else.
 
-        The first call per source starts building (or loading from the cache) its frame plan on a
+        The first call per region starts building (or loading from the cache) its frame plan on a
         background thread and returns False, as do calls while it builds. The first call after the
         build opens the frame engine here on the scoring thread (it page-locks the ring and allocates
-        on the back end's stream). A source whose frame engine fails is reported once and stays on
+        on the back end's stream). A region whose frame engine fails is reported once and stays on
         the CPU path until its ring changes.
         """
         if self._frame_plans is None:
             return False
-        engine = self._sources.get(key)
-        if engine is not None and engine.source == source:
+        engine = self._engines.get(key)
+        if engine is not None and engine.region == region:
             return True
-        if self._refused.get(key) == source:
+        if self._refused.get(key) == region:
             return False
         if engine is not None:  # its ring was re-attached (capture restarted) or its ROI changed
             engine.close()
-            del self._sources[key]
+            del self._engines[key]
         try:
             build = self._builds.get(key)
-            if build is None or build.inputs != plan_inputs(source):  # new, or its ROI size or format changed
+            if build is None or build.inputs != plan_inputs(region):  # new, or its ROI size or format changed
                 self._builds[key] = FramePlanBuild(
-                    self._trt, source, cache=self._frame_plans, max_batch=self.max_batch, input_shape=self.input_shape
+                    self._trt, region, cache=self._frame_plans, max_batch=self.max_batch, input_shape=self.input_shape
                 )
                 return False
             if not build.done():
                 return False
             del self._builds[key]
-            self._sources[key] = FrameEngine(
-                self._trt, self._runtime, self._stream, source, plan=build.plan(), max_batch=self.max_batch
+            self._engines[key] = FrameEngine(
+                self._trt, self._runtime, self._stream, region, plan=build.plan(), max_batch=self.max_batch
             )
         except (FrameEngineError, RuntimeError, OSError) as error:  # RuntimeError: CudaError and TensorRT's own
             log.warning("%s: no GPU crop and resize (%s); its frames are prepared on the CPU", key, error)
-            self._refused[key] = source
+            self._refused[key] = region
             return False
         self._refused.pop(key, None)
-        log.info("%s: frames go from the ring slot to the GPU (ROI %s, %s)", key, source.box, source.source_format)
+        log.info("%s: frames go from the ring slot to the GPU (ROI %s, %s)", key, region.box, region.source_format)
         return True
 
     def wait_for_frame_plans(self, timeout_s: float) -> bool:
@@ -217,23 +217,23 @@ class TensorRTBackend:
         deadline_s = time.monotonic() + timeout_s
         return all(build.wait(max(0.0, deadline_s - time.monotonic())) for build in list(self._builds.values()))
 
-    def infer_slots(self, frames: Sequence[SlotFrame]) -> Inference:
-        """N <= max_batch frames of attached sources, any mix and order -> scores in that order, maps on request.
+    def infer_slots(self, frames: Sequence[SlotAddress]) -> Inference:
+        """N <= max_batch frames of attached regions, any mix and order -> scores in that order, maps on request.
 
-        Frames are grouped by source so each frame engine converts one contiguous run of the model's
+        Frames are grouped by region so each frame engine converts one contiguous run of the model's
         input; `position` maps each frame back to its row in the engine's batch.
         """
         n = len(frames)
-        if not 1 <= n <= self.max_batch or any(frame.source not in self._sources for frame in frames):
-            msg = f"{n} slot frames from {sorted({f.source for f in frames})}: up to {self.max_batch} of attached sources {sorted(self._sources)}"
+        if not 1 <= n <= self.max_batch or any(frame.key not in self._engines for frame in frames):
+            msg = f"{n} slot frames from {sorted({f.key for f in frames})}: up to {self.max_batch} of attached regions {sorted(self._engines)}"
             raise ValueError(msg)
-        order = sorted(range(n), key=lambda i: frames[i].source)  # stable: arrival order within a source
+        order = sorted(range(n), key=lambda i: frames[i].key)  # stable: arrival order within a region
         position = np.empty(n, np.intp)
         position[order] = np.arange(n)
         first = 0
-        for key, group in itertools.groupby(order, key=lambda i: frames[i].source):
+        for key, group in itertools.groupby(order, key=lambda i: frames[i].key):
             members = list(group)
-            engine = self._sources[key]
+            engine = self._engines[key]
             for row, index in enumerate(members):
                 engine.copy(frames[index].address, row)
             engine.run(len(members), self._device[INPUT_NAME] + first * self._frame_bytes)
@@ -302,11 +302,11 @@ class TensorRTBackend:
         return self._host_maps[: len(rows)]
 
     def close(self) -> None:
-        for engine in self._sources.values():
+        for engine in self._engines.values():
             engine.close()  # before the stream: it synchronises and frees on it
         # A build still running is dropped, not awaited: it holds nothing of this back end, and waiting
         # could hold up the scoring thread (an old model closes there after a swap) for a minute.
-        self._sources, self._refused, self._builds = {}, {}, {}
+        self._engines, self._refused, self._builds = {}, {}, {}
         for graph in self._graphs.values():
             try:
                 graph.close()

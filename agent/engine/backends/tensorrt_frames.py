@@ -1,6 +1,6 @@
 """The TensorRT back end's GPU frame path: ROI rows straight from a page-locked ring slot, then a small engine.
 
-Per camera source: the ring's whole mapping is page-locked once (cudaHostRegister), a device buffer holds up
+Per camera: the ring's whole mapping is page-locked once (cudaHostRegister), a device buffer holds up
 to max_batch ROI crops, and a TensorRT engine built from engine/frame_graph.py turns them into model input
 (channel order or grey, INTER_AREA resampling) written straight into the model engine's input buffer. The
 frame plan is built on first use with the TensorRT builder (FP32: TF32 would move pixels by a grey level) and
@@ -23,10 +23,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ...model_input import PixelFormat
 from ..background import lower_thread_priority
 from ..cuda import CudaError, HostRegistration, Stream
-from ..frame_graph import IMAGE_NAME, ROI_NAME, SourceFormat, frame_graph
-from .base import FrameSource
+from ..frame_graph import IMAGE_NAME, ROI_NAME, frame_graph
+from .base import RingRegion
 from .tensorrt_network import OnnxParseError, parse_onnx, profile_shapes
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ _ONE_BUILD_AT_A_TIME = threading.Lock()
 
 
 class FrameEngineError(Exception):
-    """A source's frame engine cannot be built or loaded; its frames take the CPU path."""
+    """A region's frame engine cannot be built or loaded; its frames take the CPU path."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,14 +97,14 @@ def frame_plan(
 
 
 class FrameEngine:
-    """One source's frame path on the back end's stream: page-locked ring, device ROI buffer, frame engine."""
+    """One region's frame path on the back end's stream: page-locked ring, device ROI buffer, frame engine."""
 
     def __init__(
-        self, trt: ModuleType, runtime: Any, stream: Stream, source: FrameSource, *, plan: bytes, max_batch: int
+        self, trt: ModuleType, runtime: Any, stream: Stream, region: RingRegion, *, plan: bytes, max_batch: int
     ) -> None:
-        self.source, self.max_batch, self._stream = source, max_batch, stream
-        _, frame_w, channels = _frame_shape(source)
-        x, y, width, height = source.box
+        self.region, self.max_batch, self._stream = region, max_batch, stream
+        _, frame_w, channels = _frame_shape(region)
+        x, y, width, height = region.box
         self._roi_shape = (height, width, channels)
         self._row_bytes, self._rows, self._pitch = width * channels, height, frame_w * channels
         self._offset = (y * frame_w + x) * channels
@@ -118,7 +119,7 @@ class FrameEngine:
             raise FrameEngineError(msg)
         self._roi = stream.device(max_batch * self._crop_bytes)
         try:
-            self._pinned = HostRegistration(stream.cudart, source.ring.segment())
+            self._pinned = HostRegistration(stream.cudart, region.ring.segment())
         except CudaError:
             stream.free(self._roi)
             raise
@@ -158,13 +159,13 @@ class FrameEngine:
             try:
                 release()
             except CudaError as error:
-                log.error("releasing a frame source: %s", error)
+                log.error("releasing a frame engine: %s", error)
         del self._context
         del self._engine
 
 
 class FramePlanBuild:
-    """One source's frame plan, read from the cache or built on a background thread; poll `done()`, then `plan()`.
+    """One region's frame plan, read from the cache or built on a background thread; poll `done()`, then `plan()`.
 
     The thread is a daemon and holds nothing of the back end, so a back end that closes meanwhile just
     drops it: the build finishes on its own and still caches its plan for the next start.
@@ -173,13 +174,13 @@ class FramePlanBuild:
     def __init__(
         self,
         trt: ModuleType,
-        source: FrameSource,
+        region: RingRegion,
         *,
         cache: FramePlanCache,
         max_batch: int,
         input_shape: tuple[int, int, int],
     ) -> None:
-        self.inputs = plan_inputs(source)
+        self.inputs = plan_inputs(region)
         self._plan: bytes | None = None
         self._error = ""
         self._thread = threading.Thread(
@@ -219,15 +220,15 @@ class FramePlanBuild:
         return self._plan
 
 
-def plan_inputs(source: FrameSource) -> tuple[tuple[int, int, int], SourceFormat]:
-    """What a source's frame plan depends on: the (h_roi, w_roi, C) of its ROI and its pixel format."""
-    _, _, width, height = source.box
-    return (height, width, _frame_shape(source)[2]), source.source_format
+def plan_inputs(region: RingRegion) -> tuple[tuple[int, int, int], PixelFormat]:
+    """What a region's frame plan depends on: the (h_roi, w_roi, C) of its ROI and its pixel format."""
+    _, _, width, height = region.box
+    return (height, width, _frame_shape(region)[2]), region.source_format
 
 
-def _frame_shape(source: FrameSource) -> tuple[int, int, int]:
-    shape = source.ring.slot_shape
+def _frame_shape(region: RingRegion) -> tuple[int, int, int]:
+    shape = region.ring.slot_shape
     if len(shape) != 3:
-        msg = f"ring {source.ring.name!r} holds {shape} slots, not (H, W, C) frames"
+        msg = f"ring {region.ring.name!r} holds {shape} slots, not (H, W, C) frames"
         raise FrameEngineError(msg)
     return int(shape[0]), int(shape[1]), int(shape[2])

@@ -1,0 +1,214 @@
+"""DecisionLoop's exactly-once core, in-process: every announced frame gets one verdict, whatever order or lateness.
+
+Real ipc sockets and a real frame ring; the test plays capture and the engine through one Sender, so it fixes the
+order in which decision sees their records (over two sockets either order can happen). Time is controlled through
+the capture times the records carry. No broker: the recording publisher below stands in for MQTT.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from lineguard.agent.bundle import Manifest
+from lineguard.agent.contract import Record, Verdict, decode
+from lineguard.agent.decision.process import DecisionLoop
+from lineguard.agent.ipc import Sender, endpoint
+from lineguard.agent.messages import FrameFailed, FrameReady, Message, Scored, ScoreFailed
+
+THRESHOLD = 1.0
+
+
+@dataclass
+class RecordingPublisher:
+    """Stands in for MqttPublisher: exactly the members DecisionLoop uses, keeping what it published.
+
+    The one place that knows the publisher's API; adapt it here when that API changes.
+    """
+
+    queued: int = 0
+    messages: list[tuple[str, Any]] = field(default_factory=list)
+
+    def publish(self, topic: str, record: Record, *, qos: int, retain: bool = False) -> None:
+        self.messages.append((topic, decode(type(record), record.encode())))  # through the wire format
+
+    def publish_bytes(self, topic: str, payload: bytes, **options: Any) -> None:
+        self.messages.append((topic, payload))
+
+    def verdicts(self) -> list[Verdict]:
+        """Verdicts in publishing order."""
+        return [payload for _, payload in self.messages if isinstance(payload, Verdict)]
+
+    def outcomes(self) -> list[tuple[int, str]]:
+        """(seq, verdict) of every verdict, in publishing order."""
+        return [(v.seq, v.verdict) for v in self.verdicts()]
+
+
+def manifest() -> Manifest:
+    """The smallest valid manifest: a 32x32 grey model with threshold 1.0."""
+    rate = {"count": 0, "total": 10, "rate": 0.0, "low": 0.0, "high": 0.3}
+    return Manifest.model_validate(
+        {
+            "model_id": "double",
+            "model_version": "1",
+            "created_utc": "2026-01-01T00:00:00Z",
+            "trainer_version": "test",
+            "dataset": {"name": "none", "digest": "0", "n_train": 1, "n_calibration": 1, "n_test": 1},
+            "model": {"kind": "patchcore", "backbone": "none", "opset": 17},
+            "input": {"height": 32, "width": 32, "channels": 1, "pixel_format": "mono8"},
+            "threshold": {"value": THRESHOLD, "method": "manual:1", "n_good": 10, "n_defect": 0, "false_reject": rate},
+            "score_normalisation": {"offset": 0.0, "scale": 2.0, "map_low": 0.0, "map_high": 2.0},
+            "metrics": {},
+            "golden": [],
+            "files": {},
+        }
+    )
+
+
+@dataclass
+class Harness:
+    loop: DecisionLoop
+    publisher: RecordingPublisher
+    to_decision: Sender
+    capture: Any  # conftest.CaptureSide
+
+    def send(self, *messages: Message) -> None:
+        for message in messages:
+            assert self.to_decision.send(message)
+
+    def step_until(self, n_verdicts: int, *, timeout_s: float = 5.0) -> None:
+        """Step until n_verdicts verdicts are out, then a few steps more, so a surplus verdict would show."""
+        end = time.monotonic() + timeout_s
+        while len(self.publisher.verdicts()) < n_verdicts:
+            assert time.monotonic() < end, f"only {self.publisher.outcomes()} after {timeout_s} s"
+            self.loop.step()
+        for _ in range(3):
+            self.loop.step()
+
+    def failsafes(self, cause: str) -> float:
+        return self.loop.metrics.failsafes.labels("cam0", cause)._value.get()
+
+    def late_scores(self) -> float:
+        return self.loop.metrics.late_scores._value.get()
+
+
+@pytest.fixture
+def decision(loop_config, capture_side, zmq_context) -> Iterator[Callable[..., Harness]]:
+    made: list[Harness] = []
+
+    def make(*, deadline_ms: float = 60_000.0) -> Harness:
+        config = loop_config(deadline_ms=deadline_ms)
+        publisher = RecordingPublisher()
+        loop = DecisionLoop(config, manifest(), publisher, zmq_context)  # type: ignore[arg-type]
+        sender = Sender(zmq_context, endpoint(config.run_dir, "decision"))
+        assert sender.wait_connected(timeout_s=5.0)
+        made.append(Harness(loop, publisher, sender, capture_side(config)))
+        return made[-1]
+
+    yield make
+    for harness in made:
+        harness.to_decision.close()
+        harness.loop.close()
+
+
+def scored(ready: FrameReady, score: float) -> Scored:
+    now = time.monotonic_ns()
+    return Scored(
+        camera=ready.camera,
+        seq=ready.seq,
+        score=score,
+        map_ring="",
+        map_slot=-1,
+        model="double@1",
+        t_engine_start_ns=now,
+        t_engine_end_ns=now,
+    )
+
+
+def test_an_engine_answer_before_its_frame_ready_gives_one_verdict_once_the_frame_is_announced(decision):
+    h = decision()
+    first, second = h.capture.frame(1), h.capture.frame(2)
+    h.send(
+        scored(first, 0.2), ScoreFailed(camera="cam0", seq=2, reason="engine: slot 1 reused", cause="slot-overwritten")
+    )
+    h.step_until(0)
+    assert h.publisher.outcomes() == []  # answers alone, for frames not announced yet: kept, not published
+    h.send(first, second)
+    h.step_until(2)
+    assert h.publisher.outcomes() == [(1, "accept"), (2, "failsafe")]
+    assert (h.publisher.verdicts()[1].reason, h.publisher.verdicts()[1].cause) == (
+        "engine: slot 1 reused",
+        "slot-overwritten",
+    )
+    assert h.capture.ring.occupancy() == 0  # both slots released, once
+
+
+def test_a_sequence_gap_fails_each_missing_frame_once_and_the_frames_around_it_are_scored(decision):
+    h = decision()
+    one, four = h.capture.frame(1), h.capture.frame(4)  # the records of 2 and 3 never reach decision
+    h.send(one, four, scored(one, 0.5), scored(four, 3.0))
+    h.step_until(4)
+    assert sorted(h.publisher.outcomes()) == [(1, "accept"), (2, "failsafe"), (3, "failsafe"), (4, "reject")]
+    assert len(h.publisher.verdicts()) == 4
+    gap_reasons = {(v.reason, v.cause) for v in h.publisher.verdicts() if v.seq in (2, 3)}
+    assert gap_reasons == {("no record of this frame reached decision", "capture-lost")}
+    assert h.failsafes("capture-lost") == 2
+
+
+def test_a_frame_capture_reports_lost_gets_one_failsafe_with_captures_reason(decision):
+    h = decision()
+    one = h.capture.frame(1)
+    lost = FrameFailed(
+        camera="cam0", seq=2, t_capture_ns=time.monotonic_ns(), reason="ring full: engine behind", cause="ring-full"
+    )
+    h.send(one, lost, scored(one, 0.1))
+    h.step_until(2)
+    assert h.publisher.outcomes() == [(2, "failsafe"), (1, "accept")]  # a lost frame is published at once
+    assert (h.publisher.verdicts()[0].reason, h.publisher.verdicts()[0].cause) == (
+        "ring full: engine behind",
+        "ring-full",
+    )
+    assert h.failsafes("ring-full") == 1
+
+
+def test_a_frame_without_a_score_fails_safe_at_its_deadline_and_its_late_score_is_dropped(decision):
+    h = decision(deadline_ms=1000.0)
+    overdue, waiting = h.capture.frame(1, age_ms=1500.0), h.capture.frame(2, age_ms=300.0)
+    h.send(overdue, waiting)
+    h.step_until(1)
+    assert h.publisher.outcomes() == [(1, "failsafe")]  # frame 2 still has ~700 ms
+    assert "1000 ms deadline" in h.publisher.verdicts()[0].reason
+    assert h.publisher.verdicts()[0].cause == "engine-down"  # nothing has been heard from the engine
+    h.send(scored(overdue, 0.1))  # the engine answers after all
+    h.step_until(1)
+    assert h.publisher.outcomes() == [(1, "failsafe")]
+    assert h.late_scores() == 1
+    time.sleep(0.8)  # frame 2's deadline passes
+    h.step_until(2)
+    assert h.publisher.outcomes() == [(1, "failsafe"), (2, "failsafe")]
+    assert h.failsafes("engine-down") + h.failsafes("engine-late") == 2
+    assert h.capture.ring.occupancy() == 0
+
+
+def test_a_repeated_score_or_a_score_after_an_engine_failure_publishes_nothing_more(decision):
+    h = decision()
+    one, two = h.capture.frame(1), h.capture.frame(2)
+    h.send(one, scored(one, 2.0), scored(one, 0.1))
+    h.send(two, ScoreFailed(camera="cam0", seq=2, reason="input mismatch", cause="engine-error"), scored(two, 0.1))
+    h.step_until(2)
+    assert h.publisher.outcomes() == [(1, "reject"), (2, "failsafe")]
+    assert h.late_scores() == 2
+
+
+def test_drain_closes_every_pending_frame_with_a_failsafe_before_exit(decision):
+    h = decision()
+    h.send(h.capture.frame(1), h.capture.frame(2))
+    while len(h.loop.pending) < 2:
+        h.loop.step()
+    h.loop.drain(timeout_s=0.05)
+    assert h.publisher.outcomes() == [(1, "failsafe"), (2, "failsafe")]
+    assert not h.loop.pending
