@@ -21,14 +21,26 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from lineguard.agent.authority import sign_command
 from lineguard.agent.bundle import BundleError
 from lineguard.agent.config import ConfigError
-from lineguard.agent.contract import AgentStatus, ContractError, ModelCommand, ModelEvent, Topics, TransferMeta, decode
+from lineguard.agent.contract import (
+    AgentStatus,
+    ContractError,
+    ModelCommand,
+    ModelEvent,
+    Record,
+    Topics,
+    TransferMeta,
+    clip,
+    decode,
+)
 from lineguard.agent.mqtt import MqttError, Subscription
+from lineguard.agent.mqtt.client import OnMessage
 from lineguard.agent.rollout.wire import ArchiveError, TransferError
 from lineguard.agent.signing import KeyFileError, generate_key_pair, key_id, load_private_key, load_public_key
 from lineguard.deploy.config import DeployConfig, load_deploy_config
@@ -118,24 +130,37 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     return 0 if answer.outcome == "accepted" else EXIT_REFUSED
 
 
+R = TypeVar("R", bound=Record)
+
+
+def _records(record_type: type[R], handle: Callable[[R], None]) -> OnMessage:
+    """An on_message that decodes each payload as `record_type` for `handle`, and reports (bounded) what it cannot."""
+
+    def on_message(topic: str, payload: bytes, properties: object) -> None:
+        try:
+            record = decode(record_type, payload)
+        except ContractError as error:
+            print(f"lineguard-deploy: ignored a message on {clip(topic, 200)}: {error}", file=sys.stderr)
+            return
+        handle(record)
+
+    return on_message
+
+
 def _request(config: DeployConfig, command: ModelCommand, timeout_s: float) -> ModelEvent | None:
     """Publish a command and wait for the event that answers it."""
     topics = Topics(config.mqtt.topic_prefix)
     answered = threading.Event()
     answers: list[ModelEvent] = []
 
-    def on_message(topic: str, payload: bytes, properties: object) -> None:
-        try:
-            event = decode(ModelEvent, payload)
-        except ContractError as error:
-            print(f"lineguard-deploy: ignored a malformed event on {topic}: {error}", file=sys.stderr)
-            return
+    def keep_answer(event: ModelEvent) -> None:
         if event.request_id == command.request_id:
             answers.append(event)
             answered.set()
 
     client_id = f"lineguard-deploy-{command.request_id[:8]}"
-    with Subscription(config.mqtt, client_id, [topics.model_events(command.agent_id)], on_message) as listener:
+    on_event = _records(ModelEvent, keep_answer)
+    with Subscription(config.mqtt, client_id, [topics.model_events(command.agent_id)], on_event) as listener:
         listener.publish(topics.model_command(command.agent_id), command.encode(), qos=1).wait_for_publish(10)
         return answers[0] if answered.wait(timeout_s) else None
 
@@ -144,16 +169,8 @@ def _retained_statuses(config: DeployConfig, agent: str, wait_s: float) -> dict[
     """Retained status messages: agent id -> status."""
     topics = Topics(config.mqtt.topic_prefix)
     statuses: dict[str, AgentStatus] = {}
-
-    def on_message(topic: str, payload: bytes, properties: object) -> None:
-        try:
-            status = decode(AgentStatus, payload)
-        except ContractError as error:
-            print(f"lineguard-deploy: ignored a malformed status on {topic}: {error}", file=sys.stderr)
-            return
-        statuses[status.agent_id] = status
-
-    with Subscription(config.mqtt, f"lineguard-deploy-{uuid.uuid4().hex[:8]}", [topics.status(agent)], on_message):
+    on_status = _records(AgentStatus, lambda status: statuses.__setitem__(status.agent_id, status))
+    with Subscription(config.mqtt, f"lineguard-deploy-{uuid.uuid4().hex[:8]}", [topics.status(agent)], on_status):
         time.sleep(wait_s)
     return statuses
 
