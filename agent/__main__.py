@@ -112,6 +112,12 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     return 0 if summary.total else 1
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .health_report import report
+
+    return report(load_config(args.config), sys.stdout)
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     """One pipeline process, started by the supervisor."""
     from .supervisor import EXIT_FATAL
@@ -164,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     watcher.add_argument("--count", type=int, default=10**9, help="stop after this many verdicts")
     watcher.add_argument("--timeout", type=float, default=3600.0, help="stop after this many seconds")
     watcher.set_defaults(handler=_cmd_watch)
+    status = commands.add_parser("status", help="this agent's health at a glance (exit 0 ok, 1 degraded, 2 failing)")
+    status.add_argument("--config", type=Path, help="the running agent's agent.toml")
+    status.set_defaults(handler=_cmd_status)
     worker = commands.add_parser("worker", help=argparse.SUPPRESS)
     worker.add_argument("role", choices=("capture", "engine", "decision", "rollout"))
     worker.add_argument("camera", nargs="?", default="")

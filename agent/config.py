@@ -53,6 +53,12 @@ class CameraConfig(_Section):
     trigger: Literal["free-run", "software", "hardware"] = Field("free-run", description="Acquisition trigger mode.")
     fps: float = Field(10.0, gt=0, description="folder/video replay rate, frames per second.")
     loop: bool = Field(False, description="folder/video: start again at the end instead of stopping.")
+    expected_fps: float | None = Field(
+        None,
+        ge=0,
+        description="Frames per second this camera should deliver, for the health state; None = fps for "
+        "folder/video replay, unchecked for live cameras.",
+    )
     roi: RoiConfig = Field(default_factory=RoiConfig, description="Region of the frame the model sees.")
     reconnect_initial_s: float = Field(0.5, gt=0, description="First wait before reconnecting a lost camera.")
     reconnect_max_s: float = Field(10.0, gt=0, description="Longest wait between reconnect attempts.")
@@ -110,6 +116,9 @@ class DecisionConfig(_Section):
     )
     heatmap_every_n: int = Field(10, ge=1, description="With heatmap = every-nth: publish every Nth frame.")
     heatmap_format: Literal["jpeg", "png"] = Field("jpeg", description="Heatmap image encoding.")
+    health_window_s: float = Field(
+        10.0, ge=1, le=3600, description="The health state (status topic, metrics) looks at this many seconds."
+    )
 
 
 class MqttConfig(_Section):

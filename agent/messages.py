@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 
-from .contract import FAILSAFE_CAUSES
+import pydantic_core
+
+from .contract import FAILSAFE_CAUSES, clip
 
 SCHEMA_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024  # every record here is small; anything larger is refused before parsing
 
 
 class MessageError(ValueError):
@@ -35,6 +39,7 @@ class FrameReady:
     channels: int
     camera_frame_id: int = -1
     camera_timestamp_ns: int = -1  # the camera's own clock, where the source gives one
+    resent: bool = False  # capture sent it again to a restarted decision process
 
 
 def _check_cause(record: object, cause: str) -> None:
@@ -57,6 +62,7 @@ class FrameFailed:
     cause: str
     camera_frame_id: int = -1
     camera_timestamp_ns: int = -1
+    resent: bool = False
 
     def __post_init__(self) -> None:
         _check_cause(self, self.cause)
@@ -94,12 +100,31 @@ class ScoreFailed:
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """any process -> supervisor: alive, with how much work is waiting."""
+    """any process -> supervisor: alive, with how much work is waiting, and what keeps it from its job.
+
+    problem: "" when the process does its job; else what fails (e.g. the engine cannot attach camera X's ring).
+    camera: the camera the problem concerns, "" for none; the supervisor restarts that camera's capture.
+    """
 
     process: str
     pid: int
     t_ns: int
     queue_depth: int = 0
+    problem: str = ""
+    camera: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """decision -> capture-<camera>: the broker holds the verdicts of `seqs` ("3-7,9"); capture may forget them.
+
+    Sent as acknowledgements arrive and at least every second. `instance` names the decision process: when it
+    changes, decision restarted, and capture sends again every record it still holds (FrameReady.resent).
+    """
+
+    camera: str
+    instance: str
+    seqs: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,14 +152,61 @@ class EngineStatus:
     model: str
     backend: str
     detail: str
+    problem: str = ""  # what keeps the engine from scoring some frames ("" = nothing), for the health state
 
 
-Message = FrameReady | FrameFailed | Scored | ScoreFailed | Heartbeat | SwapModel | SwapResult | EngineStatus
+Message = (
+    FrameReady | FrameFailed | Scored | ScoreFailed | Heartbeat | Published | SwapModel | SwapResult | EngineStatus
+)
 
 _TYPES: dict[str, type] = {
     cls.__name__: cls
-    for cls in (FrameReady, FrameFailed, Scored, ScoreFailed, Heartbeat, SwapModel, SwapResult, EngineStatus)
+    for cls in (
+        FrameReady,
+        FrameFailed,
+        Scored,
+        ScoreFailed,
+        Heartbeat,
+        Published,
+        SwapModel,
+        SwapResult,
+        EngineStatus,
+    )
 }
+MAX_RANGES_CHARS = 8192  # one Published message; more acknowledgements go in the next one
+
+
+def encode_ranges(seqs: list[int]) -> list[str]:
+    """Sorted seqs as "a-b,c" range strings, each at most MAX_RANGES_CHARS long."""
+    parts: list[list[int]] = []
+    for seq in sorted(set(seqs)):
+        if parts and parts[-1][1] == seq - 1:
+            parts[-1][1] = seq
+        else:
+            parts.append([seq, seq])
+    texts = [f"{a}-{b}" if a != b else str(a) for a, b in parts]
+    out: list[str] = []
+    for text in texts:
+        if out and len(out[-1]) + len(text) + 1 <= MAX_RANGES_CHARS:
+            out[-1] += "," + text
+        else:
+            out.append(text)
+    return out
+
+
+_RANGE = re.compile(r"^([0-9]{1,18})(?:-([0-9]{1,18}))?$")
+
+
+def decode_ranges(text: str) -> list[tuple[int, int]]:
+    """(first, last) pairs of an encode_ranges string; MessageError for anything else."""
+    pairs = []
+    for part in text.split(",") if text else []:
+        match = _RANGE.match(part)
+        if match is None or (match.group(2) and int(match.group(2)) < int(match.group(1))):
+            msg = f"bad sequence range {clip(part, 40)!r}"
+            raise MessageError(msg)
+        pairs.append((int(match.group(1)), int(match.group(2) or match.group(1))))
+    return pairs
 
 
 def encode(message: Message) -> bytes:
@@ -146,11 +218,14 @@ def encode(message: Message) -> bytes:
 
 
 def decode(data: bytes) -> Message:
-    """Parse bytes from encode(); MessageError on anything malformed."""
+    """Parse bytes from encode(); MessageError (only) on anything malformed, oversized or too deeply nested."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        msg = f"message is {len(data)} bytes, over {MAX_MESSAGE_BYTES}: is another program writing to this endpoint?"
+        raise MessageError(msg)
     try:
-        body = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        msg = f"message is not JSON ({error}); is another program writing to this endpoint?"
+        body = pydantic_core.from_json(data, allow_inf_nan=True)  # NaN: a model's unusable score travels as such
+    except ValueError as error:
+        msg = f"message is not JSON ({clip(str(error), 100)}); is another program writing to this endpoint?"
         raise MessageError(msg) from error
     if not isinstance(body, dict):
         msg = f"message must be a JSON object, got {type(body).__name__}"
@@ -166,7 +241,7 @@ def decode(data: bytes) -> Message:
     try:
         message = cls(**body)
     except (TypeError, ValueError) as error:
-        msg = f"{name} message has wrong fields: {error}"
+        msg = f"{name} message has wrong fields: {clip(str(error), 200)}"
         raise MessageError(msg) from error
     _check_types(name, message)
     return message
@@ -181,5 +256,5 @@ def _check_types(name: str, message: Message) -> None:
         expected = _FIELD_TYPES.get(str(field.type), object)
         wrong_bool = isinstance(value, bool) and str(field.type) != "bool"  # JSON true is not a number here
         if wrong_bool or not isinstance(value, expected):
-            msg = f"{name}.{field.name} must be {field.type}, got {value!r}"
+            msg = f"{name}.{field.name} must be {field.type}, got {clip(repr(value), 60)}"
             raise MessageError(msg)

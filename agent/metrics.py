@@ -39,6 +39,18 @@ class PipelineMetrics:
         self.mqtt_queued = Gauge(
             "lineguard_mqtt_queued", "Messages queued locally for the broker", registry=self.registry
         )
+        self.failsafe_share = Gauge(
+            "lineguard_failsafe_share",
+            "Share of a camera's verdicts that were failsafe over the health window",
+            ["camera"],
+            registry=self.registry,
+        )
+        self.health = Gauge(
+            "lineguard_health",
+            "1 for the agent's current health state (ok, degraded, failing), 0 for the others",
+            ["state"],
+            registry=self.registry,
+        )
         self.late_scores = Counter(
             "lineguard_late_scores", "Scores that arrived after their frame's failsafe", registry=self.registry
         )

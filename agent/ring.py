@@ -371,14 +371,15 @@ class ShmRing:
         if self._closed:
             return
         self._closed = True
+        # Only our own segment is unlinked: the name may already belong to a ring that replaced this one.
+        ours = not self.replaced()
         # Dropping the views unmaps the segment, unless a caller still holds one (the last frame of its loop):
         # then the mapping goes with that view.
         del self._base, self._headers, self._arrays, self._read_views
-        if self._owner:
-            if _unlink_segment(self._shm):
-                log.info("ring %r closed and unlinked", self.name)
-            else:
-                log.warning("ring %r was already unlinked by someone else; was it replaced by a new run?", self.name)
+        if self._owner and ours and _unlink_segment(self._shm):
+            log.info("ring %r closed and unlinked", self.name)
+        elif self._owner:
+            log.warning("ring %r was unlinked or replaced by someone else before it closed", self.name)
 
     def replaced(self) -> bool:
         """True when the segment of this name is gone or is a newer one (capture restarted): attach again."""

@@ -1,9 +1,13 @@
 """Supervisor: starts the pipeline's processes, watches them, restarts with backoff, drains on stop.
 
 Each process is a separate interpreter (`lineguard-agent worker ROLE`), as systemd and `ps`
-see it. A dead or silent process is restarted with exponential backoff; more than
-MAX_RESTARTS restarts of one process within RESTART_WINDOW_S makes the supervisor stop
-everything and exit non-zero, so systemd sees the failure. A clean exit is not restarted.
+see it. A dead or silent process is restarted with exponential backoff, and so is one that is
+alive but cannot do its job for PROBLEM_RESTART_S (its heartbeat says what fails): a capture
+whose frames all fail, or a camera whose frames the engine cannot read, restarts that
+camera's capture (which recreates its ring). More than MAX_RESTARTS restarts of one process
+within RESTART_WINDOW_S makes the supervisor stop everything and exit non-zero, so systemd
+sees the failure. Every exit but EXIT_FATAL is restarted: workers only stop on their own when
+something went wrong.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
 FIRST_HEARTBEAT_GRACE_S = 60.0  # model loading and camera opening may take a while
 SILENT_AFTER_S = 10.0
+PROBLEM_RESTART_S = 15.0  # a problem a heartbeat reports for this long restarts the process it concerns
 EXIT_FATAL = 3  # a worker's "do not restart me": bad bundle or config it cannot serve
 
 
@@ -58,6 +63,9 @@ class _Child:
     last_heartbeat: float = 0.0
     restarts: list[float] = field(default_factory=list)
     next_start_at: float = 0.0
+    problem: str = ""  # what its last heartbeat said keeps it from its job
+    problem_camera: str = ""
+    problem_since: float = 0.0
 
 
 class SystemdNotifier:
@@ -148,7 +156,40 @@ class Supervisor:
                 for child in self.children:
                     if child.process is not None and child.process.pid == message.pid:
                         child.last_heartbeat = time.monotonic()
+                        self._note_problem(child, message)
             message = self._heartbeats.receive(timeout_ms=0)
+
+    def _note_problem(self, child: _Child, heartbeat: Heartbeat) -> None:
+        if heartbeat.problem and not child.problem:
+            log.warning("%s reports: %s", child.spec.name, heartbeat.problem[:300])
+            child.problem_since = time.monotonic()
+        elif not heartbeat.problem and child.problem:
+            log.info("%s recovered", child.spec.name)
+        child.problem, child.problem_camera = heartbeat.problem[:300], heartbeat.camera
+
+    def _act_on_problems(self, now: float) -> int | None:
+        """Restart the process a lasting problem concerns: that camera's capture, else the reporter itself."""
+        for child in self.children:
+            if not child.problem or now - child.problem_since < PROBLEM_RESTART_S:
+                continue
+            target = (self._child(f"capture-{child.problem_camera}") if child.problem_camera else None) or child
+            log.error(
+                "restarting %s: %s has reported for %.0f s: %s",
+                target.spec.name,
+                child.spec.name,
+                now - child.problem_since,
+                child.problem,
+            )
+            child.problem, child.problem_since = "", now
+            if target.process is not None and target.process.poll() is None:
+                target.process.kill()
+                target.process.wait()
+            if not self._schedule_restart(target, now):
+                return 1
+        return None
+
+    def _child(self, name: str) -> _Child | None:
+        return next((child for child in self.children if child.spec.name == name), None)
 
     def _check_children(self) -> int | None:
         """Restart dead or silent children; an exit code when the agent must stop."""
@@ -173,7 +214,7 @@ class Supervisor:
             log.error("%s exited with code %d; restarting", child.spec.name, code)
             if not self._schedule_restart(child, now):
                 return 1
-        return None
+        return self._act_on_problems(now)
 
     def _silent(self, child: _Child, now: float) -> bool:
         heard = child.last_heartbeat > child.started_at

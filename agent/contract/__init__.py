@@ -9,7 +9,17 @@ schemas/, generated from these records (`python -m lineguard.agent.contract.sche
 
 from .actuator import REJECT_REASONS, ActuatorStatus, RejectReason
 from .codec import SCHEMA_VERSION, ContractError, Part, Record, clip, decode, decode_object
-from .line import FAILSAFE_CAUSES, AgentStatus, Backend, CameraStatus, FailsafeCause, HeatmapInfo, Latency, Verdict
+from .line import (
+    FAILSAFE_CAUSES,
+    AgentStatus,
+    Backend,
+    CameraStatus,
+    FailsafeCause,
+    Health,
+    HeatmapInfo,
+    Latency,
+    Verdict,
+)
 from .model_change import (
     MAX_CHUNK_BYTES,
     MAX_CHUNKS,
@@ -55,6 +65,7 @@ __all__ = [
     "Channel",
     "ContractError",
     "FailsafeCause",
+    "Health",
     "HeatmapInfo",
     "LabelKind",
     "Latency",

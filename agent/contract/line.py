@@ -103,7 +103,17 @@ class Backend(Part):
 
 
 class CameraStatus(Part):
-    fps: float = Field(ge=0, description="Verdicts per second over the last status period.")
+    fps: float = Field(ge=0, description="Verdicts per second over the health window.")
+    expected_fps: float | None = Field(None, ge=0, description="The rate it should deliver; null where unknown.")
+    failsafe_share: float = Field(0.0, ge=0, le=1, description="Share of its verdicts that were failsafe.")
+    failsafes: dict[FailsafeCause, int] = Field(default_factory=dict, description="Failsafes in the window by cause.")
+
+
+class Health(Part):
+    """What the line gets from this agent: ok, degraded (some frames fail or come slowly), failing."""
+
+    state: Literal["ok", "degraded", "failing"]
+    reasons: tuple[Text, ...] = Field((), max_length=32, description="Worst first; empty when ok.")
 
 
 class AgentStatus(Record):
@@ -114,6 +124,7 @@ class AgentStatus(Record):
     agent_id: Name
     line: Name
     online: bool
+    health: Health | None = Field(None, description="Null in the last will and the stopped status.")
     model: ModelLabel | None = None
     cameras: dict[Name, CameraStatus] = Field(default_factory=dict, max_length=64)
     queue_depth: int = Field(0, ge=0, description="Frames waiting for a verdict.")

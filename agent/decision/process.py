@@ -13,29 +13,40 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import zmq
 
 from ..bundle import MANIFEST_FILE, BundleError, Manifest, parse_manifest, verify_bundle
-from ..config import AgentConfig
-from ..contract import AgentStatus, Backend, CameraStatus, HeatmapInfo, Latency, Topics, Verdict, clip
+from ..config import AgentConfig, CameraConfig
+from ..contract import AgentStatus, Backend, CameraStatus, Health, HeatmapInfo, Latency, Topics, Verdict, clip
 from ..ipc import Receiver, Sender, endpoint
-from ..messages import EngineStatus, FrameFailed, FrameReady, Heartbeat, Message, Scored, ScoreFailed
+from ..messages import (
+    EngineStatus,
+    FrameFailed,
+    FrameReady,
+    Heartbeat,
+    Message,
+    Scored,
+    ScoreFailed,
+)
 from ..metrics import PipelineMetrics
 from ..model_input import Preprocessor
 from ..mqtt import MqttPublisher
 from ..ring import AttachedRings, RingError
 from ..rollout.store import serving_bundle, store_root
 from ..signing import load_trusted_keys
+from .health import Assessment, CameraHealth, VerdictWindow, assess
 from .heatmap import render_heatmap
+from .published import PublishedTracker
 from .rules import Decision, decide
 
 log = logging.getLogger(__name__)
 
 STATUS_PERIOD_S = 2.0
 HEARTBEAT_S = 1.0
-ENGINE_SILENT_NS = 3_000_000_000  # no EngineStatus this long: a frame past its deadline blames a down engine
+ENGINE_SILENT_NS = 1_000_000_000  # no EngineStatus this long: a frame past its deadline blames a down engine
 # CLOCK_MONOTONIC is shared by every process on the host; this maps it to wall-clock time.
 _WALL_OFFSET_NS = time.time_ns() - time.monotonic_ns()
 
@@ -64,8 +75,16 @@ class FrameRef:
 class DecisionLoop:
     """Closes every frame with exactly one verdict."""
 
-    def __init__(self, config: AgentConfig, manifest: Manifest, publisher: MqttPublisher, context: zmq.Context) -> None:
-        self.config, self.publisher = config, publisher
+    def __init__(
+        self,
+        config: AgentConfig,
+        manifest: Manifest,
+        publisher: MqttPublisher,
+        published: PublishedTracker,
+        context: zmq.Context,
+    ) -> None:
+        """published: the tracker the publisher reports settled verdicts to (its on_settled callback)."""
+        self.config, self.publisher, self.published = config, publisher, published
         self.inbox = Receiver(context, endpoint(config.run_dir, "decision"))
         self.to_supervisor = Sender(context, endpoint(config.run_dir, "supervisor"))
         self.topics = Topics(config.mqtt.topic_prefix)
@@ -77,15 +96,17 @@ class DecisionLoop:
         self.last_seq: dict[str, int] = {}
         self.rings = AttachedRings()
         self.metrics = PipelineMetrics()
-        self.published: dict[str, int] = {}
         self._frame_counts: dict[str, int] = {}
         self._next_status = 0.0
         self._next_heartbeat = 0.0
-        self._last_status_t = time.monotonic()
         spec = manifest.input
         self._heatmap_input = np.empty((spec.height, spec.width, spec.channels), np.uint8)
         self.engine_status: EngineStatus | None = None
-        self._engine_seen_ns = 0
+        self.started_ns = time.monotonic_ns()
+        self._engine_seen_ns = self.started_ns  # the engine is given ENGINE_SILENT_NS to make itself heard
+        self.duplicates = 0
+        self.window = VerdictWindow(config.decision.health_window_s)
+        self._last_health = "ok"
 
     # receive, act, send
     def step(self) -> None:
@@ -96,15 +117,17 @@ class DecisionLoop:
         self._periodic()
 
     def _handle(self, message: Message) -> None:
+        if isinstance(message, FrameReady | FrameFailed) and self._duplicate(message):
+            return
         if isinstance(message, FrameReady):
-            self._note_seq(message.camera, message.seq, message.t_capture_ns)
+            self._note_seq(message)
             key = (message.camera, message.seq)
             self.pending[key] = Pending(message, message.t_capture_ns + self.deadline_ns)
             early = self.early.pop(key, None)
             if early is not None:
                 self._handle(early)
         elif isinstance(message, FrameFailed):
-            self._note_seq(message.camera, message.seq, message.t_capture_ns)
+            self._note_seq(message)
             self._publish_failsafe(FrameRef.of(message), message.reason, cause=message.cause)
         elif isinstance(message, Scored):
             self._engine_seen_ns = time.monotonic_ns()
@@ -119,13 +142,27 @@ class DecisionLoop:
                 self._publish_failsafe(FrameRef.of(entry.ready), message.reason, cause=message.cause)
                 self._release_frame(entry.ready)
 
-    def _note_seq(self, camera: str, seq: int, t_capture_ns: int) -> None:
-        """A jump in a camera's sequence means frames whose records never reached us: fail each."""
+    def _duplicate(self, record: FrameReady | FrameFailed) -> bool:
+        """A record this process has already answered or is answering (capture resends after our restart)."""
+        if (record.camera, record.seq) in self.pending or self.published.answered(record.camera, record.seq):
+            self.duplicates += 1
+            return True
+        return False
+
+    def _note_seq(self, record: FrameReady | FrameFailed) -> None:
+        """A jump in a camera's sequence means frames whose records never reached us: fail each.
+
+        Capture holds every record until its verdict is published, so a jump means capture itself died with
+        records unsent (those frames did exist). Resent records fill earlier holes and are not counted here.
+        """
+        camera, seq = record.camera, record.seq
+        if record.resent:
+            return
         last = self.last_seq.get(camera)
         if last is not None and seq > last + 1:
             for missing in range(last + 1, seq):
-                reason = "no record of this frame reached decision"
-                self._publish_failsafe(FrameRef(camera, missing, t_capture_ns), reason, cause="capture-lost")
+                reason = "no record of this frame reached decision: capture stopped before sending it"
+                self._publish_failsafe(FrameRef(camera, missing, record.t_capture_ns), reason, cause="capture-lost")
         if last is None or seq > last:
             self.last_seq[camera] = seq
 
@@ -199,9 +236,13 @@ class DecisionLoop:
             )
         else:
             cause, reason = "engine-late", f"{deadline}: the engine is running but behind"
+        restarted = f"{deadline}: decision restarted while the frame was on its way, and its score was lost"
         for key in expired:
             entry = self.pending.pop(key)
-            self._publish_failsafe(FrameRef.of(entry.ready), reason, cause=cause)
+            if entry.ready.resent or entry.ready.t_capture_ns < self.started_ns:
+                self._publish_failsafe(FrameRef.of(entry.ready), restarted, cause="decision-restarted")
+            else:
+                self._publish_failsafe(FrameRef.of(entry.ready), reason, cause=cause)
             self._release_frame(entry.ready)
 
     def _publish_verdict(self, ready: FrameReady, decision: Decision, scored: Scored) -> None:
@@ -254,9 +295,11 @@ class DecisionLoop:
             latency_ms=latency,
         )
         topic = self.topics.verdict(self.config.line, self.config.agent_id, frame.camera)
-        self.publisher.publish(topic, record, qos=self.config.mqtt.qos)
+        self.published.handed(frame.camera, frame.seq)  # before publish: the broker's answer may come at once
+        self.publisher.publish(topic, record, qos=self.config.mqtt.qos, tag=(frame.camera, frame.seq))
         self.metrics.verdicts.labels(frame.camera, verdict).inc()
         self._frame_counts[frame.camera] = self._frame_counts.get(frame.camera, 0) + 1
+        self.window.add(frame.camera, time.monotonic(), cause)
 
     def _wants_heatmap(self, camera: str, decision: Decision) -> bool:
         mode = self.config.decision.heatmap
@@ -318,32 +361,70 @@ class DecisionLoop:
         now = time.monotonic()
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + HEARTBEAT_S
+            self.published.heartbeat()
             self.to_supervisor.send(
                 Heartbeat(process="decision", pid=os.getpid(), t_ns=time.monotonic_ns(), queue_depth=len(self.pending))
             )
         if now >= self._next_status:
             self._next_status = now + STATUS_PERIOD_S
-            elapsed = max(now - self._last_status_t, 1e-6)
-            fps = {camera: round(count / elapsed, 2) for camera, count in self._frame_counts.items()}
-            for camera, value in fps.items():
-                self.metrics.fps.labels(camera).set(value)
-            self._frame_counts = {}
-            self._last_status_t = now
             self.metrics.pending.set(len(self.pending))
             for ring, used in self.rings.occupancy().items():
                 self.metrics.ring_occupancy.labels(ring).set(used)
             self.metrics.mqtt_queued.set(self.publisher.queued)
-            status = self.status(fps, online=True)
+            status = self.status(online=True)
             self.publisher.publish(self.topics.status(self.config.agent_id), status, qos=1, retain=True)
+            write_status_file(self.config.run_dir, status)
 
-    def status(self, fps: dict[str, float], *, online: bool, reason: str = "") -> AgentStatus:
+    def camera_health(self, now: float) -> dict[str, CameraHealth]:
+        running_s = now - self.started_ns / 1e9
+        return {
+            camera.name: self.window.camera(camera.name, now, expected_fps=_expected_fps(camera), running_s=running_s)
+            for camera in self.config.cameras
+        }
+
+    def assess(self, cameras: dict[str, CameraHealth], now: float) -> Assessment:
+        silent_s = (time.monotonic_ns() - self._engine_seen_ns) / 1e9
+        engine_problem = self.engine_status.problem if self.engine_status is not None else ""
+        assessment = assess(
+            cameras,
+            engine_problem=engine_problem,
+            engine_silent_s=silent_s if silent_s > ENGINE_SILENT_NS / 1e9 else 0.0,
+            mqtt_queued=self.publisher.queued,
+            window_s=self.window.window_s,
+        )
+        for state in ("ok", "degraded", "failing"):
+            self.metrics.health.labels(state).set(1 if assessment.state == state else 0)
+        if assessment.state != self._last_health:
+            level = logging.INFO if assessment.state == "ok" else logging.WARNING
+            log.log(level, "health %s: %s", assessment.state, "; ".join(assessment.reasons) or "every frame scored")
+            self._last_health = assessment.state
+        return assessment
+
+    def status(self, *, online: bool, reason: str = "") -> AgentStatus:
         engine = self.engine_status
+        now = time.monotonic()
+        cameras = self.camera_health(now)
+        for name, health in cameras.items():
+            self.metrics.fps.labels(name).set(health.fps)
+            self.metrics.failsafe_share.labels(name).set(health.failsafe_share)
+        assessment = self.assess(cameras, now) if online else None
         return AgentStatus(
             agent_id=self.config.agent_id,
             line=self.config.line,
             online=online,
+            health=None
+            if assessment is None
+            else Health(state=assessment.state, reasons=tuple(clip(text, 500) for text in assessment.reasons[:32])),
             model=self.model_label,
-            cameras={camera: CameraStatus(fps=value) for camera, value in fps.items()},
+            cameras={
+                name: CameraStatus(
+                    fps=health.fps,
+                    expected_fps=health.expected_fps,
+                    failsafe_share=health.failsafe_share,
+                    failsafes=health.failsafes,  # type: ignore[arg-type]  # causes come from FAILSAFE_CAUSES
+                )
+                for name, health in cameras.items()
+            },
             queue_depth=len(self.pending),
             mqtt_queued=self.publisher.queued,
             backend=None if engine is None else Backend(name=engine.backend[:32], detail=clip(engine.detail, 500)),
@@ -364,6 +445,7 @@ class DecisionLoop:
         self.rings.close()
         self.inbox.close()
         self.to_supervisor.close()
+        self.published.close()
 
 
 def run(config: AgentConfig, stop: threading.Event) -> int:
@@ -376,14 +458,17 @@ def run(config: AgentConfig, stop: threading.Event) -> int:
     will = AgentStatus(
         agent_id=config.agent_id, line=config.line, online=False, reason="connection lost", ts=time.time()
     )
+    context = zmq.Context()
+    instance = f"{os.getpid()}-{time.time_ns()}"  # capture sends its held records again when this changes
+    published = PublishedTracker(config.run_dir, [camera.name for camera in config.cameras], instance, context)
     publisher = MqttPublisher(
         config.mqtt,
         client_id=config.mqtt.client_id or f"lineguard-{config.agent_id}",
         status_topic=Topics(config.mqtt.topic_prefix).status(config.agent_id),
         will=will,
+        on_settled=published.settled,
     )
-    context = zmq.Context()
-    loop = DecisionLoop(config, manifest, publisher, context)
+    loop = DecisionLoop(config, manifest, publisher, published, context)
     loop.metrics.serve(config.metrics.host, config.metrics.port)
     try:
         while not stop.is_set():
@@ -391,7 +476,7 @@ def run(config: AgentConfig, stop: threading.Event) -> int:
         loop.drain(timeout_s=2 * config.decision.deadline_ms / 1e3)
     finally:
         loop.close()
-        publisher.close(offline_status=loop.status({}, online=False, reason="stopped"))
+        publisher.close(offline_status=loop.status(online=False, reason="stopped"))
         context.term()
     return 0
 
@@ -399,3 +484,24 @@ def run(config: AgentConfig, stop: threading.Event) -> int:
 def _ms(duration_ns: int) -> float:
     """Milliseconds, rounded to microseconds; never negative (clocks of one host, but be safe)."""
     return round(max(duration_ns, 0) / 1e6, 3)
+
+
+def _expected_fps(camera: CameraConfig) -> float | None:
+    """The rate a camera should deliver: configured, or its replay rate; None (unchecked) for live cameras."""
+    if camera.expected_fps is not None:
+        return camera.expected_fps or None
+    return camera.fps if camera.source in ("folder", "video") else None
+
+
+STATUS_FILE = "status.json"
+
+
+def write_status_file(run_dir: Path, status: AgentStatus) -> None:
+    """The latest status in run_dir for `lineguard-agent status` on this machine (works with the broker away)."""
+    path = run_dir / STATUS_FILE
+    temporary = run_dir / f".{STATUS_FILE}.tmp"
+    try:
+        temporary.write_bytes(status.encode())
+        temporary.replace(path)
+    except OSError as error:
+        log.warning("cannot write %s: %s", path, error)

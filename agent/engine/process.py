@@ -36,6 +36,8 @@ from .swap import ModelChanges
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
+STATUS_S = 0.25  # EngineStatus to decision: how soon decision can tell a dead engine from a late one
+ATTACH_PROBLEM_S = 5.0  # a camera whose ring cannot be read this long is a problem the supervisor acts on
 
 
 @dataclass(slots=True)
@@ -72,6 +74,8 @@ class EngineLoop:
         self.backlog: deque[FrameReady] = deque()
         self.expected_batch_ns = 0
         self._next_heartbeat = 0.0
+        self._next_status = 0.0
+        self.unreadable: dict[str, tuple[float, str]] = {}  # camera -> (since, why) its ring cannot be read
 
     def step(self) -> None:
         self._collect()
@@ -126,8 +130,11 @@ class EngineLoop:
                 ring = self.rings.get(ready.ring)
                 pixels = ring.read(ready.slot, ready.seq)
                 found.append((ready, ring, pixels, self._preprocessor(ready, pixels.shape)))
+                self.unreadable.pop(ready.camera, None)
             except (RingError, InputMismatch) as error:
                 self._fail(ready, str(error), cause=_cause_of(error))
+                if isinstance(error, RingMissing):
+                    self.unreadable.setdefault(ready.camera, (time.monotonic(), str(error)))
         # A shadow-tested candidate scores the same model-size frames on the host: that batch takes the CPU path.
         # Each camera in the batch is asked once (a list, not a short-circuit), so each starts building its
         # frame engine at once.
@@ -204,13 +211,27 @@ class EngineLoop:
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
+        if now < self._next_status:
+            return
+        self._next_status = now + STATUS_S
+        # Repeated, so a restarted decision process learns it too; a small message four times a second.
+        camera, problem = self.problem(now)
+        status = EngineStatus(
+            model=self.model.label, backend=self.model.backend.name, detail=self.model.backend_summary, problem=problem
+        )
+        self.to_decision.send(status)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + HEARTBEAT_S
-            self.to_supervisor.send(Heartbeat(process="engine", pid=os.getpid(), t_ns=time.monotonic_ns()))
-            # Repeated, so a restarted decision process learns it too; one small message a second.
-            self.to_decision.send(
-                EngineStatus(model=self.model.label, backend=self.model.backend.name, detail=self.model.backend_summary)
+            self.to_supervisor.send(
+                Heartbeat(process="engine", pid=os.getpid(), t_ns=time.monotonic_ns(), problem=problem, camera=camera)
             )
+
+    def problem(self, now: float) -> tuple[str, str]:
+        """(camera, what keeps the engine from scoring its frames), or ("", "") when nothing does."""
+        for camera, (since, error) in sorted(self.unreadable.items()):
+            if now - since >= ATTACH_PROBLEM_S:
+                return camera, f"cannot read camera {camera}'s frames for {now - since:.0f} s: {error[:200]}"
+        return "", ""
 
     def close(self) -> None:
         self.rings.close()

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,16 +50,28 @@ class _Message:
     qos: int
     retain: bool
     properties: Properties | None = None
+    tag: object = None  # handed back by take_settled() once the broker acknowledged (QoS 0: paho took it)
 
 
 class MqttPublisher:
     """One paho client (MQTT 5, persistent session, last will) fed from a bounded local FIFO."""
 
-    def __init__(self, config: MqttConfig, *, client_id: str, status_topic: str, will: AgentStatus | None) -> None:
+    def __init__(
+        self,
+        config: MqttConfig,
+        *,
+        client_id: str,
+        status_topic: str,
+        will: AgentStatus | None,
+        on_settled: Callable[[object], None] | None = None,
+    ) -> None:
         """Connects in the background and keeps reconnecting; raises MqttError if the TLS files do not load.
 
         will: the retained status the broker publishes on `status_topic` if this client vanishes (None: no will).
+        on_settled: called with a message's tag once the broker acknowledged it (QoS 0: paho took it) or refused
+        it for good, on the publisher's own threads, under its lock: it must be quick and never publish.
         """
+        self._on_settled = on_settled
         _check_topic(status_topic)
         self._config = config
         self._client_id = client_id
@@ -87,6 +100,7 @@ class MqttPublisher:
         self._connect_failures = 0
         self._refused = False  # the broker refused the last CONNECT: on_disconnect need not say more
         self._last_drop_log: dict[str, float] = {}
+
         will_message = None if will is None else Will(status_topic, will.encode())
         # No client.enable_logger(): paho logs an ERROR at every failed reconnect attempt; we log state changes.
         self._client = make_client(config, client_id, will=will_message)
@@ -102,9 +116,11 @@ class MqttPublisher:
 
     # -- caller side: never blocks ------------------------------------------------------------------------
 
-    def publish(self, topic: str, record: Record, *, qos: int, retain: bool = False) -> None:
-        """Queue one contract record (ContractError if it breaks the contract, e.g. too large)."""
-        self.publish_bytes(topic, record.encode(), qos=qos, retain=retain)
+    def publish(self, topic: str, record: Record, *, qos: int, retain: bool = False, tag: object = None) -> None:
+        """Queue one contract record (ContractError if it breaks the contract, e.g. too large).
+
+        tag: anything; take_settled() returns it once the broker has the message (or refused it for good)."""
+        self.publish_bytes(topic, record.encode(), qos=qos, retain=retain, tag=tag)
 
     def publish_bytes(
         self,
@@ -115,6 +131,7 @@ class MqttPublisher:
         retain: bool = False,
         user_properties: list[tuple[str, str]] | None = None,
         content_type: str = "",
+        tag: object = None,
     ) -> None:
         """Queue one message; QoS 0 messages are the first dropped when the local queue is full."""
         _check_topic(topic)
@@ -129,7 +146,7 @@ class MqttPublisher:
                 msg = f"MQTT publisher {self._client_id} is closed; cannot publish to {topic}"
                 raise MqttError(msg) from self._sender_error
             properties = _publish_properties(user_properties, content_type)
-            message = _Message(next(self._seq), topic, bytes(payload), qos, retain, properties)
+            message = _Message(next(self._seq), topic, bytes(payload), qos, retain, properties, tag)
             if topic == self._status_topic and retain:
                 self._last_status = message.payload
             self._enqueue(message)
@@ -275,6 +292,8 @@ class MqttPublisher:
         if message.qos == 0:
             if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
                 self._waiting_heatmaps.appendleft(message)  # paho drops QoS 0 while disconnected: keep it
+            elif message.tag is not None and self._on_settled is not None:
+                self._on_settled(message.tag)
             return
         # paho keeps a QoS >= 1 message even with MQTT_ERR_NO_CONN and resends it after the reconnect.
         if early is not None:
@@ -297,6 +316,8 @@ class MqttPublisher:
             self._count_drop("broker", f"broker refused a message on {message.topic}: {reason}")
         else:
             self._acknowledged += 1
+        if message.tag is not None and self._on_settled is not None:
+            self._on_settled(message.tag)  # a refusal is final too: sending it again would be refused again
         if not self._outstanding:
             self._resend_pending = False
         self._cond.notify_all()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -145,3 +147,35 @@ def zmq_context() -> Iterator[zmq.Context]:
     context = zmq.Context()
     yield context
     context.term()
+
+
+# -- the whole agent as a user runs it (helpers in test_pipeline.py) ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def replay(trained_work: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[str, int, float]]]:
+    """The test split's images in one folder, in a known order, with the trainer's label and score for each."""
+    from test_pipeline import replay_of
+
+    return replay_of(trained_work, tmp_path_factory.mktemp("replay"))
+
+
+@pytest.fixture
+def start_agent() -> Iterator:
+    started: list[subprocess.Popen] = []
+
+    def start(config: Path) -> subprocess.Popen:
+        agent = subprocess.Popen(
+            [Path(sys.executable).with_name("lineguard-agent"), "run", "--config", str(config)],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+
+

@@ -7,6 +7,7 @@ the capture times the records carry. No broker: the recording publisher below st
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,8 +18,9 @@ import pytest
 from lineguard.agent.bundle import Manifest
 from lineguard.agent.contract import Record, Verdict, decode
 from lineguard.agent.decision.process import DecisionLoop
-from lineguard.agent.ipc import Sender, endpoint
-from lineguard.agent.messages import FrameFailed, FrameReady, Message, Scored, ScoreFailed
+from lineguard.agent.decision.published import PublishedTracker
+from lineguard.agent.ipc import Receiver, Sender, endpoint
+from lineguard.agent.messages import FrameFailed, FrameReady, Message, Published, Scored, ScoreFailed, decode_ranges
 
 THRESHOLD = 1.0
 
@@ -33,8 +35,12 @@ class RecordingPublisher:
     queued: int = 0
     messages: list[tuple[str, Any]] = field(default_factory=list)
 
-    def publish(self, topic: str, record: Record, *, qos: int, retain: bool = False) -> None:
+    on_settled: Any = None  # the tracker's callback, as MqttPublisher(on_settled=...) calls it
+
+    def publish(self, topic: str, record: Record, *, qos: int, retain: bool = False, tag: object = None) -> None:
         self.messages.append((topic, decode(type(record), record.encode())))  # through the wire format
+        if tag is not None and self.on_settled is not None:
+            self.on_settled(tag)  # the broker acknowledges at once
 
     def publish_bytes(self, topic: str, payload: bytes, **options: Any) -> None:
         self.messages.append((topic, payload))
@@ -102,8 +108,9 @@ def decision(loop_config, capture_side, zmq_context) -> Iterator[Callable[..., H
 
     def make(*, deadline_ms: float = 60_000.0) -> Harness:
         config = loop_config(deadline_ms=deadline_ms)
-        publisher = RecordingPublisher()
-        loop = DecisionLoop(config, manifest(), publisher, zmq_context)  # type: ignore[arg-type]
+        published = PublishedTracker(config.run_dir, ["cam0"], "decision-under-test", zmq_context)
+        publisher = RecordingPublisher(on_settled=published.settled)
+        loop = DecisionLoop(config, manifest(), publisher, published, zmq_context)  # type: ignore[arg-type]
         sender = Sender(zmq_context, endpoint(config.run_dir, "decision"))
         assert sender.wait_connected(timeout_s=5.0)
         made.append(Harness(loop, publisher, sender, capture_side(config)))
@@ -155,7 +162,9 @@ def test_a_sequence_gap_fails_each_missing_frame_once_and_the_frames_around_it_a
     assert sorted(h.publisher.outcomes()) == [(1, "accept"), (2, "failsafe"), (3, "failsafe"), (4, "reject")]
     assert len(h.publisher.verdicts()) == 4
     gap_reasons = {(v.reason, v.cause) for v in h.publisher.verdicts() if v.seq in (2, 3)}
-    assert gap_reasons == {("no record of this frame reached decision", "capture-lost")}
+    assert gap_reasons == {
+        ("no record of this frame reached decision: capture stopped before sending it", "capture-lost")
+    }
     assert h.failsafes("capture-lost") == 2
 
 
@@ -177,6 +186,8 @@ def test_a_frame_capture_reports_lost_gets_one_failsafe_with_captures_reason(dec
 
 def test_a_frame_without_a_score_fails_safe_at_its_deadline_and_its_late_score_is_dropped(decision):
     h = decision(deadline_ms=1000.0)
+    h.loop.started_ns = 0  # decision has been running long: frame 1 was not caught by its restart
+    h.loop._engine_seen_ns = 0  # and the engine has been silent for as long
     overdue, waiting = h.capture.frame(1, age_ms=1500.0), h.capture.frame(2, age_ms=300.0)
     h.send(overdue, waiting)
     h.step_until(1)
@@ -212,3 +223,53 @@ def test_drain_closes_every_pending_frame_with_a_failsafe_before_exit(decision):
     h.loop.drain(timeout_s=0.05)
     assert h.publisher.outcomes() == [(1, "failsafe"), (2, "failsafe")]
     assert not h.loop.pending
+
+
+# -- a decision restart loses nothing: capture resends what the broker does not hold yet ---------------------------
+
+
+def test_a_resent_record_for_an_answered_frame_publishes_nothing_more(decision):
+    h = decision()
+    one = h.capture.frame(1)
+    h.send(one, scored(one, 0.1))
+    h.step_until(1)
+    h.send(dataclasses.replace(one, resent=True))  # capture did not hear our Published before we told it
+    h.step_until(1)
+    assert h.publisher.outcomes() == [(1, "accept")]
+    assert h.loop.duplicates == 1
+
+
+def test_a_resent_frame_whose_score_was_lost_fails_safe_naming_the_decision_restart(decision):
+    h = decision(deadline_ms=500.0)
+    resent = dataclasses.replace(h.capture.frame(7, age_ms=600.0), resent=True)
+    h.send(resent)
+    h.step_until(1)
+    (verdict,) = h.publisher.verdicts()
+    assert (verdict.seq, verdict.verdict, verdict.cause) == (7, "failsafe", "decision-restarted")
+    assert h.failsafes("decision-restarted") == 1
+
+
+def test_resent_records_fill_holes_without_being_taken_for_a_gap(decision):
+    h = decision()
+    five, three = h.capture.frame(5), h.capture.frame(3)
+    h.send(five, dataclasses.replace(three, resent=True), scored(five, 0.1), scored(three, 0.1))
+    h.step_until(2)
+    assert sorted(h.publisher.outcomes()) == [(3, "accept"), (5, "accept")]  # and no failsafe for 4 (acked before)
+
+
+def test_capture_hears_which_verdicts_the_broker_holds_and_who_is_answering(decision, zmq_context):
+    h = decision()
+    acks = Receiver(zmq_context, endpoint(h.loop.config.run_dir, "capture-cam0"))
+    try:
+        one, two = h.capture.frame(1), h.capture.frame(2)
+        h.send(one, two, scored(one, 0.1), scored(two, 2.0))
+        h.step_until(2)
+        heard: list[Published] = []
+        end = time.monotonic() + 5
+        while not any(message.seqs for message in heard) and time.monotonic() < end:
+            h.loop.step()
+            heard += [m for m in acks.receive_batch(16, timeout_ms=50) if isinstance(m, Published)]
+        assert {m.instance for m in heard} == {"decision-under-test"}
+        assert [decode_ranges(m.seqs) for m in heard if m.seqs] == [[(1, 2)]]
+    finally:
+        acks.close()

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +28,6 @@ TOPICS = Topics("lineguard")
 AGENT = f"agent-{os.getpid()}"  # unique: rings in /dev/shm are named after it
 VERDICTS = TOPICS.verdict("line-1", AGENT, "cam0")
 STATUS = TOPICS.status(AGENT)
-
-
-@pytest.fixture(scope="module")
-def replay(trained_work: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[str, int, float]]]:
-    """The test split's images in one folder, in a known order, with the trainer's label and score for each."""
-    return replay_of(trained_work, tmp_path_factory.mktemp("replay"))
 
 
 def replay_of(work: Path, folder: Path) -> tuple[Path, list[tuple[str, int, float]]]:
@@ -97,25 +90,6 @@ port = {metrics_port}
 """
     )
     return config
-
-
-@pytest.fixture
-def start_agent() -> Iterator:
-    started: list[subprocess.Popen] = []
-
-    def start(config: Path) -> subprocess.Popen:
-        agent = subprocess.Popen(
-            [Path(sys.executable).with_name("lineguard-agent"), "run", "--config", str(config)],
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        started.append(agent)
-        return agent
-
-    yield start
-    for agent in started:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait()
 
 
 def stop(agent: subprocess.Popen, timeout_s: float = 30) -> int:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from lineguard.agent import supervisor as supervisor_module
+from lineguard.agent.messages import Heartbeat
 from lineguard.agent.supervisor import EXIT_FATAL, MAX_RESTARTS, SILENT_AFTER_S, Supervisor
 
 
@@ -135,3 +136,32 @@ def test_a_process_that_cannot_run_this_config_stops_the_agent_without_a_restart
     starts_before = len(run.starts)
     assert run.check() == 2
     assert len(run.starts) == starts_before
+
+
+def test_an_engine_that_cannot_read_a_cameras_frames_for_long_gets_that_capture_restarted(run):
+    engine = run.child("engine")
+    problem = Heartbeat(
+        process="engine", pid=engine.process.pid, t_ns=0, problem="cannot read cam0's frames", camera="cam0"
+    )
+    run.supervisor._note_problem(engine, problem)
+    run.clock.now += supervisor_module.PROBLEM_RESTART_S - 1
+    run.heartbeat_all()
+    assert run.check() is None and not run.child("capture-cam0").process.killed  # not yet: it may heal itself
+    run.clock.now += 2
+    run.heartbeat_all()
+    capture = run.child("capture-cam0")
+    assert run.check() is None
+    assert capture.process is None and capture.next_start_at > run.clock.now  # killed, restart scheduled
+    assert not engine.process.killed  # the engine itself is fine
+
+
+def test_a_problem_that_clears_restarts_nothing(run):
+    capture = run.child("capture-cam0")
+    run.supervisor._note_problem(
+        capture, Heartbeat(process="c", pid=1, t_ns=0, problem="all frames failed", camera="cam0")
+    )
+    run.clock.now += 5
+    run.supervisor._note_problem(capture, Heartbeat(process="c", pid=1, t_ns=0))
+    run.clock.now += supervisor_module.PROBLEM_RESTART_S
+    run.heartbeat_all()
+    assert run.check() is None and capture.process is not None and not capture.process.killed
