@@ -17,11 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from ..backbone import EfficientNetLiteFeatures
 from ..coreset import DEFAULT_MAX_CANDIDATES, CoresetSpec, greedy_coreset
 from ..errors import ModelError
+from ..onnx_features import extract_features
 from .base import ModelKind, TrainingImages, input_problems, restored
 from .layers import ImageNetInput, blur, gaussian_kernel
 
@@ -172,13 +172,10 @@ def fit_patchcore(
         raise ModelError(msg)
     torch.manual_seed(config.seed)
     embedder = PatchEmbedder(config)
-    chunks = []
+    features = extract_features(embedder, images, batch_size=batch_size, progress=progress)
+    patches = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+    del features
     with torch.inference_mode():
-        batches = range(0, len(images), batch_size)
-        for start in tqdm(batches, desc="features", unit="batch", disable=not progress):
-            features = embedder(torch.from_numpy(images[start : start + batch_size]))
-            chunks.append(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))
-        patches = torch.cat(chunks)
         target = config.bank_size_for(patches.shape[0], embedder.feature_dim)
         spec = CoresetSpec(
             target_size=target,
