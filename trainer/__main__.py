@@ -81,6 +81,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, choose_one: bool = 
     patchcore.add_argument("--bank-size", type=int, help="cap on memory-bank patches (4096)")
     patchcore.add_argument("--bank-mb", type=float, help="cap on memory-bank RAM in MiB (64)")
     patchcore.add_argument("--bank-dtype", choices=("float32", "float16"), help="memory-bank storage type (float32)")
+    patchcore.add_argument(
+        "--regions",
+        type=int,
+        help="position-aware: cut the patch grid into N x N regions, one bank each, for fixtured parts (1 = off)",
+    )
     trained = parser.add_argument_group("fastflow and fcdd")
     trained.add_argument("--epochs", type=int, help="most training epochs (fastflow 40, fcdd 60)")
     trained.add_argument(
@@ -105,6 +110,7 @@ _MODEL_OPTIONS = {
     "bank_size": "max_bank_size",
     "bank_mb": "max_bank_mb",
     "bank_dtype": "bank_dtype",
+    "regions": "regions",
     "epochs": "epochs",
     "patience": "patience",
     "learning_rate": "learning_rate",
