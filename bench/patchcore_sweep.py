@@ -30,9 +30,18 @@ from lineguard.trainer.onnx_features import extract_features
 log = logging.getLogger("patchcore_sweep")
 
 
-def features_of(data: Path, config: PatchCoreConfig, cache: Path) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
+def _standardised(images: np.ndarray, mean: float = 128.0, std: float = 40.0) -> np.ndarray:
+    """Each image's grey levels shifted and scaled to one mean and standard deviation (exposure-invariant input)."""
+    x = images.astype(np.float32)
+    mu, sigma = x.mean(axis=(1, 2, 3), keepdims=True), x.std(axis=(1, 2, 3), keepdims=True) + 1e-6
+    return ((x - mu) / sigma * std + mean).clip(0, 255).round().astype(np.uint8)
+
+
+def features_of(
+    data: Path, config: PatchCoreConfig, cache: Path, *, standardise: bool = False
+) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
     """split -> (features (N, D, h, w) float32, labels (N,)); cached as float16 .npz."""
-    key = f"{data.name}-{config.backbone}-{'_'.join(map(str, config.stages))}-{config.input_width}x{config.input_height}-n{config.neighbourhood}"
+    key = f"{data.name}-{config.backbone}-{'_'.join(map(str, config.stages))}-{config.input_width}x{config.input_height}-n{config.neighbourhood}{'-std' if standardise else ''}"
     path = cache / f"{key}.npz"
     if path.exists():
         with np.load(path) as saved:
@@ -46,6 +55,8 @@ def features_of(data: Path, config: PatchCoreConfig, cache: Path) -> dict[str, t
         images = load_images(
             samples, height=config.input_height, width=config.input_width, channels=config.channels, source_size=source
         )
+        if standardise:
+            images = _standardised(images)
         started = time.perf_counter()
         features = extract_features(embedder, images)
         log.info("%s: %d images in %.1f s", split, len(images), time.perf_counter() - started)
@@ -121,6 +132,7 @@ def main() -> None:
     parser.add_argument("--variants", default="global")
     parser.add_argument("--rate", type=float, default=0.05)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/lineguard-features"))
+    parser.add_argument("--standardise", action="store_true", help="each image to grey mean 128, std 40 first")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = PatchCoreConfig(
@@ -131,7 +143,7 @@ def main() -> None:
         stages=tuple(int(s) for s in args.stages.split(",")),
         neighbourhood=args.neighbourhood,
     )
-    feats = features_of(args.data, config, args.cache)
+    feats = features_of(args.data, config, args.cache, standardise=args.standardise)
     from variants import VARIANTS  # beside this file; imports this module's helpers
 
     labels = {s: feats[s][1] for s in SPLITS}
