@@ -168,27 +168,3 @@ VARIANTS = {
     "padim": padim,
     "pooled": pooled,
 }
-
-
-def blocks(feats, bank_size, param):
-    """The grid cut into GxG blocks; each block's bank: a coreset of M patches from the block grown by `margin` cells."""
-    g_text, m_text, margin_text = [*(param or "4:1024:2").split(":"), "", ""][:3]
-    grid, per_block, margin = int(g_text), int(m_text or 1024), int(margin_text or 2)
-    train = feats["train"][0]
-    _, _, h, w = train.shape
-    bh, bw = h // grid, w // grid
-    out = {s: torch.zeros(len(feats[s][0]), h, w) for s in SCORED}
-    for br in range(grid):
-        for bc in range(grid):
-            rows = slice(max(0, br * bh - margin), (br + 1) * bh + margin)
-            cols = slice(max(0, bc * bw - margin), (bc + 1) * bw + margin)
-            patches = flat(train[:, :, rows, cols])
-            bank = patches[coreset(patches, per_block)]
-            for s in SCORED:
-                query = feats[s][0][:, :, br * bh : (br + 1) * bh, bc * bw : (bc + 1) * bw]
-                dist = nearest(query, bank)[0][..., 0]
-                out[s][:, br * bh : (br + 1) * bh, bc * bw : (bc + 1) * bw] = dist.view(-1, bh, bw)
-    return {s: out[s].flatten(1).amax(1).numpy() for s in SCORED}
-
-
-VARIANTS["blocks"] = blocks
