@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from patchcore_sweep import coreset, flat, grid_positions, nearest
 
 SCORED = ("calibration", "test")
@@ -150,13 +149,6 @@ def padim(feats, bank_size, param):
     return out
 
 
-def pooled(feats, bank_size, param):
-    """Features average-pooled by `param` before the global search (coarser, context-richer patches)."""
-    k = int(param or 2)
-    shrunk = {s: (F.avg_pool2d(x, k), y) for s, (x, y) in feats.items()}
-    return global_max(shrunk, bank_size, "")
-
-
 VARIANTS = {
     "global": global_max,
     "knn": knn,
@@ -166,5 +158,4 @@ VARIANTS = {
     "position_exact": position_exact,
     "posfeat": posfeat,
     "padim": padim,
-    "pooled": pooled,
 }
