@@ -20,7 +20,7 @@ from lineguard.agent.signing import KeyFileError, SignatureError, generate_key_p
 
 from . import pipeline
 from .backbone import BACKBONES
-from .compare import compare_models
+from .compare import VARIANTS, compare_models
 from .errors import TrainerError
 from .models import model_kind
 
@@ -82,6 +82,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, choose_one: bool = 
     patchcore.add_argument("--bank-size", type=int, help="cap on memory-bank patches (4096)")
     patchcore.add_argument("--bank-mb", type=float, help="cap on memory-bank RAM in MiB (64)")
     patchcore.add_argument("--bank-dtype", choices=("float32", "float16"), help="memory-bank storage type (float32)")
+    patchcore.add_argument(
+        "--regions",
+        type=int,
+        help="position-aware: cut the patch grid into N x N regions, one bank each, for fixtured parts (1 = off)",
+    )
     trained = parser.add_argument_group("fastflow and fcdd")
     trained.add_argument("--epochs", type=int, help="most training epochs (fastflow 40, fcdd 60)")
     trained.add_argument(
@@ -106,6 +111,7 @@ _MODEL_OPTIONS = {
     "bank_size": "max_bank_size",
     "bank_mb": "max_bank_mb",
     "bank_dtype": "bank_dtype",
+    "regions": "regions",
     "epochs": "epochs",
     "patience": "patience",
     "learning_rate": "learning_rate",
@@ -180,11 +186,14 @@ def _model_config(args: argparse.Namespace, *, strict: bool = True) -> pipeline.
     return kind.config_type(**values)
 
 
+COMPARE_CHOICES = (*pipeline.MODEL_KINDS, *VARIANTS)
+
+
 def _model_names(text: str) -> tuple[str, ...]:
-    """'patchcore,fcdd' -> ("patchcore", "fcdd"), each a known model kind, each once."""
+    """'patchcore,fcdd' -> ("patchcore", "fcdd"), each a known model kind or compare variant, each once."""
     names = tuple(part.strip() for part in text.split(",") if part.strip())
-    if unknown := [name for name in names if name not in pipeline.MODEL_KINDS]:
-        msg = f"unknown model {', '.join(map(repr, unknown))}; choose from {', '.join(pipeline.MODEL_KINDS)}"
+    if unknown := [name for name in names if name not in COMPARE_CHOICES]:
+        msg = f"unknown model {', '.join(map(repr, unknown))}; choose from {', '.join(COMPARE_CHOICES)}"
         raise argparse.ArgumentTypeError(msg)
     if not names or len(set(names)) != len(names):
         msg = f"list each model once, comma-separated, e.g. {','.join(pipeline.MODEL_KINDS)}; got {text!r}"
@@ -196,19 +205,27 @@ def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--models",
         type=_model_names,
-        default=",".join(pipeline.MODEL_KINDS),
-        help=f"comma-separated models to compare (default {','.join(pipeline.MODEL_KINDS)}); "
+        default=",".join(COMPARE_CHOICES),
+        help=f"comma-separated models or variants to compare (default {','.join(COMPARE_CHOICES)}); "
         "a model option reaches only the models that have it",
     )
     _add_model_arguments(parser, choose_one=False)
 
 
-def _model_configs(args: argparse.Namespace) -> list[pipeline.ModelConfig]:
-    """One config per name in args.models from the shared model options, each model taking the ones it has."""
+def _model_configs(args: argparse.Namespace) -> dict[str, pipeline.ModelConfig]:
+    """Name -> config for each name in args.models from the shared model options, each model taking the ones it has.
+
+    A variant (compare.VARIANTS) is its model kind with the shared options, then the variant's own settings.
+    """
     if args.channels == "auto":  # detect once, not once per model
         channels = pipeline.detect_dataset_channels(_data_options(args))
         args = argparse.Namespace(**{**vars(args), "channels": str(channels)})
-    return [_model_config(argparse.Namespace(**{**vars(args), "model": name}), strict=False) for name in args.models]
+    configs: dict[str, pipeline.ModelConfig] = {}
+    for name in args.models:
+        kind, settings = VARIANTS.get(name, (name, {}))
+        config = _model_config(argparse.Namespace(**{**vars(args), "model": kind}), strict=False)
+        configs[name] = dataclasses.replace(config, **settings)
+    return configs
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
@@ -216,11 +233,11 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     result = compare_models(data, args.out, configs, threshold=args.threshold, sign_key=args.sign_key, progress=True)
     for row in result.rows:
         print(
-            f"{row.model:<10} image_auroc {_fmt(row.image_auroc)}  f1 {_fmt(row.f1)}  "
+            f"{row.model:<18} image_auroc {_fmt(row.image_auroc)}  f1 {_fmt(row.f1)}  "
             f"{row.cpu_ms_per_image:.1f} ms/image  {row.bundle_bytes:,} bytes  {args.out / row.report}"
         )
-    print(f"pick       {result.pick}")
-    print(f"comparison {result.html_path}")
+    print(f"{'pick':<18} {result.pick}")
+    print(f"{'comparison':<18} {result.html_path}")
 
 
 def _cmd_run(args: argparse.Namespace) -> None:

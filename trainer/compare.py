@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +32,11 @@ AUROC_MARGIN = 0.01  # models this close to the best test AUROC count as equally
 COLOURS = ("#6a51a3", "#2c7fb8", "#e6550d", "#31a354", "#d6616b", "#636363")
 ASSETS_DIR = "comparison-assets"
 
+# Variants compare can add as rows beside the model kinds: name -> (model kind, settings over the shared options).
+VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
+    "patchcore-regions": ("patchcore", {"regions": 2}),  # position-aware bank, for fixtured parts
+}
+
 # (field, column label, format, which way is better) of the table; format as report.format_value, plus "ms", "bytes", "yes".
 COLUMNS = (
     ("image_auroc", "Image AUROC", "ratio", max),
@@ -52,7 +57,7 @@ COLUMNS = (
 class ModelRow:
     """One model's test-split numbers at its threshold; ratios in [0, 1], None where the split cannot define them."""
 
-    model: str
+    model: str  # the row's name: a model kind, or a variant from VARIANTS
     image_auroc: float | None
     average_precision: float | None
     f1: float | None
@@ -81,26 +86,27 @@ class ComparisonResult:
 def compare_models(
     data: pipeline.DataOptions,
     out: Path,
-    configs: Sequence[pipeline.ModelConfig],
+    configs: Mapping[str, pipeline.ModelConfig],
     *,
     threshold: str,
     sign_key: Path | None,
     progress: bool,
 ) -> ComparisonResult:
-    """Run fit → calibrate → evaluate → export → bundle → report per config into OUT/<model>/, then compare them."""
-    kinds = [pipeline.kind_of(config) for config in configs]
-    names = [kind.name for kind in kinds]
-    if not names or len(set(names)) != len(names):
-        msg = f"compare needs one config per model kind, got [{', '.join(names)}]; list each model once"
+    """Run fit → calibrate → evaluate → export → bundle → report per config into OUT/<name>/, then compare them.
+
+    configs: row name (a model kind, or a variant such as "patchcore-regions") -> its config.
+    """
+    if not configs:
+        msg = "compare needs at least one model; list them with --models"
         raise TrainerError(msg)
     rows = []
-    for index, (kind, config) in enumerate(zip(kinds, configs, strict=True), 1):
-        log.info("compare: %s (%d of %d)", kind.name, index, len(kinds))
-        work = pipeline.Workdir(out / kind.name)
+    for index, (name, config) in enumerate(configs.items(), 1):
+        log.info("compare: %s (%d of %d)", name, index, len(configs))
+        work = pipeline.Workdir(out / name)
         pipeline.run_all(
             data, work, config, threshold=threshold, bundle_options=pipeline.BundleOptions(sign_key), progress=progress
         )
-        rows.append(measure(work, kind, out))
+        rows.append(measure(work, name, pipeline.kind_of(config), out))
     result = ComparisonResult(tuple(rows), pick_line(rows), out / "comparison.json", out / "comparison.html")
     document = {"dataset": str(data.path), "threshold_method": threshold, "cpu": cpu_facts(), "pick": result.pick}
     models = [asdict(row) for row in rows]
@@ -112,13 +118,13 @@ def compare_models(
     return result
 
 
-def measure(work: pipeline.Workdir, kind: ModelKind, out: Path) -> ModelRow:
-    """One model's row, from the files its pipeline run wrote under work."""
+def measure(work: pipeline.Workdir, name: str, kind: ModelKind, out: Path) -> ModelRow:
+    """One model's row, called name, from the files its pipeline run wrote under work."""
     test = json.loads(work.metrics_file.read_text())["test"]
     training = json.loads(work.training_file.read_text())
     calibration = load_split_scores(work.scores_file("calibration"))
     return ModelRow(
-        model=kind.name,
+        model=name,
         image_auroc=test["image_auroc"],
         average_precision=test["average_precision"],
         f1=test["f1"],

@@ -27,6 +27,7 @@ from lineguard.agent.bundle import DatasetInfo, InputSpec, Manifest, ModelInfo, 
 from lineguard.agent.model_input import to_model_input
 
 from . import calibrate as calibration_math
+from .advice import advice
 from .data import (
     Dataset,
     Sample,
@@ -273,6 +274,7 @@ def report(work: Workdir, *, title: str | None = None) -> Path:
     training = _read_json(work.require(work.training_file, "fit"))
     record = read_model_record(work.model_dir)
     model_config = record["config"]
+    metrics = _read_json(work.require(work.metrics_file, "evaluate"))
     splits = {
         name: load_split_scores(work.require(work.scores_file(name), "evaluate")) for name in ("calibration", "test")
     }
@@ -287,9 +289,10 @@ def report(work: Workdir, *, title: str | None = None) -> Path:
             "dataset digest": training["dataset"]["digest"][:16],
         },
         calibration=_read_json(work.require(work.calibration_file, "calibrate")),
-        metrics=_read_json(work.require(work.metrics_file, "evaluate")),
+        metrics=metrics,
         splits=splits,
         notes=tuple(training["notes"]),
+        advice=tuple(advice(record["kind"], model_config, metrics["calibration"].get("image_auroc"))),
     )
     return render_report(work.report_dir, inputs)
 

@@ -60,6 +60,7 @@ class ReportInputs:
     metrics: dict[str, dict[str, object]]
     splits: dict[str, SplitScores]
     notes: tuple[str, ...] = ()
+    advice: tuple[str, ...] = ()  # a heading line, then options to try (advice.advice), or nothing
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,6 +425,7 @@ def _page(inputs: ReportInputs, views: list[_SplitView], ctx: _Context) -> str:
         title=inputs.title,
         cards=_headline(inputs),
         notes=inputs.notes,
+        advice=inputs.advice,
         model=[(str(key), format_value(value)) for key, value in inputs.model.items()],
         columns=list(inputs.metrics),
         metric_rows=_metric_rows(inputs.metrics),

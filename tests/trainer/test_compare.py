@@ -71,3 +71,14 @@ def test_the_pick_is_the_fastest_model_within_the_auroc_margin_of_the_best():
 
 def test_without_a_test_auroc_the_pick_is_the_fastest():
     assert pick_line([_row("a", None, 9.0, 10), _row("b", None, 3.0, 20)]).startswith("Pick b: no test AUROC")
+
+
+def test_a_variant_is_its_model_kind_with_its_own_settings_over_the_shared_options(tmp_path: Path):
+    from lineguard.trainer.__main__ import _model_configs, build_parser
+
+    argv = ["compare", str(tmp_path), "--out", str(tmp_path / "out"), "--channels", "1", "--image-size", "128"]
+    args = build_parser().parse_args([*argv, "--models", "patchcore,patchcore-regions,fastflow"])
+    configs = _model_configs(args)
+    assert list(configs) == ["patchcore", "patchcore-regions", "fastflow"]
+    assert configs["patchcore"].regions == 1 and configs["patchcore-regions"].regions == 2
+    assert configs["patchcore-regions"].input_height == 128 and configs["patchcore-regions"].channels == 1

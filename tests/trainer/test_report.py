@@ -71,6 +71,7 @@ def make_inputs(splits: dict[str, SplitScores], metrics: dict[str, dict[str, obj
         metrics=metrics,
         splits=splits,
         notes=("No calibration/ folder: calibration is a seeded stratified 50% of test/.",),
+        advice=("Calibration image AUROC is 0.900, below 0.97", "try `--regions 2`"),
     )
 
 
@@ -131,6 +132,12 @@ def test_missing_values_render_as_a_dash_never_none_or_nan(report: tuple[Path, s
 def test_the_notes_are_shown(report: tuple[Path, str]) -> None:
     _, html = report
     assert "No calibration/ folder" in html
+
+
+def test_the_accuracy_advice_is_shown_with_its_options(report: tuple[Path, str]) -> None:
+    _, html = report
+    assert "Calibration image AUROC is 0.900, below 0.97" in html
+    assert "<li>try `--regions 2`</li>" in html
 
 
 def test_the_top_scoring_good_image_leads_the_false_reject_gallery(report: tuple[Path, str]) -> None:

@@ -8,6 +8,7 @@ graph resizes every stage to a fixed patch grid, so it scores the trained input 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -17,15 +18,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from ..backbone import EfficientNetLiteFeatures
 from ..coreset import DEFAULT_MAX_CANDIDATES, CoresetSpec, greedy_coreset
 from ..errors import ModelError
+from ..onnx_features import extract_features
 from .base import ModelKind, TrainingImages, input_problems, restored
 from .layers import ImageNetInput, blur, gaussian_kernel
 
 log = logging.getLogger(__name__)
+
+REGION_MARGIN = 2  # patch cells a region's bank reaches past its block: tolerance for parts a little off position
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,7 @@ class PatchCoreConfig:
     bank_dtype: Literal["float32", "float16"] = "float32"
     projection_dim: int = 128
     blur_sigma: float = 4.0
+    regions: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -57,7 +61,18 @@ class PatchCoreConfig:
             problems.append(f"neighbourhood must be an odd number >= 1, got {self.neighbourhood}")
         if self.blur_sigma < 0:
             problems.append(f"blur_sigma must be >= 0, got {self.blur_sigma}")
+        grid = (self.input_height >> min(self.stages, default=3), self.input_width >> min(self.stages, default=3))
+        if self.regions < 1 or grid[0] % self.regions or grid[1] % self.regions:
+            problems.append(
+                f"regions must be >= 1 and divide the {grid[1]}x{grid[0]} patch grid of a "
+                f"{self.input_width}x{self.input_height} input, got {self.regions}"
+            )
         return problems
+
+    @property
+    def n_regions(self) -> int:
+        """Position-aware banks: the patch grid is cut into regions x regions blocks, one bank each."""
+        return self.regions * self.regions
 
     def _bank_problems(self) -> list[str]:
         problems = []
@@ -70,9 +85,9 @@ class PatchCoreConfig:
         return problems
 
     def bank_size_for(self, n_patches: int, feature_dim: int) -> int:
-        """Bank size for n_patches training patches: the ratio, capped by count and by RAM."""
+        """Bank size (per region) for n_patches training patches (of that region): the ratio, capped by count and RAM."""
         bytes_per_patch = feature_dim * (2 if self.bank_dtype == "float16" else 4)
-        ram_cap = int(self.max_bank_mb * 2**20 // bytes_per_patch)
+        ram_cap = int(self.max_bank_mb * 2**20 // bytes_per_patch) // self.n_regions
         return max(1, min(n_patches, math.ceil(self.coreset_ratio * n_patches), self.max_bank_size, ram_cap))
 
 
@@ -110,17 +125,26 @@ class PatchCore(nn.Module):
     forward(images): images (N, H, W, C) uint8 at the configured size ->
     (score (N,) float32 = max patch distance, anomaly_map (N, H, W) float32 smoothed distances).
     The search is a matrix product and a reduce-min (no gathers), cheap for ONNX and TensorRT.
+    With config.regions = R > 1 the bank holds R*R blocks of M entries, region-major: a patch is
+    searched only against the block of its region of the patch grid (position-aware).
     """
 
     config: PatchCoreConfig
-    memory_bank: torch.Tensor  # buffers: (K, D), (K,), (taps,)
+    memory_bank: torch.Tensor  # buffers: (K, D) with K = R*R*M, (K,), (taps,)
     bank_squared_norms: torch.Tensor
     blur_kernel: torch.Tensor
 
     def __init__(self, config: PatchCoreConfig, embedder: PatchEmbedder, memory_bank: torch.Tensor) -> None:
         super().__init__()
-        if memory_bank.ndim != 2 or memory_bank.shape[1] != embedder.feature_dim:
-            msg = f"memory bank must be (K, {embedder.feature_dim}), got {tuple(memory_bank.shape)}"
+        if (
+            memory_bank.ndim != 2
+            or memory_bank.shape[1] != embedder.feature_dim
+            or memory_bank.shape[0] % config.n_regions
+        ):
+            msg = (
+                f"memory bank must be (K, {embedder.feature_dim}) with K a multiple of {config.n_regions} regions, "
+                f"got {tuple(memory_bank.shape)}"
+            )
             raise ModelError(msg)
         self.config = config
         self.embedder = embedder
@@ -141,6 +165,8 @@ class PatchCore(nn.Module):
         """(N, H, W, C) uint8 -> (N, 1, h, w) distance of each patch to its nearest bank entry."""
         features = self.embedder(images)
         n, d, h, w = features.shape
+        if self.config.regions > 1:
+            return self._region_distances(features)
         patches = features.permute(0, 2, 3, 1).reshape(n, h * w, d)
         squared = (
             (patches * patches).sum(dim=2, keepdim=True)
@@ -150,6 +176,19 @@ class PatchCore(nn.Module):
         nearest = squared.amin(dim=2).clamp(min=0.0).sqrt()
         return nearest.view(n, 1, h, w)
 
+    def _region_distances(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, D, h, w) features -> (N, 1, h, w) distances, each patch against its own region's bank block."""
+        r = self.config.regions
+        patches = to_regions(features, r)  # (N, R*R, P, D)
+        bank = self.memory_bank.float().view(r * r, -1, features.shape[1])  # (R*R, M, D)
+        squared = (
+            (patches * patches).sum(dim=3, keepdim=True)
+            - 2.0 * torch.matmul(patches, bank.transpose(1, 2))
+            + self.bank_squared_norms.view(1, r * r, 1, -1)
+        )
+        nearest = squared.amin(dim=3).clamp(min=0.0).sqrt()  # (N, R*R, P)
+        return from_regions(nearest, r, features.shape[2], features.shape[3])
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         distances = self.patch_distances(images)
         scores = distances.flatten(1).amax(dim=1)
@@ -157,6 +196,20 @@ class PatchCore(nn.Module):
         anomaly_map = F.interpolate(distances, size=size, mode="bilinear", align_corners=False)
         anomaly_map = blur(anomaly_map, self.blur_kernel)
         return scores, anomaly_map[:, 0]
+
+
+def to_regions(features: torch.Tensor, regions: int) -> torch.Tensor:
+    """(N, D, h, w) -> (N, R*R, P, D): the patches of each of R x R grid blocks, row-major; P = (h / R) * (w / R)."""
+    n, d, h, w = features.shape
+    blocks = features.reshape(n, d, regions, h // regions, regions, w // regions)
+    return blocks.permute(0, 2, 4, 3, 5, 1).reshape(n, regions * regions, -1, d)
+
+
+def from_regions(values: torch.Tensor, regions: int, h: int, w: int) -> torch.Tensor:
+    """(N, R*R, P) per-region patch values -> (N, 1, h, w): the inverse of to_regions for one channel."""
+    n = values.shape[0]
+    blocks = values.reshape(n, regions, regions, h // regions, w // regions)
+    return blocks.permute(0, 1, 3, 2, 4).reshape(n, 1, h, w)
 
 
 def fit_patchcore(
@@ -172,25 +225,39 @@ def fit_patchcore(
         raise ModelError(msg)
     torch.manual_seed(config.seed)
     embedder = PatchEmbedder(config)
-    chunks = []
+    features = extract_features(embedder, images, batch_size=batch_size, progress=progress)
     with torch.inference_mode():
-        batches = range(0, len(images), batch_size)
-        for start in tqdm(batches, desc="features", unit="batch", disable=not progress):
-            features = embedder(torch.from_numpy(images[start : start + batch_size]))
-            chunks.append(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))
-        patches = torch.cat(chunks)
-        target = config.bank_size_for(patches.shape[0], embedder.feature_dim)
+        bank = select_bank(config, features, progress=progress)
+    return PatchCore(config, embedder, bank)
+
+
+def select_bank(config: PatchCoreConfig, features: torch.Tensor, *, progress: bool = False) -> torch.Tensor:
+    """The memory bank from training features (N, D, h, w): (K, D), one coreset per region, region-major.
+
+    Each region's coreset is drawn from its block of the patch grid grown by REGION_MARGIN cells,
+    so a part that sits a little off its fixture still finds its patches in its own block.
+    """
+    n, d, h, w = features.shape
+    r = config.regions
+    block_h, block_w = h // r, w // r
+    target = config.bank_size_for(n * block_h * block_w, d)
+    margin = REGION_MARGIN if r > 1 else 0
+    blocks = []
+    for row, col in itertools.product(range(r), range(r)):
+        rows = slice(max(0, row * block_h - margin), (row + 1) * block_h + margin)
+        cols = slice(max(0, col * block_w - margin), (col + 1) * block_w + margin)
+        patches = features[:, :, rows, cols].permute(0, 2, 3, 1).reshape(-1, d)
         spec = CoresetSpec(
             target_size=target,
             projection_dim=config.projection_dim,
             seed=config.seed,
             max_candidates=max(DEFAULT_MAX_CANDIDATES, target),
         )
-        indices = greedy_coreset(patches, spec, progress=progress)
+        blocks.append(patches[greedy_coreset(patches, spec, progress=progress and r == 1)].clone())
     log.info(
-        "memory bank: %d of %d patches (%d dims, %s)", len(indices), len(patches), patches.shape[1], config.bank_dtype
+        "memory bank: %d region(s) x %d of %d patches (%d dims, %s)", r * r, target, n * h * w, d, config.bank_dtype
     )
-    return PatchCore(config, embedder, patches[indices].clone())
+    return torch.cat(blocks)
 
 
 def build_patchcore(config: PatchCoreConfig, state: dict[str, torch.Tensor]) -> PatchCore:
@@ -212,6 +279,7 @@ def describe_patchcore(model: PatchCore) -> dict[str, object]:
         "backbone": config.backbone,
         "stages": ", ".join(map(str, config.stages)),
         "memory bank": f"{model.bank_size} patches ({config.bank_dtype})",
+        "position-aware regions": "off" if config.regions == 1 else f"{config.regions}x{config.regions}",
     }
 
 

@@ -1,0 +1,160 @@
+"""PatchCore scoring variants on one dataset, from cached patch features: a research harness.
+
+Extracts patch features once per (backbone, stages, size, neighbourhood) with the trainer's own
+PatchEmbedder, caches them under --cache, then scores the calibration and test splits with
+several memory-bank searches and image scores, without refitting the backbone. Each line: test
+image AUROC, and recall / false-reject rate on test at the fpr:RATE threshold chosen on
+calibration, exactly as `lineguard-train run --threshold fpr:RATE` would choose it.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/patchcore_sweep.py DATA --size 256 --stages 3,4 \
+        --variants global,knn3,reweight,position:2 --cache /tmp/features
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from lineguard.trainer.calibrate import ThresholdMethod, choose_threshold
+from lineguard.trainer.coreset import DEFAULT_MAX_CANDIDATES, CoresetSpec, greedy_coreset
+from lineguard.trainer.data import discover_dataset, load_images, read_image
+from lineguard.trainer.models.patchcore import PatchCoreConfig, PatchEmbedder
+from lineguard.trainer.onnx_features import extract_features
+
+log = logging.getLogger("patchcore_sweep")
+
+
+def _standardised(images: np.ndarray, mean: float = 128.0, std: float = 40.0) -> np.ndarray:
+    """Each image's grey levels shifted and scaled to one mean and standard deviation (exposure-invariant input)."""
+    x = images.astype(np.float32)
+    mu, sigma = x.mean(axis=(1, 2, 3), keepdims=True), x.std(axis=(1, 2, 3), keepdims=True) + 1e-6
+    return ((x - mu) / sigma * std + mean).clip(0, 255).round().astype(np.uint8)
+
+
+def features_of(
+    data: Path, config: PatchCoreConfig, cache: Path, *, standardise: bool = False
+) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
+    """split -> (features (N, D, h, w) float32, labels (N,)); cached as float16 .npz."""
+    key = f"{data.name}-{config.backbone}-{'_'.join(map(str, config.stages))}-{config.input_width}x{config.input_height}-n{config.neighbourhood}{'-std' if standardise else ''}"
+    path = cache / f"{key}.npz"
+    if path.exists():
+        with np.load(path) as saved:
+            return {s: (torch.from_numpy(saved[f"{s}_x"].astype(np.float32)), saved[f"{s}_y"]) for s in SPLITS}
+    dataset = discover_dataset(data)
+    source = read_image(dataset.train[0].path).shape[:2]
+    embedder = PatchEmbedder(config)
+    out, arrays = {}, {}
+    for split in SPLITS:
+        samples = dataset.split(split)
+        images = load_images(
+            samples, height=config.input_height, width=config.input_width, channels=config.channels, source_size=source
+        )
+        if standardise:
+            images = _standardised(images)
+        started = time.perf_counter()
+        features = extract_features(embedder, images)
+        log.info("%s: %d images in %.1f s", split, len(images), time.perf_counter() - started)
+        labels = np.array([s.label for s in samples])
+        out[split] = (features, labels)
+        arrays[f"{split}_x"], arrays[f"{split}_y"] = out[split][0].numpy().astype(np.float16), labels
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return out
+
+
+SPLITS = ("train", "calibration", "test")
+
+
+def flat(features: torch.Tensor) -> torch.Tensor:
+    n, d, h, w = features.shape
+    return features.permute(0, 2, 3, 1).reshape(n * h * w, d)
+
+
+def grid_positions(n: int, h: int, w: int) -> torch.Tensor:
+    """(n*h*w, 2) row, column of every patch in flat() order."""
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack([rows.flatten(), cols.flatten()], 1).repeat(n, 1)
+
+
+def coreset(patches: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
+    spec = CoresetSpec(target_size=size, seed=seed, max_candidates=max(DEFAULT_MAX_CANDIDATES, size))
+    return greedy_coreset(patches, spec)
+
+
+def nearest(features: torch.Tensor, bank: torch.Tensor, k: int = 1, bias: torch.Tensor | None = None) -> tuple:
+    """Per image (h*w, k) nearest squared distances and indices into bank; bias (h*w, K) added before the min."""
+    _, d, h, w = features.shape
+    norms = (bank * bank).sum(1)
+    dists, index = [], []
+    for image in features:
+        p = image.permute(1, 2, 0).reshape(h * w, d)
+        sq = (p * p).sum(1, keepdim=True) - 2 * p @ bank.t() + norms
+        if bias is not None:
+            sq = sq + bias
+        values, idx = sq.topk(k, dim=1, largest=False)
+        dists.append(values.clamp(min=0).sqrt())
+        index.append(idx)
+    return torch.stack(dists), torch.stack(index)
+
+
+def evaluate(name: str, scores: dict[str, np.ndarray], labels: dict[str, np.ndarray], rate: float) -> dict:
+    threshold = choose_threshold(scores["calibration"], labels["calibration"], ThresholdMethod("fpr", rate))
+    test, y = scores["test"], labels["test"]
+    result = {
+        "variant": name,
+        "cal_auroc": roc_auc_score(labels["calibration"], scores["calibration"]),
+        "test_auroc": roc_auc_score(y, test),
+        "recall": float(np.mean(test[y == 1] >= threshold)),
+        "fpr": float(np.mean(test[y == 0] >= threshold)),
+    }
+    print(
+        f"{name:<28} cal {result['cal_auroc']:.4f}  test {result['test_auroc']:.4f}  "
+        f"recall {result['recall']:.3f}  fpr {result['fpr']:.3f}",
+        flush=True,
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", type=Path)
+    parser.add_argument("--backbone", default="efficientnet-lite0")
+    parser.add_argument("--stages", default="3,4")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--neighbourhood", type=int, default=3)
+    parser.add_argument("--bank", type=int, default=4096)
+    parser.add_argument("--variants", default="global")
+    parser.add_argument("--rate", type=float, default=0.05)
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/lineguard-features"))
+    parser.add_argument("--standardise", action="store_true", help="each image to grey mean 128, std 40 first")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = PatchCoreConfig(
+        input_height=args.size,
+        input_width=args.size,
+        channels=1,
+        backbone=args.backbone,
+        stages=tuple(int(s) for s in args.stages.split(",")),
+        neighbourhood=args.neighbourhood,
+    )
+    feats = features_of(args.data, config, args.cache, standardise=args.standardise)
+    from variants import VARIANTS  # beside this file; imports this module's helpers
+
+    labels = {s: feats[s][1] for s in SPLITS}
+    print(f"# {args.backbone} stages {args.stages} size {args.size} nb {args.neighbourhood} bank {args.bank}")
+    for text in args.variants.split(","):
+        name, _, param = text.partition(":")
+        started = time.perf_counter()
+        scores = VARIANTS[name](feats, args.bank, param)
+        evaluate(text, scores, labels, args.rate)
+        log.info("  (%.1f s)", time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Scoring variants for bench/patchcore_sweep.py: name -> f(features, bank_size, param) -> {split: (N,) scores}."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from patchcore_sweep import coreset, flat, grid_positions, nearest
+
+SCORED = ("calibration", "test")
+
+
+_BANKS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _global_bank(feats, bank_size: int) -> torch.Tensor:
+    key = (id(feats["train"][0]), bank_size)
+    if key not in _BANKS:
+        patches = flat(feats["train"][0])
+        _BANKS[key] = patches[coreset(patches, bank_size)].clone()
+    return _BANKS[key]
+
+
+def global_max(feats, bank_size, param):
+    """Today's PatchCore: nearest distance to a global coreset, image score = max."""
+    bank = _global_bank(feats, bank_size)
+    return {s: nearest(feats[s][0], bank)[0][..., 0].amax(1).numpy() for s in SCORED}
+
+
+def knn(feats, bank_size, param):
+    """Patch score = mean distance to its k nearest bank entries; image score = max."""
+    k = int(param or 3)
+    bank = _global_bank(feats, bank_size)
+    return {s: nearest(feats[s][0], bank, k)[0].mean(2).amax(1).numpy() for s in SCORED}
+
+
+def topmean(feats, bank_size, param):
+    """Image score = mean of the hottest `param` patches (nearest distance to a global coreset)."""
+    count = int(param or 4)
+    bank = _global_bank(feats, bank_size)
+    return {s: nearest(feats[s][0], bank)[0][..., 0].topk(count, dim=1).values.mean(1).numpy() for s in SCORED}
+
+
+def reweight(feats, bank_size, param):
+    """PatchCore paper eq. 7: the max patch's score scaled by 1 - softmax weight of its nearest entry among b."""
+    b = int(param or 9)
+    bank = _global_bank(feats, bank_size)
+    bank_norms = (bank * bank).sum(1)
+    neighbours = ((bank_norms[:, None] - 2 * bank @ bank.t() + bank_norms[None]).topk(b, dim=1, largest=False)).indices
+    out = {}
+    for s in SCORED:
+        features = feats[s][0]
+        n, d, h, w = features.shape
+        dist, idx = nearest(features, bank)
+        scores = []
+        for i in range(n):
+            worst = int(dist[i, :, 0].argmax())
+            patch = features[i].permute(1, 2, 0).reshape(h * w, d)[worst]
+            m_star = int(idx[i, worst, 0])
+            to_neighbours = (bank[neighbours[m_star]] - patch).norm(dim=1)  # includes m* itself first
+            weight = 1 - torch.exp(to_neighbours[0]) / torch.exp(to_neighbours).sum()
+            scores.append(float(weight * dist[i, worst, 0]))
+        out[s] = np.array(scores)
+    return out
+
+
+def position_exact(feats, bank_size, param):
+    """Upper bound: each patch against every training patch within R grid cells of its position (no coreset)."""
+    radius = int(param or 1)
+    train = feats["train"][0]
+    _, d, h, w = train.shape
+    out = {s: np.zeros(len(feats[s][0])) for s in SCORED}
+    for s in SCORED:
+        features = feats[s][0]
+        best = torch.zeros(len(features), h, w)
+        for r in range(h):
+            for c in range(w):
+                window = train[:, :, max(0, r - radius) : r + radius + 1, max(0, c - radius) : c + radius + 1]
+                bank = window.permute(0, 2, 3, 1).reshape(-1, d)
+                best[:, r, c] = torch.cdist(features[:, :, r, c], bank).amin(1)
+        out[s] = best.flatten(1).amax(1).numpy()
+    return out
+
+
+def position(feats, bank_size, param):
+    """Bank picked per block of positions (coreset each); a patch searches entries from within R cells."""
+    radius_text, _, block_text = (param or "2").partition(":")
+    radius, block = int(radius_text), int(block_text or 4)
+    train = feats["train"][0]
+    n_train, _, h, w = train.shape
+    blocks_h, blocks_w = math.ceil(h / block), math.ceil(w / block)
+    per_block = max(1, bank_size // (blocks_h * blocks_w))
+    entries, positions = [], []
+    for br in range(blocks_h):
+        for bc in range(blocks_w):
+            region = train[:, :, br * block : (br + 1) * block, bc * block : (bc + 1) * block]
+            patches = flat(region)
+            pos = grid_positions(n_train, region.shape[2], region.shape[3]) + torch.tensor([br * block, bc * block])
+            chosen = coreset(patches, per_block)
+            entries.append(patches[chosen])
+            positions.append(pos[chosen])
+    bank, bank_pos = torch.cat(entries), torch.cat(positions)
+    query = grid_positions(1, h, w)
+    far = (query[:, None, :] - bank_pos[None]).abs().amax(2) > radius
+    bias = far.float() * 1e6
+    return {s: nearest(feats[s][0], bank, 1, bias)[0][..., 0].amax(1).numpy() for s in SCORED}
+
+
+def posfeat(feats, bank_size, param):
+    """Patch coordinates appended to the features, scaled so one cell costs `param` x the median NN distance / 8."""
+    scale = float(param or 1.0)
+    train = feats["train"][0]
+    patches = flat(train)
+    sample = patches[torch.randperm(len(patches), generator=torch.Generator().manual_seed(0))[:2048]]
+    typical = float(
+        torch.cdist(sample, patches[:: max(1, len(patches) // 20000)]).topk(2, largest=False).values[:, 1].median()
+    )
+    unit = scale * typical / 8
+
+    def with_pos(features):
+        m, _, hh, ww = features.shape
+        rows = torch.arange(hh).view(1, 1, hh, 1).expand(m, 1, hh, ww).float() * unit
+        cols = torch.arange(ww).view(1, 1, 1, ww).expand(m, 1, hh, ww).float() * unit
+        return torch.cat([features, rows, cols], 1)
+
+    augmented = flat(with_pos(train))
+    bank = augmented[coreset(augmented, bank_size)].clone()
+    return {s: nearest(with_pos(feats[s][0]), bank)[0][..., 0].amax(1).numpy() for s in SCORED}
+
+
+def padim(feats, bank_size, param):
+    """PaDiM: per-position Gaussian (features projected to `param` dims), Mahalanobis distance; image score = max."""
+    dims = int(param or 64)
+    train = feats["train"][0]
+    n, d, h, w = train.shape
+    generator = torch.Generator().manual_seed(0)
+    keep = torch.randperm(d, generator=generator)[:dims]
+    x = train[:, keep].permute(2, 3, 0, 1).reshape(h * w, n, dims).double()
+    mean = x.mean(1, keepdim=True)
+    centred = x - mean
+    cov = centred.transpose(1, 2) @ centred / (n - 1) + 0.01 * torch.eye(dims, dtype=torch.float64)
+    inverse = torch.linalg.inv(cov)
+    out = {}
+    for s in SCORED:
+        q = feats[s][0][:, keep].permute(2, 3, 0, 1).reshape(h * w, -1, dims).double() - mean
+        md = torch.einsum("pnd,pde,pne->pn", q, inverse, q).clamp(min=0).sqrt()
+        out[s] = md.amax(0).float().numpy()
+    return out
+
+
+VARIANTS = {
+    "global": global_max,
+    "knn": knn,
+    "topmean": topmean,
+    "reweight": reweight,
+    "position": position,
+    "position_exact": position_exact,
+    "posfeat": posfeat,
+    "padim": padim,
+}
