@@ -263,6 +263,22 @@ def verify_bundle(
     return manifest
 
 
+def read_verified(bundle_dir: Path, manifest: Manifest, relative: str) -> bytes:
+    """The bytes of one listed file, checked against the manifest: what is loaded is exactly what was hashed.
+
+    Loaders use these bytes, never the path again, so a file swapped after verify_bundle cannot slip in (and an
+    ONNX graph loaded from bytes cannot pull external data from outside the bundle)."""
+    expected = manifest.files.get(relative)
+    if expected is None:
+        msg = f"{relative} is not among the files of the bundle {bundle_dir}; rebuild the bundle"
+        raise BundleError(msg)
+    data = (bundle_dir / relative).read_bytes()
+    if hashlib.sha256(data).hexdigest() != expected:
+        msg = f"{relative} in {bundle_dir} changed after the bundle was verified; reinstall it"
+        raise BundleError(msg)
+    return data
+
+
 def _check_files(bundle_dir: Path, manifest: Manifest) -> None:
     # Only the top-level manifest and signature are exempt: a manifest.json in a subfolder must be listed too.
     exempt = {MANIFEST_FILE, SIGNATURE_FILE}
@@ -307,6 +323,7 @@ __all__ = [
     "file_sha256",
     "manifest_json",
     "parse_manifest",
+    "read_verified",
     "verify_bundle",
     "version_key",
 ]

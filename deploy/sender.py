@@ -108,7 +108,7 @@ class _Push:
             )
             raise TransferError(msg, reason=ack.reason)
         if ack.missing is not None and self.waiting_for_list:
-            missing = expand(ack.missing) & set(range(self.meta.chunk_count))  # the agent's ranges are bounded here
+            missing = expand(ack.missing, self.meta.chunk_count)
             self.received = set(range(self.meta.chunk_count)) - missing
             self.to_send = deque(sorted(missing))
             self.waiting_for_list = False

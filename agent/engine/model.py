@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ..bundle import BundleError, Manifest, verify_bundle
+from ..bundle import BundleError, Manifest, read_verified, verify_bundle
 from ..config import AgentConfig
 from ..signing import load_trusted_keys
 from .backends import Backend, BackendRequest, Inference, RingRegion, Selection, SlotAddress, SlotBackend, load_backend
@@ -142,7 +142,8 @@ def read_golden_images(bundle_dir: Path, manifest: Manifest) -> np.ndarray:
     frames = np.empty((len(manifest.golden), *shape), np.uint8)
     flag = cv2.IMREAD_GRAYSCALE if spec.channels == 1 else cv2.IMREAD_COLOR
     for index, golden in enumerate(manifest.golden):
-        image = cv2.imread(str(bundle_dir / golden.file), flag)
+        data = np.frombuffer(read_verified(bundle_dir, manifest, golden.file), np.uint8)
+        image = cv2.imdecode(data, flag)
         if image is None or image.shape[:2] != shape[:2]:
             msg = f"golden image {golden.file} in {bundle_dir} is unreadable or not {spec.width}x{spec.height}"
             raise BundleError(msg)

@@ -130,7 +130,7 @@ class _Incoming:
         if meta.transfer_id != folder.name or raw["state"] not in ("receiving", "received", "failed"):
             msg = f"{folder / RECORD_FILE} does not describe transfer {folder.name}"
             raise ValueError(msg)
-        received = expand(tuple(map(tuple, raw["received"]))) & set(range(meta.chunk_count))
+        received = expand(tuple(map(tuple, raw["received"])), meta.chunk_count)
         return cls(meta, folder, received, raw["state"], str(raw["reason"]), float(raw["updated_unix_s"]))
 
     def replace_meta(self, meta: TransferMeta) -> None:

@@ -45,9 +45,16 @@ class ArchiveError(Exception):
     """A bundle archive cannot be packed or is unsafe to unpack (links, devices, paths outside, too big)."""
 
 
-def expand(ranges: tuple[tuple[int, int], ...]) -> set[int]:
-    """The indices covered by half-open [start, stop) ranges."""
-    return {index for start, stop in ranges for index in range(start, stop)}
+def expand(ranges: tuple[tuple[int, int], ...], count: int) -> set[int]:
+    """The indices in 0..count-1 covered by half-open [start, stop) ranges.
+
+    Linear in count and the number of ranges, however much they overlap (a peer's ranges are not trusted)."""
+    covered = bytearray(count)
+    for start, stop in ranges:
+        start, stop = max(start, 0), min(stop, count)
+        if start < stop:
+            covered[start:stop] = b"\x01" * (stop - start)
+    return {index for index, flag in enumerate(covered) if flag}
 
 
 def as_ranges(indices: set[int]) -> tuple[tuple[int, int], ...]:

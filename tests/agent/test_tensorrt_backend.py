@@ -311,7 +311,26 @@ def test_the_frame_plan_is_built_once_and_reused_from_the_cache_on_the_next_star
         backend.infer_slots([SlotAddress("cam0", ring.address(0))])
         backend.close()
         assert trt.plans_built == (1 if start == 0 else 0)
-    assert [p.name.startswith("frame-") and p.suffix == ".plan" for p in cache.iterdir()] == [True]
+    (plan_file,) = [p for p in cache.iterdir() if p.suffix == ".plan"]
+    assert plan_file.name.startswith("frame-") and plan_file.with_name(plan_file.name + ".sha256").is_file()
+    assert plan_file.stat().st_mode & 0o077 == 0 and cache.stat().st_mode & 0o077 == 0  # no one else's to change
+
+
+def test_a_cached_frame_plan_that_was_changed_is_rebuilt_not_loaded(monkeypatch, plan, make_ring, tmp_path, caplog):
+    ring = make_ring("mono", camera_frames(1, (480, 640, 1), seed=0))
+    cache = tmp_path / "engines"
+    for _start in range(2):
+        cudart = FakeCudart()
+        trt = FakeTensorRT(cudart)
+        install(monkeypatch, cudart, trt)
+        backend = gpu_backend(plan, cache)
+        assert attach(backend, "cam0", RingRegion(ring, MONO_BOX, "mono8"))
+        backend.infer_slots([SlotAddress("cam0", ring.address(0))])
+        backend.close()
+        assert trt.plans_built == 1  # the second start rebuilds: the cached plan was altered
+        (plan_file,) = [p for p in cache.iterdir() if p.suffix == ".plan"]
+        plan_file.write_bytes(plan_file.read_bytes() + b"tampered")
+    assert "its sha256 does not match" in caplog.text
 
 
 def test_attach_region_never_waits_for_a_build_which_runs_niced_off_the_scoring_thread(
@@ -345,4 +364,4 @@ def test_closing_while_a_frame_plan_builds_drops_the_build_which_still_caches_it
     held_builds.release.set()
     for thread in [t for t in threading.enumerate() if t.name == "frame-plan-build"]:
         thread.join(60)
-    assert [p.suffix for p in (tmp_path / "engines").iterdir()] == [".plan"]  # the next start loads it
+    assert sorted(p.suffix for p in (tmp_path / "engines").iterdir()) == [".plan", ".sha256"]  # the next start loads it

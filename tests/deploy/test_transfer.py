@@ -649,3 +649,11 @@ def test_a_restart_keeps_only_the_newest_staged_transfers(
     os.utime(tmp_path / "staging" / "t4096-1")  # the newest now
     second = make_receiver(limits=StagingLimits(max_transfers=2))
     assert sorted(p.name for p in second._staging_dir.iterdir()) == ["t4096-1", "t4096-3"]
+
+
+def test_an_agent_s_missing_ranges_are_clipped_to_the_transfer_however_they_overlap() -> None:
+    from lineguard.agent.rollout.wire import expand
+
+    hostile = tuple((0, 16_384) for _ in range(16_384))  # the contract's caps: 268 million indices if expanded naively
+    assert expand(hostile, 12) == set(range(12))
+    assert expand(((5, 3), (-4, 2), (10, 99)), 12) == {0, 1, 10, 11}

@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...bundle import EngineInfo, Manifest
+from ...bundle import EngineInfo, Manifest, read_verified
 from ..gpu import GpuInfo, detect_gpu, select_engine
 from .base import Backend, BackendUnavailable, Inference, RingRegion, SlotAddress, SlotBackend
 from .onnxrt import OnnxRuntimeBackend
@@ -80,6 +80,7 @@ def _native(request: BackendRequest, gpu: GpuInfo | None) -> tuple[Backend, Engi
     frame_plans = FramePlanCache(request.frame_plans, gpu.name) if request.frame_plans is not None else None
     backend = TensorRTBackend(
         request.bundle_dir / choice.engine.file,
+        plan=read_verified(request.bundle_dir, request.manifest, choice.engine.file),
         max_batch=request.max_batch,
         cuda_graph=request.cuda_graph,
         frame_plans=frame_plans,
@@ -94,8 +95,8 @@ def _native(request: BackendRequest, gpu: GpuInfo | None) -> tuple[Backend, Engi
 
 def _onnxruntime(device: str) -> Callable[[BackendRequest, GpuInfo | None], tuple[Backend, EngineInfo | None, str]]:
     def load(request: BackendRequest, gpu: GpuInfo | None) -> tuple[Backend, EngineInfo | None, str]:
-        onnx_path = request.bundle_dir / request.manifest.model.onnx_file
-        return OnnxRuntimeBackend(onnx_path, device=device, threads=request.threads), None, ""
+        model = read_verified(request.bundle_dir, request.manifest, request.manifest.model.onnx_file)
+        return OnnxRuntimeBackend(model, device=device, threads=request.threads), None, ""
 
     return load
 

@@ -28,7 +28,8 @@ PROVIDERS = {
 class OnnxRuntimeBackend:
     """An ONNX Runtime session on one device kind."""
 
-    def __init__(self, onnx_path: Path, *, device: str, threads: int = 0) -> None:
+    def __init__(self, model: bytes | Path, *, device: str, threads: int = 0) -> None:
+        """model: the verified bytes of the ONNX graph (or a path, for tools that read their own files)."""
         if device not in PROVIDERS:
             msg = f"unknown ONNX Runtime device {device!r}; choose one of {', '.join(PROVIDERS)}"
             raise BackendUnavailable(msg)
@@ -46,7 +47,8 @@ class OnnxRuntimeBackend:
         if threads:
             options.intra_op_num_threads = threads
         providers = [wanted] if device == "cpu" else [wanted, PROVIDERS["cpu"]]
-        self._session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+        source = model if isinstance(model, bytes) else str(model)
+        self._session = ort.InferenceSession(source, options, providers=providers)
         actual = self._session.get_providers()
         if actual[0] != wanted:
             msg = (

@@ -71,8 +71,15 @@ class TensorRTBackend:
     """A deserialised TensorRT plan with its execution context, stream and buffers for max_batch frames."""
 
     def __init__(
-        self, plan_path: Path, *, max_batch: int, cuda_graph: bool = False, frame_plans: FramePlanCache | None = None
+        self,
+        plan_path: Path,
+        *,
+        max_batch: int,
+        plan: bytes | None = None,
+        cuda_graph: bool = False,
+        frame_plans: FramePlanCache | None = None,
     ) -> None:
+        """plan: the verified bytes of plan_path (read here when None, for tools and tests)."""
         trt = import_tensorrt()
         try:
             cudart = runtime()
@@ -82,7 +89,7 @@ class TensorRTBackend:
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)  # must outlive the runtime, which keeps a pointer to it
         self._runtime = trt.Runtime(self._logger)
-        self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        self._engine = self._runtime.deserialize_cuda_engine(plan if plan is not None else plan_path.read_bytes())
         if self._engine is None:
             msg = f"TensorRT {trt.__version__} cannot load {plan_path}: built for another TensorRT version or GPU? rebuild it with `lineguard-train build-engine`"
             raise BackendUnavailable(msg)

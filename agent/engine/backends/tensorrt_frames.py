@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,20 +80,44 @@ def frame_plan(
     """The cached plan for this graph, else a new one, saved for the next start (a build can take a minute)."""
     path = cache.path(graph, str(trt.__version__), max_batch)
     if path.is_file():
-        return path.read_bytes()
+        cached = _read_cached(path)
+        if cached is not None:
+            return cached
     log.info(
         "building the GPU frame engine for %s ROIs in the background (first start with this camera and model)",
         roi_shape,
     )
     plan = build_frame_plan(trt, graph, roi_shape, max_batch)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
         partial.write_bytes(plan)
+        partial.chmod(0o600)
+        path.with_name(path.name + ".sha256").write_text(hashlib.sha256(plan).hexdigest())
         partial.replace(path)
         log.info("frame engine cached in %s", path)
     except OSError as error:
         log.warning("cannot cache the frame engine in %s (%s); it is rebuilt at the next start", path, error)
+    return plan
+
+
+def _read_cached(path: Path) -> bytes | None:
+    """A cached plan, if it is ours and whole: owned by this user, writable by no one else, its sha256 matching.
+
+    TensorRT deserialises plans without checking them, so a plan anyone else could have written is rebuilt."""
+    try:
+        info = path.stat()
+        folder = path.parent.stat()
+        digest = path.with_name(path.name + ".sha256").read_text().strip()
+        plan = path.read_bytes()
+    except OSError as error:
+        log.warning("frame plan cache %s unreadable (%s); rebuilding", path, error)
+        return None
+    foreign = {info.st_uid, folder.st_uid} != {os.getuid()} or (info.st_mode | folder.st_mode) & 0o022
+    if foreign or hashlib.sha256(plan).hexdigest() != digest:
+        why = "writable by others or not ours" if foreign else "its sha256 does not match"
+        log.warning("frame plan cache %s is %s; rebuilding it", path, why)
+        return None
     return plan
 
 
