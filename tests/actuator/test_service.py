@@ -175,3 +175,31 @@ def test_a_lost_broker_is_a_vision_fault_and_known_rejects_still_fire(
     broker.start()
     assert actuator.poll() is None
     assert stop(actuator) == 0
+
+
+def test_under_systemd_the_actuator_reports_ready_pings_the_watchdog_and_says_stopping(
+    broker, modbus_device, fake_agent, tmp_path, start_actuator
+):
+    import socket
+
+    notify_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify_path))
+    listener.settimeout(1.0)
+    env = {"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "1000000"}
+    actuator = start_actuator(write_config(tmp_path, broker, modbus_device), env=env)
+    states: list[str] = []
+    try:
+        deadline = time.monotonic() + 30
+        while states.count("WATCHDOG=1") < 2 and time.monotonic() < deadline:
+            try:
+                states.append(listener.recv(256).decode())
+            except TimeoutError:
+                continue
+        assert stop(actuator) == 0
+        listener.settimeout(5.0)
+        while states[-1] != "STOPPING=1":
+            states.append(listener.recv(256).decode())
+    finally:
+        listener.close()
+    assert states[0] == "READY=1" and states.count("WATCHDOG=1") >= 2, states
