@@ -37,8 +37,8 @@ def verdict(seq: int, kind: str = "accept", *, t: float | None = None, camera: s
     return Verdict(**values)
 
 
-def add(table: PartTable, v: Verdict, now: float, **judging):
-    reason = judge(v, models=judging.get("models", ()), deadline_ms=judging.get("deadline_ms"))
+def add(table: PartTable, v: Verdict, now: float):
+    reason = judge(v, models=(), deadline_ms=None)
     return table.add(v, reason, due_of=SCHEDULE.due_of, position=now)
 
 
