@@ -13,8 +13,8 @@ import paho.mqtt.client as mqtt
 from broker import MosquittoBroker
 from mqtt_subscriber import Subscriber
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from plc import ModbusDevice
 
+from lineguard.actuator.iosim import ModbusDevice
 from lineguard.agent.contract import ActuatorStatus, AgentStatus, Latency, Topics, Verdict
 
 TOPICS = Topics("lineguard")

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from actuator_tools import FakeAgent, actuator_command
 from broker import MosquittoBroker
-from plc import ModbusDevice
+
+from lineguard.actuator.iosim import ModbusDevice
 
 
 @pytest.fixture

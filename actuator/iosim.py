@@ -1,23 +1,30 @@
-"""Stand-ins for line hardware on loopback: a real pymodbus TCP server (an I/O block or a PLC) and a real
-asyncua OPC UA server, each recording every write with time.monotonic().
+"""A simulated I/O block or PLC for the demo, the benchmark and the tests: a real pymodbus TCP server on
+127.0.0.1 that records every write with time.monotonic() (not for production: it serves anyone who connects).
 
-    block = ModbusDevice()               # started; block.port
-    block.coil_edges(0)                  # [(t, on), ...] of coil 0, in order
-    block.echo = False                   # a PLC that stops echoing the handshake
-    block.set_registers(100, [low, high])  # e.g. a line counter
+    block = ModbusDevice()                  # started; block.port
+    block.coil_edges(0)                     # [(t, on), ...] of coil 0, in order
+    block.echo = False                      # a PLC that stops echoing the handshake
+    block.set_registers(100, [low, high])   # e.g. a line counter
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker import free_port
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
 
 WRITE_COIL, WRITE_COILS, WRITE_REGISTER, WRITE_REGISTERS = 5, 15, 6, 16
 
@@ -72,8 +79,6 @@ class ModbusDevice:
         self._loop.run_until_complete(serve())
 
     def _wait_listening(self) -> None:
-        import socket
-
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             try:
@@ -81,7 +86,8 @@ class ModbusDevice:
                 return
             except OSError:
                 time.sleep(0.02)
-        raise RuntimeError("the Modbus test server did not start")
+        msg = f"the simulated Modbus device did not start on port {self.port}"
+        raise RuntimeError(msg)
 
     async def _action(self, function: int, start: int, address: int, count: int, registers: list[int], values: Any):
         now = time.monotonic()
