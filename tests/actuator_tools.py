@@ -101,7 +101,7 @@ cameras = ["{CAMERA}"]
 [pulse]
 width_ms = 30
 min_off_ms = 10
-late_limit_ms = 20
+late_limit_ms = 100
 
 [fault]
 action = "{fault_action}"

@@ -59,6 +59,8 @@ class PulseOutput(Output):
     # -- planning --------------------------------------------------------------------------------------------
 
     def reject(self, part: PartRef, now: float) -> None:
+        if self._fault == "reject-all" and part.due <= now + self.late_s:
+            return  # due now, while the reject output is held on: the hold rejects it
         start = max(part.due, now, self._last_off + self.min_off_s)
         if start > part.due + self.late_s:
             self._event("late", (part.key,), part.due, now, "the output could not be on by the part's due point")
@@ -111,7 +113,7 @@ class PulseOutput(Output):
     def _start(self, pulse: _Pulse, now: float) -> None:
         live = [(key, due) for key, due in pulse.parts if now <= due + self.late_s]
         late = [(key, due) for key, due in pulse.parts if now > due + self.late_s]
-        if late:
+        if late and self._fault != "reject-all":  # under reject-all the held output rejected them
             self._event("late", tuple(key for key, _ in late), min(due for _, due in late), now, "the loop woke late")
         if not live:
             self._pulses.pop(0)

@@ -23,8 +23,9 @@ from mqtt_subscriber import Subscriber
 
 pytestmark = pytest.mark.slow
 # Pulse start vs due point, as the Modbus server (in this test process, sharing 2 cores) records it: the median
-# within 5 ms and none past 100 ms (README "Timing"; bench/actuator_bench.py measures it without the test's load).
-MEDIAN_TOLERANCE_S, MAX_TOLERANCE_S = 0.005, 0.1
+# within 10 ms and none past 100 ms, the tests' pulse.late_limit_ms (README "Timing"; bench/actuator_bench.py
+# measures it without the test's load).
+MEDIAN_TOLERANCE_S, MAX_TOLERANCE_S = 0.010, 0.1
 SPACING_S = 0.06  # parts 60 ms apart: more than a 30 ms pulse + 10 ms off, so no two merge
 
 

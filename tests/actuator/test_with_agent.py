@@ -63,7 +63,7 @@ cameras = ["cam0"]
 [pulse]
 width_ms = 30
 min_off_ms = 10
-late_limit_ms = 20
+late_limit_ms = 100
 [fault]
 action = "reject-all"
 [modbus]
