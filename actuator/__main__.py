@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         reason="connection lost",
         output=config.output.kind,
         mode=config.mode,
-        ts=0.0,
+        ts=time.time(),
     )
     filters = [topics.verdict(config.line, "+", "+"), topics.actuator_probe(config.actuator_id)]
     filters += [topics.status(source.agent) for source in config.sources]
