@@ -6,19 +6,13 @@ I/O: the broker, the agents' deadlines and the output device are checked at star
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
 
-from lineguard.agent.config import ConfigError, MetricsConfig, MqttConfig, _Section, format_errors
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10 (Jetson JetPack 6)
-    import tomli as tomllib
+from lineguard.agent.config import ConfigError, MetricsConfig, MqttConfig, TomlSettings, _Section, load_settings
 
 NAME = r"^[A-Za-z0-9_-]{1,64}$"
 OutputKind = Literal["modbus-coil", "modbus-plc", "opcua", "gpio"]
@@ -142,7 +136,7 @@ class StartupConfig(_Section):
     probes: int = Field(20, ge=1, le=1000, description="MQTT round trips measured at start-up; the slowest counts.")
 
 
-class ActuatorConfig(BaseSettings):
+class ActuatorConfig(TomlSettings):
     """The reject actuator's whole configuration."""
 
     model_config = SettingsConfigDict(
@@ -186,40 +180,7 @@ class ActuatorConfig(BaseSettings):
                 raise ValueError(msg)
         return self
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml_path = _CONFIG_PATH.get("path")
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if toml_path is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
-        return tuple(sources)
-
-
-_CONFIG_PATH: dict[str, Path | None] = {"path": None}
-
 
 def load_config(path: Path | None) -> ActuatorConfig:
     """Read and validate the configuration; ConfigError lists every problem as `key.path: message`."""
-    if path is not None:
-        if not path.is_file():
-            msg = f"config file {path} does not exist; pass --config PATH to an actuator.toml (see README)"
-            raise ConfigError(msg)
-        try:
-            tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            msg = f"config file {path} is not valid TOML: {error}"
-            raise ConfigError(msg) from error
-    _CONFIG_PATH["path"] = path
-    try:
-        return ActuatorConfig()
-    except ValidationError as error:
-        raise ConfigError(format_errors(error, path)) from error
-    finally:
-        _CONFIG_PATH["path"] = None
+    return load_settings(ActuatorConfig, path, file_name="actuator.toml")
