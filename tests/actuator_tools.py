@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,6 +38,14 @@ class FakeAgent:
         self.client.loop_start()
         self.sent: list[Verdict] = []
         self.status(online=True)
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, name="fake-agent-status", daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self) -> None:
+        """The status again every 2 s, as the real agent does (an agent silent for 6 s is offline)."""
+        while not self._stop.wait(2.0):
+            self.status(online=True)
 
     def status(self, *, online: bool) -> None:
         record = AgentStatus(
@@ -72,6 +81,8 @@ class FakeAgent:
         self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
 
     def close(self) -> None:
+        self._stop.set()
+        self._beat.join(5)
         self.client.disconnect()
         self.client.loop_stop()
 
