@@ -15,6 +15,7 @@ Prints the machine, the command, a Markdown table and the JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -25,7 +26,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -38,10 +38,30 @@ from mqtt_subscriber import Subscriber
 from lineguard.actuator.iosim import ModbusDevice
 from lineguard.agent.contract import Topics
 
+
+@dataclasses.dataclass
+class Run:
+    rate_per_s: float
+    reject_delay_ms: float
+    refused: bool = False  # start-up refused the delay (below deadline + round trip)
+    parts: int = 0
+    rejects: int = 0
+    pulses: int = 0
+    late_pulses: int = 0
+    unguarded: int = 0
+    late_verdicts: int = 0
+    error_p50_ms: float | None = None
+    error_p99_ms: float | None = None
+    error_max_ms: float | None = None
+
+    def holds(self) -> bool:
+        return not self.refused and self.late_pulses == 0 and self.unguarded == 0 and self.pulses == self.rejects
+
+
 PULSE = "[pulse]\nwidth_ms = 3\nmin_off_ms = 2\nlate_limit_ms = 10\n"
 
 
-def one_run(folder: Path, rate: float, delay_ms: float, window_s: float) -> dict[str, Any]:
+def one_run(folder: Path, rate: float, delay_ms: float, window_s: float) -> Run:
     folder.mkdir(parents=True)
     with MosquittoBroker(folder / "broker") as broker:
         device = ModbusDevice()
@@ -55,9 +75,10 @@ def one_run(folder: Path, rate: float, delay_ms: float, window_s: float) -> dict
         process = subprocess.Popen(actuator_command("run", "--config", str(config)), stderr=log)
         try:
             if not subscriber.wait_until(lambda: bool(statuses(subscriber)) or process.poll() is not None, 60):
-                raise RuntimeError(f"the actuator did not start; see {folder / 'actuator.log'}")
+                msg = f"the actuator did not start; see {folder / 'actuator.log'}"
+                raise RuntimeError(msg)
             if process.poll() is not None:  # refused at start-up: below deadline + round trip
-                return {"rate_per_s": rate, "reject_delay_ms": delay_ms, "refused": True}
+                return Run(rate, delay_ms, refused=True)
             wait_state(subscriber, "ok")
             offset = time.time() - time.monotonic()
             rng = random.Random(7)
@@ -84,24 +105,23 @@ def one_run(folder: Path, rate: float, delay_ms: float, window_s: float) -> dict
             log.close()
     matched = [min(pulses, key=lambda p, d=due: abs(p - d)) - due for due in dues if pulses]
     errors_ms = np.array([e * 1e3 for e in matched if abs(e) < 0.05])
-    return {
-        "rate_per_s": rate,
-        "reject_delay_ms": delay_ms,
-        "parts": final.parts,
-        "rejects": len(dues),
-        "pulses": len(pulses),
-        "late_pulses": final.late_pulses,
-        "unguarded": final.unguarded,
-        "late_verdicts": final.late_verdicts,
-        "error_p50_ms": round(float(np.percentile(errors_ms, 50)), 3) if errors_ms.size else None,
-        "error_p99_ms": round(float(np.percentile(errors_ms, 99)), 3) if errors_ms.size else None,
-        "error_max_ms": round(float(errors_ms.max()), 3) if errors_ms.size else None,
-    }
 
+    def percentile(q: float) -> float | None:
+        return round(float(np.percentile(errors_ms, q)), 3) if errors_ms.size else None
 
-def holds(run: dict[str, Any]) -> bool:
-    return (
-        not run.get("refused") and run["late_pulses"] == 0 and run["unguarded"] == 0 and run["pulses"] == run["rejects"]
+    return Run(
+        rate,
+        delay_ms,
+        False,
+        final.parts,
+        len(dues),
+        len(pulses),
+        final.late_pulses,
+        final.unguarded,
+        final.late_verdicts,
+        percentile(50),
+        percentile(99),
+        percentile(100),
     )
 
 
@@ -116,27 +136,32 @@ def main() -> int:
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     )
     print("command: " + shlex.join(["python", *sys.argv]))
-    results: dict[str, Any] = {"timing": [], "delays": []}
+    timing: list[Run] = []
+    delays: list[Run] = []
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         for rate in rates:
-            results["timing"].append(one_run(root / f"rate-{rate:g}", rate, 300.0, args.window_s))
+            timing.append(one_run(root / f"rate-{rate:g}", rate, 300.0, args.window_s))
         for delay in (float(each) for each in args.delays.split(",")):
-            results["delays"].append(one_run(root / f"delay-{delay:g}", max(rates), delay, args.window_s / 2))
+            delays.append(one_run(root / f"delay-{delay:g}", max(rates), delay, args.window_s / 2))
     print("\n| parts/s | reject_delay_ms | parts | rejects | pulses | late pulses | error p50 | p99 | max |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for run in results["timing"] + results["delays"]:
-        if run.get("refused"):
-            print(f"| {run['rate_per_s']:g} | {run['reject_delay_ms']:g} | refused at start-up (below the budget) |")
+    for run in timing + delays:
+        if run.refused:
+            print(f"| {run.rate_per_s:g} | {run.reject_delay_ms:g} | refused at start-up (below the budget) |")
             continue
         print(
-            f"| {run['rate_per_s']:g} | {run['reject_delay_ms']:g} | {run['parts']} | {run['rejects']} | {run['pulses']} "
-            f"| {run['late_pulses']} | {run['error_p50_ms']} ms | {run['error_p99_ms']} ms | {run['error_max_ms']} ms |"
+            f"| {run.rate_per_s:g} | {run.reject_delay_ms:g} | {run.parts} | {run.rejects} | {run.pulses} "
+            f"| {run.late_pulses} | {run.error_p50_ms} ms | {run.error_p99_ms} ms | {run.error_max_ms} ms |"
         )
-    held = [run["reject_delay_ms"] for run in results["delays"] if holds(run)]
+    held = [run.reject_delay_ms for run in delays if run.holds()]
     smallest = min(held) if held else None
     print(f"\nsmallest reject_delay_ms with zero late pulses at {max(rates):g} parts/s: {smallest}")
-    results["smallest_delay_ms"] = smallest
+    results = {
+        "timing": [dataclasses.asdict(run) for run in timing],
+        "delays": [dataclasses.asdict(run) for run in delays],
+        "smallest_delay_ms": smallest,
+    }
     print(json.dumps(results, indent=1))
     return 0
 
