@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -181,7 +181,26 @@ class MetricsConfig(_Section):
     host: str = Field("127.0.0.1", description="Address the metrics server listens on.")
 
 
-class AgentConfig(BaseSettings):
+class TomlSettings(BaseSettings):
+    """Settings from a TOML file chosen at run time (load_settings), under LINEGUARD_... environment variables."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = _CONFIG_PATH.get("path")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+
+class AgentConfig(TomlSettings):
     """The agent's whole configuration."""
 
     model_config = SettingsConfigDict(
@@ -208,30 +227,17 @@ class AgentConfig(BaseSettings):
             raise ValueError(msg)
         return self
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml_path = _CONFIG_PATH.get("path")
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if toml_path is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
-        return tuple(sources)
-
 
 _CONFIG_PATH: dict[str, Path | None] = {"path": None}
+S = TypeVar("S", bound=TomlSettings)
 
 
-def load_config(path: Path | None) -> AgentConfig:
-    """Read and validate the configuration; ConfigError lists every problem as `key.path: message`."""
+def load_settings(settings_cls: type[S], path: Path | None, *, file_name: str) -> S:
+    """Read and validate `settings_cls` from `path` (a `file_name` such as agent.toml) and the environment;
+    ConfigError lists every problem as `key.path: message`."""
     if path is not None:
         if not path.is_file():
-            msg = f"config file {path} does not exist; pass --config PATH to an agent.toml (see README)"
+            msg = f"config file {path} does not exist; pass --config PATH to an {file_name} (see README)"
             raise ConfigError(msg)
         try:
             tomllib.loads(path.read_text())
@@ -240,11 +246,16 @@ def load_config(path: Path | None) -> AgentConfig:
             raise ConfigError(msg) from error
     _CONFIG_PATH["path"] = path
     try:
-        return AgentConfig()
+        return settings_cls()
     except ValidationError as error:
         raise ConfigError(format_errors(error, path)) from error
     finally:
         _CONFIG_PATH["path"] = None
+
+
+def load_config(path: Path | None) -> AgentConfig:
+    """Read and validate the agent's configuration; ConfigError lists every problem as `key.path: message`."""
+    return load_settings(AgentConfig, path, file_name="agent.toml")
 
 
 def format_errors(error: ValidationError, path: Path | None) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ import zmq
 from .config import AgentConfig
 from .ipc import Receiver, endpoint
 from .messages import Heartbeat
+from .sdnotify import SystemdNotifier
 
 log = logging.getLogger(__name__)
 
@@ -66,25 +66,6 @@ class _Child:
     problem: str = ""  # what its last heartbeat said keeps it from its job
     problem_camera: str = ""
     problem_since: float = 0.0
-
-
-class SystemdNotifier:
-    """sd_notify over NOTIFY_SOCKET (READY, WATCHDOG, STOPPING); does nothing outside systemd."""
-
-    def __init__(self) -> None:
-        address = os.environ.get("NOTIFY_SOCKET", "")
-        self._address = "\0" + address[1:] if address.startswith("@") else address
-        usec = os.environ.get("WATCHDOG_USEC", "")
-        self.watchdog_interval_s = int(usec) / 2e6 if usec.isdigit() else None
-
-    def notify(self, state: str) -> None:
-        if not self._address:
-            return
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            try:
-                sock.sendto(state.encode(), self._address)
-            except OSError as error:
-                log.warning("sd_notify %s failed: %s", state, error)
 
 
 class Supervisor:

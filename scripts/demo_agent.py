@@ -4,8 +4,9 @@
 
 Expects `./run demo`'s first half: demo-out/data/<category> (sample data), demo-out/<category>/bundle
 (a signed bundle) and demo-out/keys/trainer.pub. Starts a throwaway broker on a free loopback port,
-`lineguard-agent run` on the category's test images, and `lineguard-agent watch` until every frame
-has its verdict; then stops both.
+`lineguard-agent run` on the category's test images, `lineguard-agent watch` until every frame
+has its verdict, and a reject gate (scripts/demo_actuator.py: lineguard-actuator on a simulated
+Modbus I/O block) that prints a line per pulse; then stops them all.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from demo_actuator import DemoGate
 
 
 def free_port() -> int:
@@ -94,14 +97,17 @@ def main() -> int:
     config = write_config(args.out, args.category, port, args.out / "replay")
     bin_dir = Path(sys.executable).parent
     agent = subprocess.Popen([bin_dir / "lineguard-agent", "run", "--config", str(config)])
+    gate = DemoGate(args.out, port, agent_id="demo", line="demo-line", camera=args.category)
     try:
         print(f"agent running on {frames} replayed {args.category} images; verdicts from mqtt://127.0.0.1:{port}")
         watched = subprocess.run(
             [bin_dir / "lineguard-agent", "watch", "--config", str(config), "--count", str(frames), "--timeout", "120"],
             check=False,
         )
+        gate.finish()
         return watched.returncode
     finally:
+        gate.close()
         agent.send_signal(signal.SIGTERM)
         agent.wait(timeout=30)
         broker.terminate()

@@ -1,4 +1,4 @@
-"""The systemd unit, its example files and deploy/install_service.sh.
+"""The systemd units (agent and actuator), their example files and deploy/install_service.sh.
 
 `systemd-analyze` (Debian package `systemd`; no running systemd needed) checks the unit; those tests are
 skipped where it is missing. Two traps shape them:
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from lineguard.actuator.__main__ import build_parser as actuator_parser
+from lineguard.actuator.config import load_config as load_actuator_config
 from lineguard.agent.__main__ import build_parser
 from lineguard.agent.config import load_config
 
@@ -31,6 +33,10 @@ TOML_EXAMPLE = REPO / "systemd" / "agent.toml.example"
 ENV_EXAMPLE = REPO / "systemd" / "agent.env.example"
 INSTALL_SCRIPT = REPO / "deploy" / "install_service.sh"
 INSTALLED_COMMAND = "/opt/lineguard/.venv/bin/lineguard-agent"
+ACTUATOR_UNIT = REPO / "systemd" / "lineguard-actuator.service"
+ACTUATOR_TOML_EXAMPLE = REPO / "systemd" / "actuator.toml.example"
+# Each unit runs its installed console script; the checks run a copy that names this checkout's instead.
+UNITS = {UNIT: INSTALLED_COMMAND, ACTUATOR_UNIT: "/opt/lineguard/.venv/bin/lineguard-actuator"}
 EXPOSURE_LIMIT = 2.0
 # Pinned so a developer's SYSTEMD_LOG_LEVEL=debug or colours cannot add output to "prints nothing".
 ANALYZE_ENV = {**os.environ, "SYSTEMD_LOG_LEVEL": "info", "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": ""}
@@ -52,20 +58,21 @@ needs_systemd_analyze = pytest.mark.skipif(
 )
 
 
-def _local_command() -> str:
-    """An executable that exists here, to stand in for the installed agent in ExecStart=."""
-    console_script = Path(sys.executable).parent / "lineguard-agent"
+def _local_command(installed: str = INSTALLED_COMMAND) -> str:
+    """An executable that exists here, to stand in for the installed console script in ExecStart=."""
+    console_script = Path(sys.executable).parent / Path(installed).name
     if os.access(console_script, os.X_OK):
         return str(console_script)
     return shutil.which("true") or "/bin/true"
 
 
-def checkable_copy(unit_text: str, folder: Path, command: str | None = None) -> Path:
-    """`unit_text` saved as folder/lineguard-agent.service with ExecStart= naming `command` (default: one that exists)."""
-    assert f"ExecStart={INSTALLED_COMMAND} " in unit_text, "the unit no longer runs the installed console script"
+def checkable_copy(unit_text: str, folder: Path, command: str | None = None, *, unit: Path = UNIT) -> Path:
+    """`unit_text` saved as folder/<unit name> with ExecStart= naming `command` (default: one that exists)."""
+    installed = UNITS[unit]
+    assert f"ExecStart={installed} " in unit_text, "the unit no longer runs the installed console script"
     folder.mkdir(parents=True, exist_ok=True)
-    copy = folder / UNIT.name
-    copy.write_text(unit_text.replace(f"ExecStart={INSTALLED_COMMAND} ", f"ExecStart={command or _local_command()} "))
+    copy = folder / unit.name
+    copy.write_text(unit_text.replace(f"ExecStart={installed} ", f"ExecStart={command or _local_command(installed)} "))
     return copy
 
 
@@ -99,8 +106,9 @@ def exposure_level(unit: Path) -> float:
 
 
 @needs_systemd_analyze
-def test_the_unit_passes_systemd_analyze_verify_without_a_single_message(tmp_path):
-    assert verify_problems(checkable_copy(UNIT.read_text(), tmp_path)) == ""
+@pytest.mark.parametrize("unit", UNITS, ids=lambda unit: unit.stem)
+def test_the_unit_passes_systemd_analyze_verify_without_a_single_message(tmp_path, unit):
+    assert verify_problems(checkable_copy(unit.read_text(), tmp_path, unit=unit)) == ""
 
 
 @needs_systemd_analyze
@@ -126,8 +134,35 @@ def test_verify_reports_an_exec_start_that_does_not_exist(tmp_path):
 
 
 @needs_systemd_analyze
-def test_the_unit_exposure_level_is_at_most_2_0(tmp_path):
-    assert exposure_level(checkable_copy(UNIT.read_text(), tmp_path)) <= EXPOSURE_LIMIT
+@pytest.mark.parametrize("unit", UNITS, ids=lambda unit: unit.stem)
+def test_the_unit_exposure_level_is_at_most_2_0(tmp_path, unit):
+    assert exposure_level(checkable_copy(unit.read_text(), tmp_path, unit=unit)) <= EXPOSURE_LIMIT
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize(
+    ("directive", "mistake", "message"),
+    [
+        ("Type=notify", "Type=notfiy", "notfiy"),
+        ("WatchdogSec=5s", "WatchdogSec=five", "five"),
+        ("DeviceAllow=char-gpiochip rw", "DeviceAllow=char-gpiochip rwx", "rwx"),
+    ],
+)
+def test_verify_reports_a_deliberate_mistake_in_the_actuator_unit(tmp_path, directive, mistake, message):
+    text = ACTUATOR_UNIT.read_text()
+    assert f"\n{directive}\n" in text
+    copy = checkable_copy(text.replace(f"\n{directive}\n", f"\n{mistake}\n"), tmp_path, unit=ACTUATOR_UNIT)
+    assert message in verify_problems(copy)
+
+
+def test_the_actuator_unit_command_line_is_one_the_actuator_accepts_and_its_example_config_is_valid():
+    exec_start = next(line for line in ACTUATOR_UNIT.read_text().splitlines() if line.startswith("ExecStart="))
+    program, *arguments = shlex.split(exec_start.removeprefix("ExecStart="))
+    args = actuator_parser().parse_args(arguments)
+    assert program == UNITS[ACTUATOR_UNIT]
+    assert (args.command, args.config) == ("run", Path("/etc/lineguard/actuator.toml"))
+    config = load_actuator_config(ACTUATOR_TOML_EXAMPLE)
+    assert config.output.kind == "modbus-coil" and config.mode == "time"
 
 
 @needs_systemd_analyze

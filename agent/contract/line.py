@@ -131,4 +131,7 @@ class AgentStatus(Record):
     mqtt_queued: int = Field(0, ge=0, description="Messages held locally for the broker.")
     backend: Backend | None = None
     reason: Text = Field("", description="Why the agent is offline, where it is.")
+    deadline_ms: float | None = Field(
+        None, gt=0, description="decision.deadline_ms: every frame has its verdict this long after capture."
+    )
     ts: UnixTime = Field(description="When this status was written (for the last will: when the agent connected).")

@@ -65,6 +65,14 @@ CHANNELS: dict[str, Channel] = {
             True,
             "actuator -> anyone (last will: online false)",
         ),
+        Channel(
+            "actuator_probe",
+            "actuators/{actuator}/probe",
+            "raw bytes: a latency probe the actuator sends itself at start-up",
+            1,
+            False,
+            "actuator -> itself",
+        ),
     )
 }
 
@@ -83,6 +91,7 @@ _LEVEL_ROLES = {
     "camera": "camera",
     "transfer": "transfer id",
     "index": "chunk index",
+    "actuator": "actuator id",
 }
 _LEVEL_PATTERNS = {
     "line": _LEVEL,
@@ -146,6 +155,9 @@ class Topics:
 
     def actuator_status(self, actuator: str) -> str:
         return self.topic("actuator_status", actuator=actuator)
+
+    def actuator_probe(self, actuator: str) -> str:
+        return self.topic("actuator_probe", actuator=actuator)
 
     def status(self, agent: str) -> str:
         return self.topic("status", agent=agent)

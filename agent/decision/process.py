@@ -429,6 +429,7 @@ class DecisionLoop:
             mqtt_queued=self.publisher.queued,
             backend=None if engine is None else Backend(name=engine.backend[:32], detail=clip(engine.detail, 500)),
             reason=reason,
+            deadline_ms=self.config.decision.deadline_ms,
             ts=time.time(),
         )
 

@@ -128,6 +128,8 @@ def examples() -> dict[type[Record], Record]:
             parts=120,
             pulses=7,
             rejects={"reject": 6, "failsafe": 1},
+            late_verdicts=1,
+            bad_input=2,
             ts=1_764_000_000.0,
         ),
         SampleLabelResult: SampleLabelResult(

@@ -1,0 +1,99 @@
+"""opcua: write each result to the PLC's OPC UA server (handshake, result, reason, part id) and read its echo.
+
+Node types the PLC must declare: handshake and echo UInt16, result, reason and state Int16, part id UInt32.
+asyncua is imported here only, when this back end is built. A lost server is retried every second (state
+output-fault meanwhile); results whose due point passes meanwhile are reported late, never written late.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from typing import Any
+
+from ..config import ActuatorConfig
+from .base import OutputFault, OutputUnavailable
+from .handshake import HandshakeOutput, Result
+
+log = logging.getLogger(__name__)
+
+
+class OpcUaOutput(HandshakeOutput):
+    kind = "opcua"
+
+    def __init__(self, config: ActuatorConfig) -> None:
+        super().__init__(config)
+        try:
+            from asyncua import ua
+            from asyncua.sync import Client
+            from asyncua.ua.uaerrors import UaError
+        except ImportError as error:
+            msg = "output.kind opcua: asyncua is not installed; pip install 'lineguard[actuator]'"
+            raise OutputUnavailable(msg) from error
+        self.ua, self.config = ua, config.opcua
+        self._errors = (UaError, OSError, concurrent.futures.TimeoutError)
+        self._client_type = Client
+        self._client: Any = None
+        self._nodes: dict[str, Any] = {}
+
+    def _connected(self) -> Any:
+        if self._client is None:
+            client = self._client_type(self.config.endpoint, timeout=self.config.timeout_s)
+            try:
+                client.connect()
+            except self._errors as error:
+                msg = f"{self.config.endpoint}: cannot connect: {error}"
+                raise OutputFault(msg) from error
+            self._client = client
+            names = ("handshake", "result", "reason", "part", "echo", "state")
+            self._nodes = {name: client.get_node(getattr(self.config, f"{name}_node")) for name in names}
+        return self._client
+
+    def _variant(self, value: int, kind: str) -> Any:
+        return self.ua.DataValue(self.ua.Variant(value, getattr(self.ua.VariantType, kind)))
+
+    def _write(self, what: str, names: tuple[str, ...], values: list[Any]) -> None:
+        client = self._connected()
+        try:
+            client.write_values([self._nodes[name] for name in names], values)
+        except self._errors as error:
+            self._drop()
+            msg = f"{self.config.endpoint}: write {what} failed: {error}"
+            raise OutputFault(msg) from error
+
+    def _write_result(self, result: Result) -> None:
+        values = [
+            self._variant(result.result, "Int16"),
+            self._variant(result.reason, "Int16"),
+            self._variant(result.part_id, "UInt32"),
+            self._variant(result.handshake, "UInt16"),  # last: the PLC acts on a new handshake
+        ]
+        self._write("result", ("result", "reason", "part", "handshake"), values)
+
+    def _read_echo(self) -> int:
+        self._connected()
+        try:
+            return int(self._nodes["echo"].read_value())
+        except self._errors as error:
+            self._drop()
+            msg = f"{self.config.endpoint}: read {self.config.echo_node} failed: {error}"
+            raise OutputFault(msg) from error
+
+    def _write_state(self, code: int) -> None:
+        self._write("state", ("state",), [self._variant(code, "Int16")])
+
+    def _drop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.disconnect()
+            except self._errors as error:
+                log.debug("opcua: disconnect after a failure: %s", error)
+
+    def close(self) -> None:
+        if self._client is not None:
+            try:
+                self._write_state(0)
+            except OutputFault as error:
+                log.warning("opcua: could not write state 0 at close (the PLC's own watchdog must cover it): %s", error)
+        self._drop()
