@@ -117,7 +117,8 @@ def test_the_real_agent_and_actuator_pulse_once_per_non_accepted_part_and_fault_
         assert len(pulses) == len(rejected), (len(pulses), len(rejected))
         errors = [pulse - due for pulse, due in zip(pulses, rejected, strict=True)]
         assert all(-0.002 <= error < 0.1 for error in errors), errors
-        assert statuses(subscriber)[-1].parts == frames
+        # The retained status is published periodically: wait for the one that counts the last part.
+        assert subscriber.wait_until(lambda: statuses(subscriber)[-1].parts == frames, 10), statuses(subscriber)[-1]
 
         killed = time.monotonic()
         os.killpg(agent.pid, signal.SIGKILL)
