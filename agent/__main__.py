@@ -20,7 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .bundle import BundleError, Manifest, verify_bundle
+from .capture.sequence import SequenceError
 from .config import AgentConfig, ConfigError, load_config, read_worker_config, write_worker_config
+from .ring import RingRefused
 from .rollout.store import serving_bundle
 from .signing import KeyFileError, SignatureError, load_trusted_keys
 
@@ -142,7 +144,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         from .decision.process import run as run_decision
 
         return run_decision(config, stop)
-    except (BundleError, SignatureError, KeyFileError, ConfigError) as error:
+    except (BundleError, SignatureError, KeyFileError, ConfigError, RingRefused, SequenceError) as error:
         log.error("%s cannot start: %s", args.role, error)
         return EXIT_FATAL
 

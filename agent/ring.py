@@ -61,6 +61,10 @@ class RingError(Exception):
     """Layout mismatch, bad slot index, missing or foreign segment, bad arguments."""
 
 
+class RingRefused(RingError):
+    """A ring cannot be created because its name in /dev/shm belongs to someone else: not worth a restart."""
+
+
 class RingMissing(RingError):
     """The ring's shared-memory segment does not exist (not created yet, or deleted from /dev/shm)."""
 
@@ -211,7 +215,14 @@ class ShmRing:
     def _create_segment(name: str, size: int) -> _Segment:
         leftover = Path(_SHM_DIR) / name
         if leftover.exists():
-            leftover.unlink()
+            try:
+                leftover.unlink()
+            except OSError as error:
+                msg = (
+                    f"ring {name!r}: {leftover} exists and cannot be removed ({error.strerror}): another user made it? "
+                    f"Remove it as root, or run the agent under its systemd unit (a /dev/shm of its own)"
+                )
+                raise RingRefused(msg) from error
             log.warning("ring %r: removed a segment left in %s by an earlier run (did it crash?)", name, _SHM_DIR)
         free = shutil.disk_usage(_SHM_DIR).free
         if size > free:

@@ -347,3 +347,20 @@ def test_bad_slot_indexes_and_seqs_and_use_after_close_raise_ring_error(ring_nam
     ring.close()
     with pytest.raises(RingError, match="is closed"):
         ring.acquire(0, now_ns=0, reclaim_after_ns=1)
+
+
+def test_a_name_in_dev_shm_that_cannot_be_removed_is_a_named_refusal_not_a_crash_loop(ring_name):
+    from lineguard.agent.ring import RingRefused
+
+    # As root nothing in /dev/shm resists unlink; a folder of that name does, the way another user's file
+    # resists the agent's user (sticky /dev/shm).
+    (SHM / ring_name).mkdir()
+    (SHM / ring_name / "x").write_bytes(b"")
+    try:
+        with pytest.raises(
+            RingRefused, match=r"cannot be removed.*Remove it as root, or run the agent under its systemd unit"
+        ):
+            ShmRing.create(ring_name, slot_count=2, slot_shape=(4,), dtype="uint8")
+    finally:
+        (SHM / ring_name / "x").unlink()
+        (SHM / ring_name).rmdir()
