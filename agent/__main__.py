@@ -5,6 +5,7 @@
     lineguard-agent watch --config agent.toml [--count N]
     lineguard-agent activate --config agent.toml BUNDLE    (swap a new model in, with canary)
     lineguard-agent rollback --config agent.toml
+    lineguard-agent samples list|label|export --config agent.toml ...   (the sample store; see README)
 Exit codes: 0 clean stop, 1 a process kept failing, 2 bad configuration or bundle (message says the fix).
 """
 
@@ -164,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     watcher.add_argument("--count", type=int, default=10**9, help="stop after this many verdicts")
     watcher.add_argument("--timeout", type=float, default=3600.0, help="stop after this many seconds")
     watcher.set_defaults(handler=_cmd_watch)
+    from .samples.cli import add_samples_parser
+
+    add_samples_parser(commands)
     worker = commands.add_parser("worker", help=argparse.SUPPRESS)
     worker.add_argument("role", choices=("capture", "engine", "decision", "rollout"))
     worker.add_argument("camera", nargs="?", default="")

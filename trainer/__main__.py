@@ -48,7 +48,13 @@ def _stages(text: str) -> tuple[int, ...]:
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", type=Path, help="MVTec-style dataset folder or CSV manifest")
+    parser.add_argument(
+        "data",
+        type=Path,
+        nargs="+",
+        help="MVTec-style dataset folder or CSV manifest; more than one (the original, then exports of line "
+        "samples) are merged, each image keeping its split",
+    )
     parser.add_argument(
         "--calibration-fraction",
         type=float,
@@ -159,7 +165,10 @@ def _bundle_options(args: argparse.Namespace) -> pipeline.BundleOptions:
 
 
 def _data_options(args: argparse.Namespace) -> pipeline.DataOptions:
-    return pipeline.DataOptions(args.data, calibration_fraction=args.calibration_fraction, seed=args.seed)
+    first, *extra = args.data
+    return pipeline.DataOptions(
+        first, calibration_fraction=args.calibration_fraction, seed=args.seed, extra=tuple(extra)
+    )
 
 
 def _model_config(args: argparse.Namespace, *, strict: bool = True) -> pipeline.ModelConfig:
