@@ -20,6 +20,7 @@ from lineguard.agent.signing import KeyFileError, SignatureError, generate_key_p
 
 from . import pipeline
 from .backbone import BACKBONES
+from .calibrate import RateEstimate
 from .compare import compare_models
 from .errors import TrainerError
 from .models import model_kind
@@ -258,6 +259,27 @@ def _fmt(value: object) -> str:
     return f"{value:.4f}" if isinstance(value, float) else "—" if value is None else str(value)
 
 
+def _cmd_compare_bundles(args: argparse.Namespace) -> None:
+    from .compare_bundles import compare_bundles
+
+    result = compare_bundles(args.old, args.new, args.data, args.out, trusted_keys=args.trusted_key)
+    for name, facts, errors in (("old", result.old, result.overall.old), ("new", result.new, result.overall.new)):
+        print(
+            f"{name}  {facts.label:<32} threshold {facts.threshold:.4g}  false rejects {_rate(errors.false_rejects)}"
+            f"  escapes {_rate(errors.escapes)}"
+        )
+    print(f"changed  {len(result.changed)} of {len(result.images)} images changed verdict")
+    alarm = result.overall.escapes_rise and sys.stdout.isatty()
+    print(f"\033[1;31m{result.headline()}\033[0m" if alarm else result.headline())
+    print(f"page     {result.html_path}")
+
+
+def _rate(rate: RateEstimate | None) -> str:
+    if rate is None:
+        return "—"
+    return f"{rate.count}/{rate.total} ({100 * rate.rate:.1f} %, 95 % CI {100 * rate.low:.1f}-{100 * rate.high:.1f})"
+
+
 def _cmd_make_sample_data(args: argparse.Namespace) -> None:
     from .sample_data import SampleDataSpec, make_sample_dataset
 
@@ -344,6 +366,21 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--image-size", type=int, default=256)
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(handler=_cmd_make_sample_data)
+    versus = commands.add_parser(
+        "compare-bundles",
+        help="score two bundles on the same labelled images (e.g. an export of line samples): false rejects, "
+        "escapes, changed verdicts; a page and JSON",
+    )
+    versus.add_argument("old", type=Path, help="the bundle serving now")
+    versus.add_argument("new", type=Path, help="the candidate bundle")
+    versus.add_argument(
+        "--data", type=Path, nargs="+", required=True, help="labelled datasets (folders or CSV manifests)"
+    )
+    versus.add_argument("--out", type=Path, required=True, help="folder for compare.html and compare.json")
+    versus.add_argument(
+        "--trusted-key", type=Path, action="append", default=[], help="check both signatures against this public key"
+    )
+    versus.set_defaults(handler=_cmd_compare_bundles)
     keygen = commands.add_parser("keygen", help="make an Ed25519 key pair for signing bundles")
     keygen.add_argument("key", type=Path, help="private key path; the public key goes beside it as .pub")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing key")
