@@ -94,6 +94,20 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
     config = _config(args)
     command = _push_command(_operator_key(config), args.agent, allow_downgrade=args.allow_downgrade)
+    events: dict[str, ModelEvent] = {}  # transfer id -> the agent's event: it carries the shadow numbers
+    heard = threading.Event()
+
+    def keep_event(event: ModelEvent) -> None:
+        events[event.request_id] = event
+        heard.set()
+
+    topics = Topics(config.mqtt.topic_prefix)
+    listener = Subscription(
+        config.mqtt,
+        f"lineguard-deploy-{uuid.uuid4().hex[:8]}",
+        [topics.model_events(args.agent)],
+        _records(ModelEvent, keep_event),
+    )
     sender = BundleSender(config.mqtt)
     bar = tqdm(unit="B", unit_scale=True, desc=f"push to {args.agent}", disable=not sys.stderr.isatty())
 
@@ -106,13 +120,37 @@ def _cmd_push(args: argparse.Namespace) -> int:
         result = sender.send(
             args.bundle, agent_id=args.agent, timeout_s=args.timeout, progress=progress, command=command
         )
+        deadline = time.monotonic() + EVENT_WAIT_S  # the event follows the final ack at once
+        while result.transfer_id not in events and heard.wait(max(0.0, deadline - time.monotonic())):
+            heard.clear()
     finally:
         bar.close()
         sender.close()
+        listener.close()
     print(
         f"{result.model} accepted by {args.agent}: {result.reason} ({result.chunks_sent} chunks, {result.elapsed_s:.1f} s)"
     )
+    print(_shadow_line(events.get(result.transfer_id), result.model))
     return 0
+
+
+EVENT_WAIT_S = 5.0
+
+
+def _shadow_line(event: ModelEvent | None, model: str) -> str:
+    """What the agent's shadow scoring predicted for the reject rate, in one line."""
+    if event is None:
+        return f"shadow: no model event heard within {EVENT_WAIT_S:g} s; see the reason above"
+    shadow = event.shadow
+    if shadow is None:
+        return (
+            "shadow: none (the agent's engine.shadow_s is 0, or no frame arrived meanwhile): golden-image canary only"
+        )
+    before, after = 100 * shadow.serving_reject_rate, 100 * shadow.candidate_reject_rate
+    return (
+        f"shadow: {shadow.frames} live frames scored by both models: reject rate {before:.1f} % with the previous "
+        f"model -> {after:.1f} % predicted with {model} ({after - before:+.1f} points)"
+    )
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:

@@ -262,11 +262,18 @@ def _fmt(value: object) -> str:
 def _cmd_compare_bundles(args: argparse.Namespace) -> None:
     from .compare_bundles import compare_bundles
 
-    result = compare_bundles(args.old, args.new, args.data, args.out, trusted_keys=args.trusted_key)
+    result = compare_bundles(
+        args.old,
+        args.new,
+        args.data,
+        args.out,
+        trusted_keys=args.trusted_key,
+        close_call_margin=args.close_call_margin,
+    )
     for name, facts, errors in (("old", result.old, result.overall.old), ("new", result.new, result.overall.new)):
         print(
             f"{name}  {facts.label:<32} threshold {facts.threshold:.4g}  false rejects {_rate(errors.false_rejects)}"
-            f"  escapes {_rate(errors.escapes)}"
+            f"  escapes {_rate(errors.escapes)}  close calls {errors.close_calls}"
         )
     print(f"changed  {len(result.changed)} of {len(result.images)} images changed verdict")
     alarm = result.overall.escapes_rise and sys.stdout.isatty()
@@ -379,6 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     versus.add_argument("--out", type=Path, required=True, help="folder for compare.html and compare.json")
     versus.add_argument(
         "--trusted-key", type=Path, action="append", default=[], help="check both signatures against this public key"
+    )
+    versus.add_argument(
+        "--close-call-margin",
+        type=float,
+        default=0.2,
+        help="count goods accepted within this share of the way from median good score to threshold (as the "
+        "agent's samples.close_call_margin; default 0.2)",
     )
     versus.set_defaults(handler=_cmd_compare_bundles)
     keygen = commands.add_parser("keygen", help="make an Ed25519 key pair for signing bundles")

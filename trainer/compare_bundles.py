@@ -34,6 +34,7 @@ from .report import template_environment
 log = logging.getLogger(__name__)
 
 CONFIDENCE = 0.95
+CLOSE_CALL_MARGIN = 0.2  # the agent's default samples.close_call_margin
 ASSETS_DIR = "compare-assets"
 THUMB_PX = 160
 MAX_TILES = 120  # changed images shown on the page; compare.json lists them all
@@ -52,6 +53,8 @@ class ImageResult:
     new_score: float
     old_reject: bool
     new_reject: bool
+    old_close: bool  # accepted, but within the close-call margin below the old bundle's threshold
+    new_close: bool
 
     @property
     def change(self) -> str:
@@ -65,19 +68,25 @@ class ImageResult:
 
 @dataclass(frozen=True, slots=True)
 class Errors:
-    """One bundle on a set of images: false rejects among goods and escapes among defects (None: no such images)."""
+    """One bundle on a set of images: false rejects among goods and escapes among defects (None: no such images).
+
+    close_calls: goods it accepts within the close-call margin of its threshold, tomorrow's false rejects.
+    """
 
     false_rejects: RateEstimate | None
     escapes: RateEstimate | None
+    close_calls: int
 
     @classmethod
     def of(cls, results: Sequence[ImageResult], *, new: bool) -> Errors:
         goods = [r for r in results if r.label == 0]
         defects = [r for r in results if r.label == 1]
         rejected = (lambda r: r.new_reject) if new else (lambda r: r.old_reject)
+        close = (lambda r: r.new_close) if new else (lambda r: r.old_close)
         return cls(
             _rate(sum(map(rejected, goods)), len(goods)),
             _rate(sum(not rejected(r) for r in defects), len(defects)),
+            sum(map(close, goods)),
         )
 
 
@@ -113,6 +122,7 @@ class BundleComparison:
     groups: tuple[Group, ...]  # groups[0] is every image
     images: tuple[ImageResult, ...]
     signatures_checked: bool
+    close_call_margin: float
     json_path: Path
     html_path: Path
 
@@ -135,9 +145,22 @@ class BundleComparison:
 
 
 def compare_bundles(
-    old_dir: Path, new_dir: Path, data: Sequence[Path], out: Path, *, trusted_keys: Sequence[Path] = ()
+    old_dir: Path,
+    new_dir: Path,
+    data: Sequence[Path],
+    out: Path,
+    *,
+    trusted_keys: Sequence[Path] = (),
+    close_call_margin: float = CLOSE_CALL_MARGIN,
 ) -> BundleComparison:
-    """Score data with both bundles, write out/compare.json and out/compare.html; see the module docstring."""
+    """Score data with both bundles, write out/compare.json and out/compare.html; see the module docstring.
+
+    close_call_margin: as the agent's samples.close_call_margin, a share of the way from a bundle's median good
+    calibration score up to its threshold.
+    """
+    if not 0.0 <= close_call_margin <= 1.0:
+        msg = f"the close-call margin must be in [0, 1], got {close_call_margin}"
+        raise TrainerError(msg)
     keys = load_trusted_keys(trusted_keys)
     manifests = [verify_bundle(path, keys) if keys else read_checked_files(path) for path in (old_dir, new_dir)]
     samples, splits, kinds = _labelled_images(data)
@@ -145,6 +168,7 @@ def compare_bundles(
         _scores(path, manifest, samples) for path, manifest in zip((old_dir, new_dir), manifests, strict=True)
     )
     old_t, new_t = (manifest.threshold.value for manifest in manifests)
+    old_floor, new_floor = (_close_call_floor(manifest, close_call_margin) for manifest in manifests)
     images = tuple(
         ImageResult(
             file=str(sample.path),
@@ -156,6 +180,8 @@ def compare_bundles(
             new_score=float(new),
             old_reject=bool(old >= old_t),
             new_reject=bool(new >= new_t),
+            old_close=bool(old_floor <= old < old_t),
+            new_close=bool(new_floor <= new < new_t),
         )
         for sample, split, old, new in zip(samples, splits, old_scores, new_scores, strict=True)
     )
@@ -165,6 +191,7 @@ def compare_bundles(
         groups=_groups(images),
         images=images,
         signatures_checked=bool(keys),
+        close_call_margin=close_call_margin,
         json_path=out / "compare.json",
         html_path=out / "compare.html",
     )
@@ -202,6 +229,11 @@ def _scores(bundle_dir: Path, manifest: Manifest, samples: Sequence[Sample]) -> 
     images = load_images(tuple(samples), height=spec.height, width=spec.width, channels=spec.channels)
     scores, _ = run_onnx(cpu_session(bundle_dir / manifest.model.onnx_file), images)
     return np.asarray(scores, np.float32)
+
+
+def _close_call_floor(manifest: Manifest, margin: float) -> float:
+    """The lowest score the agent would keep as a close call (agent/samples/policy.py), for this bundle."""
+    return manifest.threshold.value - margin * manifest.score_normalisation.scale / 2.0
 
 
 def _facts(path: Path, manifest: Manifest) -> BundleFacts:
@@ -244,6 +276,7 @@ def _document(result: BundleComparison) -> dict[str, object]:
         "new": asdict(result.new),
         "confidence": CONFIDENCE,
         "signatures_checked": result.signatures_checked,
+        "close_call_margin": result.close_call_margin,
         "escapes_rise": result.overall.escapes_rise,
         "headline": result.headline(),
         "groups": [group(each) for each in result.groups],

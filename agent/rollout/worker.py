@@ -30,7 +30,7 @@ from ..messages import Heartbeat
 from ..mqtt import MqttPublisher, Subscription
 from ..samples.labels import LabelListener
 from ..signing import KeyFileError, SignatureError, load_trusted_keys
-from .receiver import BundleReceiver
+from .receiver import BundleOutcome, BundleReceiver
 from .staging import StagingLimits
 from .store import ModelStoreError
 from .swap import activate, rollback
@@ -105,14 +105,14 @@ class RolloutWorker:
             return str(error)
         return ""
 
-    def _on_bundle(self, path: Path, meta: TransferMeta) -> tuple[bool, str]:
+    def _on_bundle(self, path: Path, meta: TransferMeta) -> BundleOutcome:
         allow_downgrade = meta.command is not None and meta.command.allow_downgrade
         try:
-            outcome = activate(self.config, path, allow_downgrade=allow_downgrade)
+            activation = activate(self.config, path, allow_downgrade=allow_downgrade)
         except _REFUSALS as error:
             log.warning("push %s refused: %s", meta.transfer_id, error)
-            return False, str(error)
-        return True, outcome
+            return BundleOutcome(False, str(error))
+        return BundleOutcome(True, activation.summary, activation.shadow)
 
     def _on_message(self, topic: str, payload: bytes, properties: object) -> None:
         """paho's thread: decode and queue; never blocks, never raises."""
