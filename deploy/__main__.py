@@ -103,7 +103,8 @@ def _cmd_push(args: argparse.Namespace) -> int:
     heard = threading.Event()
 
     def keep_event(event: ModelEvent) -> None:
-        events[event.request_id] = event
+        if event.request_id not in events or event.shadow is not None:  # a repeated verdict never hides the shadow
+            events[event.request_id] = event
         heard.set()
 
     topics = Topics(config.mqtt.topic_prefix)

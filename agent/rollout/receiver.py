@@ -90,6 +90,7 @@ class BundleReceiver:
         self._last_drop_log = -DROP_LOG_INTERVAL_S
         staging_dir.mkdir(parents=True, exist_ok=True)
         self._transfers = _load_staged(staging_dir, self._limits)  # only the worker thread touches it after this
+        self._shadows: dict[str, ShadowResult] = {}  # transfer id -> its swap's shadow numbers, while it is kept
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self._inbox_bytes = 0
         self._lock = threading.Lock()  # guards _inbox_bytes
@@ -229,7 +230,8 @@ class BundleReceiver:
                 self._answer_meta(current)
                 return
             if current.meta.push_id == meta.push_id:  # the same push asking again: repeat the verdict
-                self._publish_verdict(topics, current, current.state, current.reason)
+                shadow = self._shadows.get(meta.transfer_id)
+                self._publish_verdict(topics, current, current.state, current.reason, shadow=shadow)
                 return
         if problem := self._refusal(meta):  # before anything on disk changes: unsigned traffic touches nothing
             self._publish_verdict(topics, None, "failed", problem, model=meta.model)
@@ -307,6 +309,8 @@ class BundleReceiver:
         _remove(incoming.archive)
         _remove(incoming.bundle)
         incoming.save()  # only transfer.json stays, until the sweep: a sender asking again gets the verdict
+        if shadow is not None:
+            self._shadows[incoming.meta.transfer_id] = shadow
         topics = self._topics.push(self._agent_id, incoming.meta.transfer_id)
         self._publish_verdict(topics, incoming, state, reason, shadow=shadow)
 
@@ -328,6 +332,7 @@ class BundleReceiver:
     def _discard(self, incoming: _Incoming) -> None:
         _remove(incoming.folder)
         self._transfers.pop(incoming.meta.transfer_id, None)
+        self._shadows.pop(incoming.meta.transfer_id, None)
 
     def _refusal(self, meta: TransferMeta) -> str:
         """Why a new transfer is refused: the operator's authority first, then the staging limits."""
