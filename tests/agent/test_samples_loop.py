@@ -30,7 +30,11 @@ pytestmark = pytest.mark.slow
 AGENT = f"agent-{os.getpid()}"  # the same id test_pipeline's write_config gives: rings in /dev/shm are named after it
 TOPICS = Topics("lineguard")
 PER_CLASS = 6
+# A generous ring and deadline (the CI machine is shared): a failsafe here would be the machine, not the store.
 SAMPLES = f"""
+[ring]
+slots = 64
+
 [samples]
 max_per_class = {PER_CLASS}
 close_call_margin = 0.3
@@ -60,7 +64,7 @@ def line_frames(sample_root: Path, folder: Path) -> dict[int, tuple[str, str]]:
 
 
 def agent_config(tmp_path, broker, trained_work, signing_key, folder, *, loop: bool, extra: str = "") -> Path:
-    config = write_config(tmp_path, broker, trained_work, signing_key, folder, fps=15, loop=loop, deadline_ms=2000)
+    config = write_config(tmp_path, broker, trained_work, signing_key, folder, fps=8, loop=loop, deadline_ms=3000)
     config.write_text(config.read_text() + SAMPLES + extra)
     return config
 
