@@ -5,7 +5,8 @@
 Expects `./run demo`'s first half: demo-out/data/<category> (sample data), demo-out/<category>/bundle
 (a signed bundle) and demo-out/keys/trainer.pub. Starts a throwaway broker on a free loopback port,
 `lineguard-agent run` on the category's test images, and `lineguard-agent watch` until every frame
-has its verdict; then stops both.
+has its verdict; then the sample store's loop (scripts/demo_samples.py: a line out of focus, its samples
+labelled, exported, retrained on, compared and pushed); then stops both.
 """
 
 from __future__ import annotations
@@ -100,7 +101,11 @@ def main() -> int:
             [bin_dir / "lineguard-agent", "watch", "--config", str(config), "--count", str(frames), "--timeout", "120"],
             check=False,
         )
-        return watched.returncode
+        if watched.returncode != 0:
+            return watched.returncode
+        from demo_samples import run_sample_loop  # the sample store's loop: samples -> labels -> retrain -> push
+
+        return run_sample_loop(args.out, args.category, port, bin_dir)
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(timeout=30)
