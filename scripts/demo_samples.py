@@ -149,55 +149,19 @@ def run_sample_loop(out: Path, category: str, port: int, bin_dir: Path) -> int:
     say("retraining on the original data plus the export")
     new_work = out / f"{category}-2"
     shutil.rmtree(new_work, ignore_errors=True)
-    command(
-        bin_dir,
-        "lineguard-train",
-        "run",
-        data,
-        export,
-        "--out",
-        new_work,
-        "--sign-key",
-        out / "keys" / "trainer.pem",
-        "--model-id",
-        f"{category}-patchcore",
-        "--model-version",
-        "2.0.0",
-    )
+    keys = out / "keys"
+    retrain = ["run", data, export, "--out", new_work, "--sign-key", keys / "trainer.pem"]
+    command(bin_dir, "lineguard-train", *retrain, "--model-id", f"{category}-patchcore")
     say("comparing the serving bundle with the new one on the line's images")
-    command(
-        bin_dir,
-        "lineguard-train",
-        "compare-bundles",
-        old_bundle,
-        new_work / "bundle",
-        "--data",
-        export,
-        "--out",
-        new_work / "compare",
-        "--trusted-key",
-        out / "keys" / "trainer.pub",
-        "--close-call-margin",
-        "0.3",
-    )
+    versus = ["compare-bundles", old_bundle, new_work / "bundle", "--data", export, "--out", new_work / "compare"]
+    command(bin_dir, "lineguard-train", *versus, "--trusted-key", keys / "trainer.pub", "--close-call-margin", "0.3")
     say("pushing the new bundle to the agent, restarted on the looping line with 5 s of shadow scoring")
     config = write_config(out, old_bundle, port, out / "top" / "line", loop=True, shadow_s=5)
     agent = start_agent(bin_dir, config, out / "top" / "agent.log")
     try:
-        time.sleep(12)  # started, and frames flowing
-        pushed = command(
-            bin_dir,
-            "lineguard-deploy",
-            "push",
-            new_work / "bundle",
-            "--agent",
-            AGENT,
-            "--port",
-            str(port),
-            "--operator-key",
-            out / "keys" / "operator.pem",
-            check=False,
-        )
+        command(bin_dir, "lineguard-agent", "watch", "--config", config, "--count", "20", "--timeout", "120")
+        push = ["push", new_work / "bundle", "--agent", AGENT, "--port", str(port)]
+        pushed = command(bin_dir, "lineguard-deploy", *push, "--operator-key", keys / "operator.pem", check=False)
     finally:
         stop_agent(agent)
     say(f"page: {new_work / 'compare' / 'compare.html'}; export README: {out / 'top' / 'export' / 'README.md'}")
