@@ -108,7 +108,10 @@ class SampleStore:
 
     def __init__(self, root: Path, budgets: Budgets) -> None:
         self.root, self.budgets = root, budgets
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # inspection goes on without samples; each one is dropped and counted
+            log.error("sample store %s cannot be created (%s); samples are dropped until it can", root, error)
         # (camera, kind) -> {sample_id: (seq, bytes)}, oldest (lowest seq) first
         self._index: dict[tuple[str, str], OrderedDict[str, tuple[int, int]]] = {}
         self._scan()
@@ -139,7 +142,11 @@ class SampleStore:
         folder = kind_dir(self.root, camera, sample.kind)
         files = _files_of(sample)
         needed = sum(len(data) for data in files.values())
-        free = shutil.disk_usage(self.root).free
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError as error:
+            msg = f"cannot read the free space under {self.root}: {error}"
+            raise SampleStoreError(msg) from error
         if free - needed < self.budgets.min_free_bytes:
             msg = f"only {free / 2**20:.0f} MiB free under {self.root}, samples.min_free_bytes is {self.budgets.min_free_bytes / 2**20:.0f} MiB"
             raise SampleStoreError(msg)

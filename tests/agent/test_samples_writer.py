@@ -122,6 +122,29 @@ def test_a_sample_that_cannot_be_written_is_dropped_and_counted(loop_with_sample
     assert loop.samples.drops["write-failed"] == 1 and publisher.verdicts()[0].verdict == "reject"
 
 
+def test_with_full_roi_the_roi_at_camera_resolution_is_kept_too(loop_with_samples):
+    loop, publisher, sender, capture = loop_with_samples(full_roi=True)
+    ready = capture.frame(3)
+    sender.send(ready)
+    sender.send(scored(ready, 5.0))
+    run_until(loop, publisher, 1)
+    loop.samples.close()
+    info = stored(loop.config)[3]
+    roi = read_image(info.path / "roi.png")
+    assert info.meta.roi and info.meta.roi_box == (0, 0, 32, 32) and roi.shape == (32, 32) and (roi == 3).all()
+
+
+def test_a_store_that_cannot_be_created_drops_samples_and_decisions_go_on(loop_with_samples, tmp_path):
+    (tmp_path / "not-a-folder").write_text("x")
+    loop, publisher, sender, capture = loop_with_samples(dir=tmp_path / "not-a-folder" / "samples")
+    ready = capture.frame(1)
+    sender.send(ready)
+    sender.send(scored(ready, 5.0))
+    run_until(loop, publisher, 1)
+    loop.samples.close()
+    assert publisher.verdicts()[0].verdict == "reject" and loop.samples.drops["write-failed"] == 1
+
+
 def test_a_full_queue_drops_new_samples_instead_of_waiting(loop_config, capture_side):
     config = with_samples(loop_config(), queue_length=1)
     capture = capture_side(config)
