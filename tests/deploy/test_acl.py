@@ -243,7 +243,9 @@ def test_the_operator_pushes_to_each_agent_and_only_that_agent_receives_it(clien
         assert clients[agent].received(meta(other)) == []
 
 
-def test_an_agent_hears_the_labels_for_its_own_samples_only(broker: MosquittoBroker, clients: dict[str, Client]) -> None:
+def test_an_agent_hears_the_labels_for_its_own_samples_only(
+    broker: MosquittoBroker, clients: dict[str, Client]
+) -> None:
     listeners = {agent: Client(broker, agent) for agent in ("agent-1", "agent-2")}
     for client in listeners.values():
         assert client.subscribe(T.sample_label("+"))[0].value == 1  # granted; delivery is filtered by the ACL
