@@ -6,8 +6,9 @@ it like any worker. A label is stored only when it is signed by a key in samples
 rollout.operator_keys, names this agent, was issued within rollout.command_max_age_s of the agent's clock and
 carries a nonce not seen before (kept in <samples>/label-nonces.json, apart from the model commands' nonces).
 Every label gets a SampleLabelResult (stored, or refused with the reason) on `<prefix>/<agent>/samples/events`.
-Input is bounded: the contract caps a label at 4 KiB, at most LABEL_QUEUE wait, and every dropped one is
-counted and logged at most once every DROP_LOG_INTERVAL_S.
+Input is bounded: the contract caps a label at 4 KiB, at most LABEL_QUEUE wait, refusals are answered and
+logged up to REFUSALS_PER_MINUTE, and every dropped one is counted and logged at most once every
+DROP_LOG_INTERVAL_S.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from ..contract import ContractError, LabelKind, ModelCommand, SampleLabel, Samp
 from ..mqtt import MqttPublisher, Subscription
 from ..signing import load_trusted_keys
 from .files import NONCE_FILE, SampleFileError, StoredLabel, find_sample, write_label
+from .ratelimit import RateLimit
 from .store import samples_root
 
 log = logging.getLogger(__name__)
 
 LABEL_QUEUE = 64
 DROP_LOG_INTERVAL_S = 10.0
+REFUSALS_PER_MINUTE = 600  # answered and logged; past this, refusals are only counted (a flood of forged labels)
 
 
 class LabelError(Exception):
@@ -98,6 +101,7 @@ class LabelListener:
             config.agent_id, keys, self.root / NONCE_FILE, max_age_s=config.rollout.command_max_age_s
         )
         self.dropped = self.stored = self.refused = 0
+        self._refusal_budget = RateLimit(REFUSALS_PER_MINUTE)
         self._last_drop_log = -DROP_LOG_INTERVAL_S
         self._labels: queue.Queue[SampleLabel | None] = queue.Queue(maxsize=LABEL_QUEUE)
         self._runner = threading.Thread(target=self._run, name="sample-labels", daemon=True)
@@ -149,7 +153,10 @@ class LabelListener:
             )
         except (CommandRefused, LabelError) as error:
             self.refused += 1
-            self._answer(label, "refused", str(error))
+            if self._refusal_budget.allow():
+                self._answer(label, "refused", str(error))
+            else:
+                self._drop(f"refused sample label {label.request_id} unanswered, over {REFUSALS_PER_MINUTE} a minute")
             return
         self.stored += 1
         kind = f"nok ({label.defect_type})" if label.defect_type else label.label

@@ -34,32 +34,13 @@ from ..model_input import InputMismatch, Preprocessor
 from ..mqtt import MqttPublisher
 from ..ring import AttachedRings, RingError
 from .policy import SamplePolicy
+from .ratelimit import RateLimit
 from .store import Budgets, NewSample, SampleStore, SampleStoreError, samples_root
 
 log = logging.getLogger(__name__)
 
 DROP_LOG_INTERVAL_S = 10.0
 Overlay = Callable[..., bytes]  # decision.heatmap.render_heatmap(view, map, *, low, high, image_format)
-
-
-class RateLimit:
-    """A token bucket: at most `per_minute` samples in any minute, refilled evenly, bursts up to a minute's worth."""
-
-    def __init__(self, per_minute: int, *, clock: Callable[[], float] = time.monotonic) -> None:
-        if per_minute < 1:
-            msg = f"per_minute must be >= 1, got {per_minute}"
-            raise ValueError(msg)
-        self.capacity, self._clock = float(per_minute), clock
-        self._tokens, self._last = float(per_minute), clock()
-
-    def allow(self) -> bool:
-        now = self._clock()
-        self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.capacity / 60.0)
-        self._last = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
 
 
 class SampleMetrics:

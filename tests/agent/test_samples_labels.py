@@ -117,3 +117,15 @@ def test_malformed_labels_are_dropped_and_counted_without_an_answer(labelling):
     assert events.wait_until(lambda: len(results(events)) == 1, 10)
     time.sleep(0.2)
     assert listener.dropped == 3 and results(events)[0].request_id == marker.request_id
+
+
+def test_a_flood_of_refused_labels_is_answered_only_up_to_its_budget_then_counted(labelling):
+    from lineguard.agent.samples.ratelimit import RateLimit
+
+    _config, listener, sender, events, _keys = labelling
+    listener._refusal_budget = RateLimit(2)  # REFUSALS_PER_MINUTE is 600: the same rule, smaller
+    for _ in range(5):
+        send(sender, new_label(AGENT, "top-1", "ok", by="eve").encode())  # unsigned: refused
+    assert events.wait_until(lambda: listener.refused == 5, 10)
+    time.sleep(0.3)
+    assert len(results(events)) == 2 and listener.dropped == 3

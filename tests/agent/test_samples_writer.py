@@ -23,7 +23,8 @@ from lineguard.agent.ipc import Sender, endpoint
 from lineguard.agent.messages import FrameFailed
 from lineguard.agent.ring import AttachedRings
 from lineguard.agent.samples.files import VIEW_FILE, read_sample, sample_folders
-from lineguard.agent.samples.writer import RateLimit, SampleSink
+from lineguard.agent.samples.ratelimit import RateLimit
+from lineguard.agent.samples.writer import SampleSink
 from lineguard.trainer.data import read_image
 
 # manifest(): threshold 1.0, scale 2.0 -> median good score 0.0; margin 0.2 makes scores from 0.8 close calls.
