@@ -5,6 +5,7 @@
     lineguard-agent watch --config agent.toml [--count N]
     lineguard-agent activate --config agent.toml BUNDLE    (swap a new model in, with canary)
     lineguard-agent rollback --config agent.toml
+    lineguard-agent samples list|label|export --config agent.toml ...   (the sample store; see README)
 Exit codes: 0 clean stop, 1 a process kept failing, 2 bad configuration or bundle (message says the fix).
 """
 
@@ -175,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="this agent's health at a glance (exit 0 ok, 1 degraded, 2 failing)")
     status.add_argument("--config", type=Path, help="the running agent's agent.toml")
     status.set_defaults(handler=_cmd_status)
+    from .samples.cli import add_samples_parser
+
+    add_samples_parser(commands)
     worker = commands.add_parser("worker", help=argparse.SUPPRESS)
     worker.add_argument("role", choices=("capture", "engine", "decision", "rollout"))
     worker.add_argument("camera", nargs="?", default="")

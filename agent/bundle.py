@@ -279,6 +279,21 @@ def read_verified(bundle_dir: Path, manifest: Manifest, relative: str) -> bytes:
     return data
 
 
+def read_checked_files(bundle_dir: Path) -> Manifest:
+    """The manifest of a bundle whose files all match their digests; its signature is NOT checked.
+
+    For offline work on a trainer's machine (comparing bundles) when no trusted key is at hand; agents always
+    use verify_bundle.
+    """
+    manifest_path = bundle_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+        msg = f"{bundle_dir} is not a model bundle: {MANIFEST_FILE} is missing"
+        raise BundleError(msg)
+    manifest = parse_manifest(manifest_path.read_bytes(), source=str(manifest_path))
+    _check_files(bundle_dir, manifest)
+    return manifest
+
+
 def _check_files(bundle_dir: Path, manifest: Manifest) -> None:
     # Only the top-level manifest and signature are exempt: a manifest.json in a subfolder must be listed too.
     exempt = {MANIFEST_FILE, SIGNATURE_FILE}
@@ -323,6 +338,7 @@ __all__ = [
     "file_sha256",
     "manifest_json",
     "parse_manifest",
+    "read_checked_files",
     "read_verified",
     "verify_bundle",
     "version_key",

@@ -176,6 +176,57 @@ class RolloutConfig(_Section):
     )
 
 
+class SamplesConfig(_Section):
+    """The sample store (agent/samples): which verdicts keep their frame, how much disk they may take."""
+
+    enabled: bool = Field(
+        True, description="Keep samples of verdicts (rejects, failsafes, close calls, random accepts)."
+    )
+    dir: Path | None = Field(None, description="Where samples are stored; None = <state_dir>/samples.")
+    close_call_margin: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="Accepts scoring within this share of the way from the calibration's median good score up to "
+        "the threshold are kept as close calls (0.2 = the last fifth; 0 = none).",
+    )
+    random_one_in: int = Field(
+        200, ge=0, description="Keep a pseudo-random 1 in N of the other accepts (per camera); 0 = none."
+    )
+    max_per_class: int = Field(
+        500,
+        ge=1,
+        description="Samples kept per camera and class (reject, failsafe, close-call, random); the oldest unlabelled go first.",
+    )
+    max_bytes_per_class: int = Field(
+        256 * 2**20, ge=2**20, description="Bytes kept per camera and class; the oldest unlabelled samples go first."
+    )
+    max_per_minute: int = Field(
+        60, ge=1, description="Samples written per camera per minute at most; more are dropped and counted."
+    )
+    min_free_bytes: int = Field(
+        1 * 2**30,
+        ge=0,
+        description="A sample is not written when its file system would have less free space than this.",
+    )
+    full_roi: bool = Field(
+        False, description="Also keep the full ROI at camera resolution (PNG; large: copied on the decision thread)."
+    )
+    queue_length: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="Samples waiting for the writer thread; when full, new ones are dropped and counted.",
+    )
+    thumbnail_px: int = Field(
+        160, ge=32, le=256, description="Longer side of the JPEG thumbnail announced on MQTT with each sample."
+    )
+    label_keys: tuple[Path, ...] = Field(
+        (),
+        description="Public keys (.pub) of people allowed to label samples over MQTT; rollout.operator_keys may too.",
+    )
+
+
 class MetricsConfig(_Section):
     port: int = Field(9108, ge=0, le=65535, description="Prometheus metrics HTTP port; 0 = off.")
     host: str = Field("127.0.0.1", description="Address the metrics server listens on.")
@@ -217,6 +268,7 @@ class AgentConfig(TomlSettings):
     decision: DecisionConfig = Field(default_factory=DecisionConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    samples: SamplesConfig = Field(default_factory=SamplesConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @model_validator(mode="after")

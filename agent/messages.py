@@ -137,12 +137,19 @@ class SwapModel:
 
 @dataclass(frozen=True, slots=True)
 class SwapResult:
-    """engine -> model manager: whether the swap happened; `model` is what serves now."""
+    """engine -> model manager: whether the swap happened; `model` is what serves now.
+
+    shadow_frames > 0: live frames both models scored before the swap (engine.shadow_s), with how many each
+    would have rejected at its own threshold: the predicted change of the reject rate.
+    """
 
     request_id: str
     ok: bool
     model: str
     reason: str
+    shadow_frames: int = 0
+    serving_rejects: int = 0
+    candidate_rejects: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
     lineguard-deploy push BUNDLE --agent ID      transfer in checksummed chunks (resumable), wait for the verdict
     lineguard-deploy rollback --agent ID [--to MODEL]   the agent swaps back to its previous model (or MODEL)
+    lineguard-deploy label LABEL SAMPLE_ID... --agent ID   label samples the agent stored (ok, nok, unsure)
     lineguard-deploy status [--agent ID]         retained status of the agents on the broker
     lineguard-deploy list                        agents seen on the broker
     lineguard-deploy keygen KEY                  Ed25519 signing key pair
@@ -14,6 +15,7 @@ Exit codes: 0 done, 2 refused or bad input (the reason is printed), 3 no answer 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import threading
@@ -34,6 +36,8 @@ from lineguard.agent.contract import (
     ModelCommand,
     ModelEvent,
     Record,
+    SampleLabel,
+    SampleLabelResult,
     Topics,
     TransferMeta,
     clip,
@@ -42,6 +46,7 @@ from lineguard.agent.contract import (
 from lineguard.agent.mqtt import MqttError, Subscription
 from lineguard.agent.mqtt.client import OnMessage
 from lineguard.agent.rollout.wire import ArchiveError, TransferError
+from lineguard.agent.samples.labels import new_label
 from lineguard.agent.signing import KeyFileError, generate_key_pair, key_id, load_private_key, load_public_key
 from lineguard.deploy.config import DeployConfig, load_deploy_config
 from lineguard.deploy.sender import BundleSender
@@ -94,6 +99,21 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
     config = _config(args)
     command = _push_command(_operator_key(config), args.agent, allow_downgrade=args.allow_downgrade)
+    events: dict[str, ModelEvent] = {}  # transfer id -> the agent's event: it carries the shadow numbers
+    heard = threading.Event()
+
+    def keep_event(event: ModelEvent) -> None:
+        if event.request_id not in events or event.shadow is not None:  # a repeated verdict never hides the shadow
+            events[event.request_id] = event
+        heard.set()
+
+    topics = Topics(config.mqtt.topic_prefix)
+    listener = Subscription(
+        config.mqtt,
+        f"lineguard-deploy-{uuid.uuid4().hex[:8]}",
+        [topics.model_events(args.agent)],
+        _records(ModelEvent, keep_event),
+    )
     sender = BundleSender(config.mqtt)
     bar = tqdm(unit="B", unit_scale=True, desc=f"push to {args.agent}", disable=not sys.stderr.isatty())
 
@@ -106,13 +126,37 @@ def _cmd_push(args: argparse.Namespace) -> int:
         result = sender.send(
             args.bundle, agent_id=args.agent, timeout_s=args.timeout, progress=progress, command=command
         )
+        deadline = time.monotonic() + EVENT_WAIT_S  # the event follows the final ack at once
+        while result.transfer_id not in events and heard.wait(max(0.0, deadline - time.monotonic())):
+            heard.clear()
     finally:
         bar.close()
         sender.close()
+        listener.close()
     print(
         f"{result.model} accepted by {args.agent}: {result.reason} ({result.chunks_sent} chunks, {result.elapsed_s:.1f} s)"
     )
+    print(_shadow_line(events.get(result.transfer_id), result.model))
     return 0
+
+
+EVENT_WAIT_S = 5.0
+
+
+def _shadow_line(event: ModelEvent | None, model: str) -> str:
+    """What the agent's shadow scoring predicted for the reject rate, in one line."""
+    if event is None:
+        return f"shadow: no model event heard within {EVENT_WAIT_S:g} s; see the reason above"
+    shadow = event.shadow
+    if shadow is None:
+        return (
+            "shadow: none (the agent's engine.shadow_s is 0, or no frame arrived meanwhile): golden-image canary only"
+        )
+    before, after = 100 * shadow.serving_reject_rate, 100 * shadow.candidate_reject_rate
+    return (
+        f"shadow: {shadow.frames} live frames scored by both models: reject rate {before:.1f} % with the previous "
+        f"model -> {after:.1f} % predicted with {model} ({after - before:+.1f} points)"
+    )
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
@@ -128,6 +172,51 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
         return EXIT_TIMEOUT
     print(f"{args.agent}: {answer.outcome}: {answer.reason}")
     return 0 if answer.outcome == "accepted" else EXIT_REFUSED
+
+
+def _cmd_label(args: argparse.Namespace) -> int:
+    config = _config(args)
+    key = _operator_key(config)
+    labels = [
+        sign_command(new_label(args.agent, sample_id, args.label, by=args.by, defect_type=args.defect_type), key)
+        for sample_id in args.sample_ids
+    ]
+    answers = _ask_labels(config, labels, args.timeout)
+    refused = 0
+    for label in labels:
+        answer = answers.get(label.request_id)
+        if answer is None:
+            print(f"{label.sample_id}: no answer from {args.agent} within {args.timeout:.0f} s", file=sys.stderr)
+            continue
+        refused += answer.outcome != "stored"
+        print(f"{label.sample_id}: {answer.outcome}: {answer.reason}")
+    if len(answers) < len(labels):
+        return EXIT_TIMEOUT
+    return EXIT_REFUSED if refused else 0
+
+
+def _ask_labels(config: DeployConfig, labels: list[SampleLabel], timeout_s: float) -> dict[str, SampleLabelResult]:
+    """Publish signed labels; the agent's answers by request id (those heard within timeout_s)."""
+    topics = Topics(config.mqtt.topic_prefix)
+    agent = labels[0].agent_id
+    wanted = {label.request_id for label in labels}
+    answers: dict[str, SampleLabelResult] = {}
+    done = threading.Event()
+
+    def keep(result: SampleLabelResult) -> None:
+        if result.request_id in wanted:
+            answers[result.request_id] = result
+            if len(answers) == len(wanted):
+                done.set()
+
+    client_id = f"lineguard-deploy-{uuid.uuid4().hex[:8]}"
+    with Subscription(
+        config.mqtt, client_id, [topics.sample_events(agent)], _records(SampleLabelResult, keep)
+    ) as listener:
+        for label in labels:
+            listener.publish(topics.sample_label(agent), label.encode(), qos=1).wait_for_publish(10)
+        done.wait(timeout_s)
+    return answers
 
 
 R = TypeVar("R", bound=Record)
@@ -240,13 +329,26 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument(
         "--to", default="", metavar="MODEL", help="model id@version to go back to (default: previous)"
     )
+    labeller = commands.add_parser("label", help="label samples an agent stored (signed, like a push)")
+    labeller.add_argument("label", choices=("ok", "nok", "unsure"))
+    labeller.add_argument("sample_ids", nargs="+", metavar="SAMPLE_ID")
+    labeller.add_argument("--agent", required=True)
+    labeller.add_argument("--defect-type", default="", help="for nok: e.g. crack, scratch (a-z, 0-9, _ and -)")
+    labeller.add_argument("--by", default=os.environ.get("USER", "operator")[:64] or "operator", help="who labels")
+    labeller.add_argument("--timeout", type=float, default=30.0)
     status = commands.add_parser("status", help="retained status of one agent or all")
     status.add_argument("--agent")
     listing = commands.add_parser("list", help="agents seen on the broker")
-    for sub, handler in ((push, _cmd_push), (rollback, _cmd_rollback), (status, _cmd_status), (listing, _cmd_list)):
+    for sub, handler in (
+        (push, _cmd_push),
+        (rollback, _cmd_rollback),
+        (labeller, _cmd_label),
+        (status, _cmd_status),
+        (listing, _cmd_list),
+    ):
         _add_broker_arguments(sub)
         sub.set_defaults(handler=handler)
-    for sub in (push, rollback):
+    for sub in (push, rollback, labeller):
         sub.add_argument("--operator-key", type=Path, help="Ed25519 key that signs (default LINEGUARD_OPERATOR_KEY)")
     for sub in (status, listing):
         sub.add_argument("--wait", type=float, default=1.5, help="seconds to collect retained messages")

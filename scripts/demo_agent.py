@@ -6,7 +6,8 @@ Expects `./run demo`'s first half: demo-out/data/<category> (sample data), demo-
 (a signed bundle) and demo-out/keys/trainer.pub. Starts a throwaway broker on a free loopback port,
 `lineguard-agent run` on the category's test images, `lineguard-agent watch` until every frame
 has its verdict, and a reject gate (scripts/demo_actuator.py: lineguard-actuator on a simulated
-Modbus I/O block) that prints a line per pulse; then stops them all.
+Modbus I/O block) that prints a line per pulse; then the sample store's loop (scripts/demo_samples.py:
+a line out of focus, its samples labelled, exported, retrained on, compared and pushed); then stops them all.
 """
 
 from __future__ import annotations
@@ -105,7 +106,11 @@ def main() -> int:
             check=False,
         )
         gate.finish()
-        return watched.returncode
+        if watched.returncode != 0:
+            return watched.returncode
+        from demo_samples import run_sample_loop  # the sample store's loop: samples -> labels -> retrain -> push
+
+        return run_sample_loop(args.out, args.category, port, bin_dir)
     finally:
         gate.close()
         agent.send_signal(signal.SIGTERM)

@@ -20,6 +20,7 @@ from lineguard.agent.signing import KeyFileError, SignatureError, generate_key_p
 
 from . import pipeline
 from .backbone import BACKBONES
+from .calibrate import RateEstimate
 from .compare import VARIANTS, compare_models
 from .errors import TrainerError
 from .models import model_kind
@@ -48,7 +49,13 @@ def _stages(text: str) -> tuple[int, ...]:
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", type=Path, help="MVTec-style dataset folder or CSV manifest")
+    parser.add_argument(
+        "data",
+        type=Path,
+        nargs="+",
+        help="MVTec-style dataset folder or CSV manifest; more than one (the original, then exports of line "
+        "samples) are merged, each image keeping its split",
+    )
     parser.add_argument(
         "--calibration-fraction",
         type=float,
@@ -165,7 +172,10 @@ def _bundle_options(args: argparse.Namespace) -> pipeline.BundleOptions:
 
 
 def _data_options(args: argparse.Namespace) -> pipeline.DataOptions:
-    return pipeline.DataOptions(args.data, calibration_fraction=args.calibration_fraction, seed=args.seed)
+    first, *extra = args.data
+    return pipeline.DataOptions(
+        first, calibration_fraction=args.calibration_fraction, seed=args.seed, extra=tuple(extra)
+    )
 
 
 def _model_config(args: argparse.Namespace, *, strict: bool = True) -> pipeline.ModelConfig:
@@ -266,6 +276,34 @@ def _fmt(value: object) -> str:
     return f"{value:.4f}" if isinstance(value, float) else "—" if value is None else str(value)
 
 
+def _cmd_compare_bundles(args: argparse.Namespace) -> None:
+    from .compare_bundles import compare_bundles
+
+    result = compare_bundles(
+        args.old,
+        args.new,
+        args.data,
+        args.out,
+        trusted_keys=args.trusted_key,
+        close_call_margin=args.close_call_margin,
+    )
+    for name, facts, errors in (("old", result.old, result.overall.old), ("new", result.new, result.overall.new)):
+        print(
+            f"{name}  {facts.label:<32} threshold {facts.threshold:.4g}  false rejects {_rate(errors.false_rejects)}"
+            f"  escapes {_rate(errors.escapes)}  close calls {errors.close_calls}"
+        )
+    print(f"changed  {len(result.changed)} of {len(result.images)} images changed verdict")
+    alarm = result.overall.escapes_rise and sys.stdout.isatty()
+    print(f"\033[1;31m{result.headline()}\033[0m" if alarm else result.headline())
+    print(f"page     {result.html_path}")
+
+
+def _rate(rate: RateEstimate | None) -> str:
+    if rate is None:
+        return "—"
+    return f"{rate.count}/{rate.total} ({100 * rate.rate:.1f} %, 95 % CI {100 * rate.low:.1f}-{100 * rate.high:.1f})"
+
+
 def _cmd_make_sample_data(args: argparse.Namespace) -> None:
     from .sample_data import SampleDataSpec, make_sample_dataset
 
@@ -352,6 +390,28 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--image-size", type=int, default=256)
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(handler=_cmd_make_sample_data)
+    versus = commands.add_parser(
+        "compare-bundles",
+        help="score two bundles on the same labelled images (e.g. an export of line samples): false rejects, "
+        "escapes, changed verdicts; a page and JSON",
+    )
+    versus.add_argument("old", type=Path, help="the bundle serving now")
+    versus.add_argument("new", type=Path, help="the candidate bundle")
+    versus.add_argument(
+        "--data", type=Path, nargs="+", required=True, help="labelled datasets (folders or CSV manifests)"
+    )
+    versus.add_argument("--out", type=Path, required=True, help="folder for compare.html and compare.json")
+    versus.add_argument(
+        "--trusted-key", type=Path, action="append", default=[], help="check both signatures against this public key"
+    )
+    versus.add_argument(
+        "--close-call-margin",
+        type=float,
+        default=0.2,
+        help="count goods accepted within this share of the way from median good score to threshold (as the "
+        "agent's samples.close_call_margin; default 0.2)",
+    )
+    versus.set_defaults(handler=_cmd_compare_bundles)
     keygen = commands.add_parser("keygen", help="make an Ed25519 key pair for signing bundles")
     keygen.add_argument("key", type=Path, help="private key path; the public key goes beside it as .pub")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing key")

@@ -108,7 +108,7 @@ def compare_models(
         )
         rows.append(measure(work, name, pipeline.kind_of(config), out))
     result = ComparisonResult(tuple(rows), pick_line(rows), out / "comparison.json", out / "comparison.html")
-    document = {"dataset": str(data.path), "threshold_method": threshold, "cpu": cpu_facts(), "pick": result.pick}
+    document = {"dataset": data.describe(), "threshold_method": threshold, "cpu": cpu_facts(), "pick": result.pick}
     models = [asdict(row) for row in rows]
     result.json_path.write_text(
         json.dumps({**document, "models": models}, indent=2, ensure_ascii=False) + "\n", "utf-8"

@@ -6,13 +6,17 @@ MVTec-style layout (masks optional; `calibration/` optional, HALCON calls it val
     DATA/calibration/<good|defect-type>/*.png   DATA/calibration_ground_truth/<defect-type>/<stem>_mask.png
 CSV manifest: a header `path,label[,mask][,split]`; label ok|nok; split train|calibration|test;
 paths relative to the CSV's folder.
+Several datasets merge into one (merge_datasets: the original plus exports of line samples): each image
+keeps its split, each dataset keeps its own image size, and the digest covers all of them.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +37,16 @@ _MASK_FOLDERS = {"test": "ground_truth", "calibration": "calibration_ground_trut
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """One image of a split. label: 0 = ok, 1 = nok; defect_type is "good" for ok images."""
+    """One image of a split. label: 0 = ok, 1 = nok; defect_type is "good" for ok images.
+
+    source: which dataset of a merge the image comes from (0 = the first); images of one source share a size.
+    """
 
     path: Path
     label: int
     defect_type: str
     mask_path: Path | None = None
+    source: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +59,7 @@ class Dataset:
     calibration: tuple[Sample, ...]
     test: tuple[Sample, ...]
     notes: tuple[str, ...] = ()
+    parts: tuple[Dataset, ...] = ()  # the datasets a merge was made of (merge_datasets); empty otherwise
 
     def split(self, name: str) -> tuple[Sample, ...]:
         if name not in SPLITS:
@@ -59,8 +68,15 @@ class Dataset:
         return getattr(self, name)
 
     def digest(self) -> str:
-        """sha256 over every split, relative path, label and file content: names the exact data."""
+        """sha256 over every split, relative path, label and file content: names the exact data.
+
+        A merge: sha256 over its parts' names and digests, in order.
+        """
         hasher = hashlib.sha256()
+        if self.parts:
+            for part in self.parts:
+                hasher.update(f"{part.name}\t{part.digest()}\n".encode())
+            return hasher.hexdigest()
         for split_name in SPLITS:
             for sample in self.split(split_name):
                 relative = sample.path.relative_to(self.root) if sample.path.is_relative_to(self.root) else sample.path
@@ -69,12 +85,19 @@ class Dataset:
 
 
 def discover_dataset(
-    path: Path, *, calibration_fraction: float = 0.5, seed: int = 0, allow_train_defects: bool = False
+    path: Path,
+    *,
+    calibration_fraction: float = 0.5,
+    seed: int = 0,
+    allow_train_defects: bool = False,
+    partial: bool = False,
 ) -> Dataset:
     """Read an MVTec-style folder or a CSV manifest; derive a calibration split if there is none.
 
     Labelled defects in the train split (CSV rows `nok,train` or train/<defect-type>/ folders) are
     refused unless allow_train_defects: only semi-supervised models (FCDD) learn from them.
+    partial: a dataset merged into another (an export of line samples) may lack splits and folders;
+    it needs one image somewhere.
     """
     if not path.exists():
         msg = f"dataset {path} does not exist: pass an MVTec-style folder or a CSV manifest"
@@ -85,24 +108,63 @@ def discover_dataset(
     if path.is_file():
         dataset = _read_csv_manifest(path, calibration_fraction, seed)
     else:
-        dataset = _read_mvtec_folder(path, calibration_fraction, seed)
+        dataset = _read_mvtec_folder(path, calibration_fraction, seed, partial=partial)
+    if partial:
+        if not (dataset.train or dataset.calibration or dataset.test):
+            msg = f"{path} holds no images in train/, calibration/ or test/"
+            raise DatasetError(msg)
+        return dataset
+    check_complete(dataset, str(path), allow_train_defects=allow_train_defects)
+    return dataset
+
+
+def check_complete(dataset: Dataset, where: str, *, allow_train_defects: bool) -> None:
+    """DatasetError unless train and test hold images, train holds goods, and defects only where allowed."""
     for split_name in ("train", "test"):
         if not dataset.split(split_name):
-            msg = f"{path}: the {split_name} split holds no images"
+            msg = f"{where}: the {split_name} split holds no images"
             raise DatasetError(msg)
     if not allow_train_defects and any(s.label == 1 for s in dataset.train):
         msg = (
-            f"{path}: the train split holds defect (nok) images; one-class models learn from good images only: "
+            f"{where}: the train split holds defect (nok) images; one-class models learn from good images only: "
             "move them to calibration/test, or train fcdd, which can use a few labelled defects"
         )
         raise DatasetError(msg)
     if not any(s.label == 0 for s in dataset.train):
-        msg = f"{path}: the train split holds no good (ok) images"
+        msg = f"{where}: the train split holds no good (ok) images"
         raise DatasetError(msg)
-    return dataset
 
 
-def _read_mvtec_folder(root: Path, calibration_fraction: float, seed: int) -> Dataset:
+def merge_datasets(datasets: Sequence[Dataset], *, allow_train_defects: bool = False) -> Dataset:
+    """One dataset of several (the original first): every image keeps its split and is tagged with its source.
+
+    The merge must be complete as one dataset would (check_complete); each part keeps its own notes.
+    """
+    if len(datasets) == 1:
+        return datasets[0]
+    splits: dict[str, list[Sample]] = {name: [] for name in SPLITS}
+    notes = [f"Merged {len(datasets)} datasets; each image keeps its split:"]
+    for source, part in enumerate(datasets):
+        for name in SPLITS:
+            splits[name] += [dataclasses.replace(sample, source=source) for sample in part.split(name)]
+        counts = ", ".join(f"{len(part.split(name))} {name}" for name in SPLITS)
+        notes.append(f"{part.name} ({part.root}): {counts}. " + " ".join(part.notes))
+    merged = Dataset(
+        "+".join(part.name for part in datasets),
+        datasets[0].root,
+        train=tuple(splits["train"]),
+        calibration=tuple(splits["calibration"]),
+        test=tuple(splits["test"]),
+        notes=tuple(notes),
+        parts=tuple(datasets),
+    )
+    check_complete(merged, merged.name, allow_train_defects=allow_train_defects)
+    return merged
+
+
+def _read_mvtec_folder(root: Path, calibration_fraction: float, seed: int, *, partial: bool = False) -> Dataset:
+    if partial:
+        return _read_partial_folder(root, calibration_fraction, seed)
     if not (root / "train" / GOOD).is_dir():
         msg = (
             f"{root} has no train/good folder: an MVTec-style dataset needs DATA/train/good/ with good images "
@@ -127,6 +189,23 @@ def _read_mvtec_folder(root: Path, calibration_fraction: float, seed: int) -> Da
             f"of test/ ({len(calibration)} images); the test metrics use the other {len(test)}."
         )
     return Dataset(root.name, root, train, calibration, test, tuple(notes))
+
+
+def _read_partial_folder(root: Path, calibration_fraction: float, seed: int) -> Dataset:
+    """An MVTec-style folder whose train/, calibration/ or test/ may be missing (an export of line samples)."""
+    if not root.is_dir():
+        msg = f"{root} is neither a folder nor a CSV manifest"
+        raise DatasetError(msg)
+    train_dirs = sorted(p for p in (root / "train").iterdir() if p.is_dir()) if (root / "train").is_dir() else []
+    train = tuple(Sample(p, 0 if d.name == GOOD else 1, d.name) for d in train_dirs for p in _images_in(d))
+    test = _read_labelled_folder(root, "test") if (root / "test").is_dir() else ()
+    if (root / "calibration").is_dir():
+        calibration = _read_labelled_folder(root, "calibration")
+        notes = ("Calibration split: the dataset's calibration/ folder.",)
+    else:
+        calibration, test = stratified_split(test, calibration_fraction, seed)
+        notes = (f"No calibration/ folder: a seeded (seed {seed}) stratified {calibration_fraction:.0%} of test/.",)
+    return Dataset(root.name, root, train, calibration, test, notes)
 
 
 def _read_labelled_folder(root: Path, split_name: str) -> tuple[Sample, ...]:
@@ -301,17 +380,19 @@ def load_images(
 ) -> np.ndarray:
     """(N, height, width, channels) uint8 model input, by the agent's rule (agent/model_input.py).
 
-    source_size: (h, w) every image must have; defaults to the first image's size. Mixed sizes
-    are refused: a line camera delivers one size, and the model must see it the same way.
+    source_size: (h, w) every image of the first source must have; defaults to its first image's size.
+    Mixed sizes within a source are refused: a line camera delivers one size, and the model must see it the
+    same way. Each other source of a merge (Sample.source) must be of one size too, its own.
     """
     out = np.empty((len(samples), height, width, channels), np.uint8)
+    sizes: dict[int, tuple[int, int]] = {0: source_size} if source_size else {}
     for index, sample in enumerate(samples):
         image = read_image(sample.path)
-        source_size = source_size or image.shape[:2]
-        if image.shape[:2] != source_size:
+        expected = sizes.setdefault(sample.source, image.shape[:2])
+        if image.shape[:2] != expected:
             msg = (
                 f"image {sample.path} is {image.shape[1]}x{image.shape[0]}, but this dataset's images are "
-                f"{source_size[1]}x{source_size[0]}: crop or resize all images to one size, or split the dataset"
+                f"{expected[1]}x{expected[0]}: crop or resize all images to one size, or split the dataset"
             )
             raise DatasetError(msg)
         to_model_input(image, pixel_format=decoded_format(image), input_shape=(height, width, channels), out=out[index])
@@ -335,10 +416,11 @@ def load_masks(
         if mask is None:
             msg = f"cannot read mask {sample.mask_path}: replace it with an 8-bit PNG (0 = ok, 255 = defect)"
             raise DatasetError(msg)
-        if mask.shape != source_size:
+        image_size = source_size if sample.source == 0 else read_image(sample.path).shape[:2]
+        if mask.shape != image_size:
             msg = (
                 f"mask {sample.mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                f"{source_size[1]}x{source_size[0]}: masks must match their images pixel for pixel"
+                f"{image_size[1]}x{image_size[0]}: masks must match their images pixel for pixel"
             )
             raise DatasetError(msg)
         masks[index] = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST) > 127

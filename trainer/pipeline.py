@@ -36,6 +36,7 @@ from .data import (
     discover_dataset,
     load_images,
     load_masks,
+    merge_datasets,
     read_image,
 )
 from .errors import TrainerError
@@ -58,11 +59,22 @@ ModelConfig = PatchCoreConfig | FastFlowConfig | FcddConfig
 
 @dataclass(frozen=True, slots=True)
 class DataOptions:
-    """Where the data is and how splits are derived when the dataset has no calibration split."""
+    """Where the data is and how splits are derived when the dataset has no calibration split.
+
+    extra: more datasets merged into the first (exports of line samples), each image keeping its split.
+    """
 
     path: Path
     calibration_fraction: float = 0.5
     seed: int = 0
+    extra: tuple[Path, ...] = ()
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        return (self.path, *self.extra)
+
+    def describe(self) -> str:
+        return " + ".join(str(path) for path in self.paths)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,12 +154,17 @@ def config_of(model: torch.nn.Module) -> ModelConfig:
 
 
 def _discover(data: DataOptions, kind: ModelKind | None = None) -> Dataset:
-    return discover_dataset(
-        data.path,
-        calibration_fraction=data.calibration_fraction,
-        seed=data.seed,
-        allow_train_defects=kind is None or kind.uses_defects,
+    allow_defects = kind is None or kind.uses_defects
+    first = discover_dataset(
+        data.path, calibration_fraction=data.calibration_fraction, seed=data.seed, allow_train_defects=allow_defects
     )
+    if not data.extra:
+        return first
+    extra = [
+        discover_dataset(path, calibration_fraction=data.calibration_fraction, seed=data.seed, partial=True)
+        for path in data.extra
+    ]
+    return merge_datasets([first, *extra], allow_train_defects=allow_defects)
 
 
 def _training_images(
@@ -194,7 +211,7 @@ def fit(data: DataOptions, work: Workdir, config: ModelConfig, *, progress: bool
         work.training_file,
         {
             "model": kind.name,
-            "dataset": {"name": dataset.name, "path": str(data.path), "digest": dataset.digest()},
+            "dataset": {"name": dataset.name, "path": data.describe(), "digest": dataset.digest()},
             "n_train": len(dataset.train),
             "source_size": list(source_shape),
             "train_seconds": round(train_seconds, 2),

@@ -36,6 +36,7 @@ from ..model_input import Preprocessor
 from ..mqtt import MqttPublisher
 from ..ring import AttachedRings, RingError
 from ..rollout.store import serving_bundle, store_root
+from ..samples.writer import SampleSink
 from ..signing import load_trusted_keys
 from .health import Assessment, CameraHealth, VerdictWindow, assess
 from .heatmap import render_heatmap
@@ -107,6 +108,14 @@ class DecisionLoop:
         self.duplicates = 0
         self.window = VerdictWindow(config.decision.health_window_s)
         self._last_health = "ok"
+        # -- samples hook (agent/samples): which verdicts keep their frame, written off this thread --
+        self.samples = (
+            SampleSink(
+                config, rings=self.rings, publisher=publisher, overlay=render_heatmap, registry=self.metrics.registry
+            )
+            if config.samples.enabled
+            else None
+        )
 
     # receive, act, send
     def step(self) -> None:
@@ -200,7 +209,9 @@ class DecisionLoop:
             threshold=self._threshold(manifest),
             min_defect_area_px=self.config.decision.min_defect_area_px,
         )
-        self._publish_verdict(entry.ready, decision, scored)
+        record = self._publish_verdict(entry.ready, decision, scored)
+        if self.samples is not None:  # samples hook: before the frame's slot is released
+            self.samples.offer(record, ready=entry.ready, anomaly_map=anomaly_map, manifest=manifest)
         if self._wants_heatmap(scored.camera, decision) and anomaly_map is not None:
             self._publish_heatmap(entry.ready, anomaly_map)
         self._release_map(scored)
@@ -245,7 +256,7 @@ class DecisionLoop:
                 self._publish_failsafe(FrameRef.of(entry.ready), reason, cause=cause)
             self._release_frame(entry.ready)
 
-    def _publish_verdict(self, ready: FrameReady, decision: Decision, scored: Scored) -> None:
+    def _publish_verdict(self, ready: FrameReady, decision: Decision, scored: Scored) -> Verdict:
         now = time.monotonic_ns()
         latency = Latency(
             capture_to_engine=_ms(scored.t_engine_start_ns - ready.t_capture_ns),
@@ -260,12 +271,16 @@ class DecisionLoop:
         if cause is not None:
             self.metrics.failsafes.labels(ready.camera, cause).inc()
         score = scored.score if np.isfinite(scored.score) else None
-        self._send_verdict(FrameRef.of(ready), decision.verdict, decision.reason, cause, score, scored.model, latency)
+        return self._send_verdict(
+            FrameRef.of(ready), decision.verdict, decision.reason, cause, score, scored.model, latency
+        )
 
     def _publish_failsafe(self, frame: FrameRef, reason: str, *, cause: str) -> None:
         self.metrics.failsafes.labels(frame.camera, cause).inc()
         latency = Latency(total=_ms(time.monotonic_ns() - frame.t_capture_ns))
-        self._send_verdict(frame, "failsafe", reason, cause, None, self.model_label, latency)
+        record = self._send_verdict(frame, "failsafe", reason, cause, None, self.model_label, latency)
+        if self.samples is not None:  # samples hook: failsafes keep their record and reason
+            self.samples.offer(record)
 
     def _send_verdict(
         self,
@@ -276,7 +291,7 @@ class DecisionLoop:
         score: float | None,
         model: str,
         latency: Latency,
-    ) -> None:
+    ) -> Verdict:
         record = Verdict(
             agent_id=self.config.agent_id,
             line=self.config.line,
@@ -300,6 +315,7 @@ class DecisionLoop:
         self.metrics.verdicts.labels(frame.camera, verdict).inc()
         self._frame_counts[frame.camera] = self._frame_counts.get(frame.camera, 0) + 1
         self.window.add(frame.camera, time.monotonic(), cause)
+        return record
 
     def _wants_heatmap(self, camera: str, decision: Decision) -> bool:
         mode = self.config.decision.heatmap
@@ -443,6 +459,8 @@ class DecisionLoop:
         self._expire(time.monotonic_ns() + 10**15)  # anything left: failsafe now, never silence
 
     def close(self) -> None:
+        if self.samples is not None:  # samples hook: write what is queued while the publisher still runs
+            self.samples.close()
         self.rings.close()
         self.inbox.close()
         self.to_supervisor.close()

@@ -100,6 +100,11 @@ class ServingModel:
     def threshold(self) -> float:
         return self.manifest.threshold.value
 
+    @property
+    def score_scale(self) -> float:
+        """Twice the distance from the calibration's median good score to the threshold (score_normalisation)."""
+        return self.manifest.score_normalisation.scale
+
     def infer(self, frames: np.ndarray) -> Inference:
         """frames: (N, H, W, C) uint8 at the input size, N <= max_batch -> scores (N,), maps on request."""
         return self.backend.infer(frames)

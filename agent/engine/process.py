@@ -29,6 +29,7 @@ from ..messages import EngineStatus, FrameReady, Heartbeat, Scored, ScoreFailed
 from ..model_input import InputMismatch, Preprocessor
 from ..ring import AttachedRings, RingError, RingMissing, ShmRing, StaleSlotError
 from ..rollout.store import serving_bundle
+from ..samples.policy import SamplePolicy
 from .backends import Inference, RingRegion, SlotAddress
 from .model import ServingModel, load_serving_model
 from .swap import ModelChanges
@@ -76,6 +77,8 @@ class EngineLoop:
         self._next_heartbeat = 0.0
         self._next_status = 0.0
         self.unreadable: dict[str, tuple[float, str]] = {}  # camera -> (since, why) its ring cannot be read
+        # samples hook (agent/samples): the maps of close calls and random picks are kept with their samples
+        self.sample_policy = SamplePolicy.of(config.samples, config.agent_id) if config.samples.enabled else None
 
     def step(self) -> None:
         self._collect()
@@ -184,6 +187,12 @@ class EngineLoop:
             min_defect_area_px=decision.min_defect_area_px,
             heatmap=decision.heatmap,
         )
+        if self.sample_policy is not None:  # samples hook: close calls and random picks need their maps too
+            frames = [(job.ready.camera, job.ready.seq) for job in jobs]
+            kept = self.sample_policy.map_rows(
+                inference.scores, frames, threshold=threshold, scale=self.model.score_scale
+            )
+            rows = sorted({*rows, *kept})
         if not rows:
             return {}
         maps = inference.maps(rows)

@@ -85,11 +85,12 @@ class ModelChanges:
         summary = shadow.summary(serving)
         serving.close()
         log.info("swapped model: %s -> %s (%s)", serving.label, shadow.candidate.label, summary)
-        self._reply(shadow.request, ok=True, model=shadow.candidate.label, reason=summary)
+        self._reply(shadow.request, ok=True, model=shadow.candidate.label, reason=summary, shadow=shadow)
         return shadow.candidate
 
-    def _reply(self, request: SwapModel, *, ok: bool, model: str, reason: str) -> None:
-        self.to_manager.send(SwapResult(request.request_id, ok=ok, model=model, reason=reason))
+    def _reply(self, request: SwapModel, *, ok: bool, model: str, reason: str, shadow: Shadow | None = None) -> None:
+        counts = (shadow.frames, shadow.serving_rejects, shadow.candidate_rejects) if shadow else (0, 0, 0)
+        self.to_manager.send(SwapResult(request.request_id, ok, model, reason, *counts))
 
     def close(self) -> None:
         self.control.close()

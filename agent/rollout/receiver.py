@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as mqtt
 
@@ -24,6 +24,7 @@ from lineguard.agent.contract import (
     ContractError,
     ModelEvent,
     PushTopics,
+    ShadowResult,
     Topics,
     TransferAck,
     TransferMeta,
@@ -41,7 +42,15 @@ DROP_LOG_INTERVAL_S = 10.0
 log = logging.getLogger(__name__)
 
 
-OnBundle = Callable[[Path, TransferMeta], tuple[bool, str]]
+class BundleOutcome(NamedTuple):
+    """on_bundle's answer: accepted or not, why, and the shadow phase's numbers when there was one."""
+
+    ok: bool
+    reason: str
+    shadow: ShadowResult | None = None
+
+
+OnBundle = Callable[[Path, TransferMeta], tuple[bool, str] | BundleOutcome]
 Admit = Callable[[TransferMeta], str]  # why a new transfer is refused before anything is staged; "" = admitted
 
 
@@ -81,6 +90,7 @@ class BundleReceiver:
         self._last_drop_log = -DROP_LOG_INTERVAL_S
         staging_dir.mkdir(parents=True, exist_ok=True)
         self._transfers = _load_staged(staging_dir, self._limits)  # only the worker thread touches it after this
+        self._shadows: dict[str, ShadowResult] = {}  # transfer id -> its swap's shadow numbers, while it is kept
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self._inbox_bytes = 0
         self._lock = threading.Lock()  # guards _inbox_bytes
@@ -220,7 +230,8 @@ class BundleReceiver:
                 self._answer_meta(current)
                 return
             if current.meta.push_id == meta.push_id:  # the same push asking again: repeat the verdict
-                self._publish_verdict(topics, current, current.state, current.reason)
+                shadow = self._shadows.get(meta.transfer_id)
+                self._publish_verdict(topics, current, current.state, current.reason, shadow=shadow)
                 return
         if problem := self._refusal(meta):  # before anything on disk changes: unsigned traffic touches nothing
             self._publish_verdict(topics, None, "failed", problem, model=meta.model)
@@ -284,18 +295,24 @@ class BundleReceiver:
             self._conclude(incoming, "failed", f"bundle archive refused: {error}")
             return
         try:
-            ok, reason = self._on_bundle(incoming.bundle, incoming.meta)
+            outcome = BundleOutcome(*self._on_bundle(incoming.bundle, incoming.meta))
         except Exception as error:  # the agent's code: its failure is this push's verdict, not the receiver's end
             log.exception("on_bundle failed on transfer %s", incoming.meta.transfer_id)
-            ok, reason = False, f"on_bundle failed: {type(error).__name__}: {error}"
-        self._conclude(incoming, "received" if ok else "failed", str(reason))
+            outcome = BundleOutcome(False, f"on_bundle failed: {type(error).__name__}: {error}")
+        state: TransferState = "received" if outcome.ok else "failed"
+        self._conclude(incoming, state, str(outcome.reason), shadow=outcome.shadow)
 
-    def _conclude(self, incoming: _Incoming, state: TransferState, reason: str) -> None:
+    def _conclude(
+        self, incoming: _Incoming, state: TransferState, reason: str, *, shadow: ShadowResult | None = None
+    ) -> None:
         incoming.state, incoming.reason, incoming.updated_unix_s = state, reason, time.time()
         _remove(incoming.archive)
         _remove(incoming.bundle)
         incoming.save()  # only transfer.json stays, until the sweep: a sender asking again gets the verdict
-        self._publish_verdict(self._topics.push(self._agent_id, incoming.meta.transfer_id), incoming, state, reason)
+        if shadow is not None:
+            self._shadows[incoming.meta.transfer_id] = shadow
+        topics = self._topics.push(self._agent_id, incoming.meta.transfer_id)
+        self._publish_verdict(topics, incoming, state, reason, shadow=shadow)
 
     def _sweep(self) -> None:
         """Install transfers staged whole before a restart; fail and remove those idle for transfer_timeout_s."""
@@ -315,6 +332,7 @@ class BundleReceiver:
     def _discard(self, incoming: _Incoming) -> None:
         _remove(incoming.folder)
         self._transfers.pop(incoming.meta.transfer_id, None)
+        self._shadows.pop(incoming.meta.transfer_id, None)
 
     def _refusal(self, meta: TransferMeta) -> str:
         """Why a new transfer is refused: the operator's authority first, then the staging limits."""
@@ -345,7 +363,14 @@ class BundleReceiver:
         self._client.publish(topics.ack, ack.encode(), qos=1)
 
     def _publish_verdict(
-        self, topics: PushTopics, incoming: _Incoming | None, state: TransferState, reason: str, *, model: str = ""
+        self,
+        topics: PushTopics,
+        incoming: _Incoming | None,
+        state: TransferState,
+        reason: str,
+        *,
+        model: str = "",
+        shadow: ShadowResult | None = None,
     ) -> None:
         """The final answer on the ack topic and, as a ModelEvent, on the agent's model events topic."""
         received, count = (len(incoming.received), incoming.meta.chunk_count) if incoming else (0, 0)
@@ -361,6 +386,7 @@ class BundleReceiver:
             model=model,
             serving=model if state == "received" else "",
             reason=reason,
+            shadow=shadow,
             ts=time.time(),
         )
         self._client.publish(self._topics.model_events(self._agent_id), event.encode(), qos=1)

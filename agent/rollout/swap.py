@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 
 from ..bundle import BundleError, Manifest, version_key
 from ..config import AgentConfig
+from ..contract import ShadowResult
 from ..ipc import Receiver, Sender, endpoint
 from ..messages import SwapModel, SwapResult
 from ..signing import load_trusted_keys
@@ -58,7 +60,30 @@ def _store(config: AgentConfig) -> ModelStore:
     return store
 
 
-def activate(config: AgentConfig, bundle_dir: Path, *, allow_downgrade: bool = False) -> str:
+@dataclass(frozen=True, slots=True)
+class Activation:
+    """A model that now serves: its label, what happened in words (canary, shadow), and the shadow numbers."""
+
+    label: str
+    summary: str
+    shadow: ShadowResult | None
+
+    def __str__(self) -> str:
+        return self.summary
+
+
+def shadow_of(result: SwapResult) -> ShadowResult | None:
+    """The shadow phase of a swap as the contract's record; None when no live frame was shadow-scored."""
+    if result.shadow_frames <= 0:
+        return None
+    return ShadowResult(
+        frames=result.shadow_frames,
+        serving_reject_rate=result.serving_rejects / result.shadow_frames,
+        candidate_reject_rate=result.candidate_rejects / result.shadow_frames,
+    )
+
+
+def activate(config: AgentConfig, bundle_dir: Path, *, allow_downgrade: bool = False) -> Activation:
     """Install, swap and record a new model; returns what happened (label, canary and shadow results).
 
     Refused (BundleError/SignatureError, saying why) when the bundle is not signed by a trusted key, is not
@@ -81,7 +106,8 @@ def activate(config: AgentConfig, bundle_dir: Path, *, allow_downgrade: bool = F
         raise BundleError(msg)
     store.activate(label)
     log.info("%s is serving: %s", label, result.reason)
-    return f"{label} is serving: {result.reason}" if result.reason else f"{label} is serving"
+    summary = f"{label} is serving: {result.reason}" if result.reason else f"{label} is serving"
+    return Activation(label, summary, shadow_of(result))
 
 
 def _check_targets(config: AgentConfig, manifest: Manifest) -> None:

@@ -28,8 +28,9 @@ from ..contract import ContractError, ModelCommand, ModelEvent, Topics, Transfer
 from ..ipc import Sender, endpoint
 from ..messages import Heartbeat
 from ..mqtt import MqttPublisher, Subscription
+from ..samples.labels import LabelListener
 from ..signing import KeyFileError, SignatureError, load_trusted_keys
-from .receiver import BundleReceiver
+from .receiver import BundleOutcome, BundleReceiver
 from .staging import StagingLimits
 from .store import ModelStoreError
 from .swap import activate, rollback
@@ -87,6 +88,8 @@ class RolloutWorker:
         self._listener = Subscription(
             config.mqtt, f"{base_id}-commands", [self.topics.model_command(config.agent_id)], self._on_message
         )
+        # Sample labels are operator input too: heard here, off the frame path (agent/samples/labels.py).
+        self.labels = LabelListener(config, self.publisher) if config.samples.enabled else None
 
     def _admit(self, meta: TransferMeta) -> str:
         """The receiver's thread: why a new transfer is refused before anything is staged ("" = admitted)."""
@@ -102,14 +105,14 @@ class RolloutWorker:
             return str(error)
         return ""
 
-    def _on_bundle(self, path: Path, meta: TransferMeta) -> tuple[bool, str]:
+    def _on_bundle(self, path: Path, meta: TransferMeta) -> BundleOutcome:
         allow_downgrade = meta.command is not None and meta.command.allow_downgrade
         try:
-            outcome = activate(self.config, path, allow_downgrade=allow_downgrade)
+            activation = activate(self.config, path, allow_downgrade=allow_downgrade)
         except _REFUSALS as error:
             log.warning("push %s refused: %s", meta.transfer_id, error)
-            return False, str(error)
-        return True, outcome
+            return BundleOutcome(False, str(error))
+        return BundleOutcome(True, activation.summary, activation.shadow)
 
     def _on_message(self, topic: str, payload: bytes, properties: object) -> None:
         """paho's thread: decode and queue; never blocks, never raises."""
@@ -172,6 +175,8 @@ class RolloutWorker:
         self.to_supervisor.send(Heartbeat(process="rollout", pid=os.getpid(), t_ns=time.monotonic_ns()))
 
     def close(self) -> None:
+        if self.labels is not None:
+            self.labels.close()
         self._listener.close()
         self._commands.put(None)
         self._runner.join(timeout=30)

@@ -28,6 +28,7 @@ class CountingModel:
 
     label: str = "double@1"
     threshold: float = 1.0
+    score_scale: float = 1.0
     input_shape: tuple[int, int, int] = SHAPE
     backend: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(name="double"))
     backend_summary: str = "test double"

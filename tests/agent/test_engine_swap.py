@@ -121,3 +121,5 @@ def test_shadow_scoring_predicts_the_reject_rate_and_a_second_request_meanwhile_
     assert [(r.request_id, r.ok) for r in replies] == [("req-v3", False), ("req-v2", True)]
     assert "being shadow-tested" in replies[0].reason
     assert "shadow-scored 4 live frames: reject rate 0.0 % with brick@1 -> 100.0 % predicted" in replies[1].reason
+    assert (replies[1].shadow_frames, replies[1].serving_rejects, replies[1].candidate_rejects) == (4, 0, 4)
+    assert (replies[0].shadow_frames, replies[0].serving_rejects) == (0, 0)  # a refusal carries no shadow numbers

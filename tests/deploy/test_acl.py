@@ -222,6 +222,12 @@ def test_agent_1_may_subscribe_to_everything_but_receives_only_its_own_pushes(
         ("agent-1", T.model_command("agent-1"), False),  # nor command itself
         ("agent-2", chunk("agent-1"), False),
         ("agent-2", verdict("agent-2", "line-2"), True),
+        ("operator", T.sample_label("agent-1"), True),  # labels are signed commands from operators
+        ("agent-1", T.sample("line-1", "agent-1", "top"), True),
+        ("agent-1", T.sample_events("agent-1"), True),
+        ("agent-1", T.sample("line-1", "agent-2", "top"), False),
+        ("agent-1", T.sample_label("agent-1"), False),  # an agent cannot label its own samples
+        ("agent-2", T.sample_events("agent-1"), False),
     ],
 )
 def test_who_may_publish_where(clients: dict[str, Client], user: str, topic: str, allowed: bool) -> None:
@@ -235,6 +241,20 @@ def test_the_operator_pushes_to_each_agent_and_only_that_agent_receives_it(clien
     for agent, other in (("agent-1", "agent-2"), ("agent-2", "agent-1")):
         assert clients[agent].wait_for(meta(agent))
         assert clients[agent].received(meta(other)) == []
+
+
+def test_an_agent_hears_the_labels_for_its_own_samples_only(
+    broker: MosquittoBroker, clients: dict[str, Client]
+) -> None:
+    listeners = {agent: Client(broker, agent) for agent in ("agent-1", "agent-2")}
+    for client in listeners.values():
+        assert client.subscribe(T.sample_label("+"))[0].value == 1  # granted; delivery is filtered by the ACL
+    assert clients["operator"].publish(T.sample_label("agent-1"), b"label").value == 0
+    assert listeners["agent-1"].wait_for(T.sample_label("agent-1"))
+    time.sleep(0.2)
+    assert listeners["agent-2"].received(T.sample_label("agent-1")) == []
+    for client in listeners.values():
+        client.close()
 
 
 def test_a_whole_push_runs_under_the_acl(broker: MosquittoBroker, tmp_path: Path) -> None:
