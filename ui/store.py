@@ -163,8 +163,8 @@ class Store:
         db.execute("COMMIT")
 
     def _create(self) -> None:
+        self._db.executescript(_schema())  # CREATE ... IF NOT EXISTS: safe to repeat, each statement atomic
         with self._transaction() as db:
-            db.executescript("COMMIT;" + _schema() + "BEGIN;")  # executescript commits first; keep one transaction
             found = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
             if found is None:
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
