@@ -190,7 +190,7 @@ def test_a_file_of_another_schema_version_is_refused_with_the_fix(tmp_path):
     Store(path, StoreConfig(), Drops()).close()
     with sqlite3.connect(path) as db:
         db.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
-    with pytest.raises(StoreError, match="schema 99.*move it aside"):
+    with pytest.raises(StoreError, match=r"schema 99.*move it aside"):
         Store(path, StoreConfig(), Drops())
 
 
