@@ -9,11 +9,14 @@ Exit codes: 0 clean stop, 1 unexpected failure, 2 bad configuration (the message
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+import uvicorn
 
 from lineguard.agent.config import ConfigError
 from lineguard.agent.mqtt import MqttError
@@ -43,8 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(config: UiConfig) -> int:
-    import uvicorn
-
     from .app import create_app
     from .dashboard import build
 
@@ -58,7 +59,7 @@ def serve(config: UiConfig) -> int:
         log.warning(
             "serving on %s without TLS: logins cross the network in clear; put an HTTPS proxy in front", http.host
         )
-    server = uvicorn.Server(
+    server = _Server(
         uvicorn.Config(
             app,
             host=http.host,
@@ -74,6 +75,18 @@ def serve(config: UiConfig) -> int:
     server.run()
     notifier.notify("STOPPING=1")
     return 0 if server.started else 1
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises SIGTERM after its graceful shutdown (exit status -15); a clean stop here exits 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self._captured_signals.clear()
 
 
 def check(config: UiConfig) -> None:
