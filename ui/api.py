@@ -116,7 +116,8 @@ def gallery_entry(request: Request, agent: Name, camera: Name, seq: Annotated[in
 
 @router.get("/gallery/{agent}/{camera}/{seq}/image")
 def gallery_image(request: Request, agent: Name, camera: Name, seq: Annotated[int, Path(ge=0)]) -> Response:
-    found = dashboard_of(request).store.gallery_image(agent, camera, seq)
+    board = dashboard_of(request)
+    found = board.state.image((agent, camera, seq)) or board.store.gallery_image(agent, camera, seq)
     if found is None:
         raise HTTPException(404, f"no image for {agent}/{camera} seq {seq}: no heatmap or sample thumbnail arrived")
     return Response(found[1], media_type=found[0], headers={"Cache-Control": "private, max-age=60"})

@@ -58,6 +58,7 @@ def build(config: UiConfig) -> Dashboard:
     sessions = Sessions(load_session_key(config.state_dir / "session.key"), lifetime_s=config.auth.session_hours * 3600)
     book = AlarmBook(store.open_alarms(), store.next_alarm_id(), store.save_alarm)
     state = LineState()
+    state.remember_model_events(list(reversed(store.pushes(limit=1000))))
     hub = Hub(max_clients=config.http.max_clients, client_queue=config.http.client_queue, drops=drops)
     feed = Feed(config, state, store, book, hub, drops)
     labeller = Labeller(config.label_key, store, feed.send_label)

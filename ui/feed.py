@@ -220,11 +220,14 @@ class Feed:
             sample_id=record.sample_id,
         )
         self.store.put_gallery(entry, thumbnail=thumbnail)
+        if thumbnail is not None and self.state.image(_key(entry)) is None:
+            self.state.keep_image(_key(entry), "image/jpeg", thumbnail)
         self.hub.publish(Event("gallery", record.line, plain(entry)))
 
     def _gallery(self, entry: GalleryEntry, *, heatmap: bytes | None, image_format: str) -> None:
         if heatmap is not None:
             entry = replace(entry, image_format=image_format)
+            self.state.keep_image(_key(entry), f"image/{image_format}", heatmap)
         self.store.put_gallery(entry, heatmap=heatmap)
         self.hub.publish(Event("gallery", entry.line, plain(entry)))
 
@@ -311,6 +314,10 @@ def frame_ref_of(state: LineState, agent_id: str, camera: str) -> Any:
     with state.lock:
         view = state.cameras.get((agent_id, camera))
         return None if view is None else frame_ref(view)
+
+
+def _key(entry: GalleryEntry) -> tuple[str, str, int]:
+    return entry.agent_id, entry.camera, entry.seq
 
 
 def _entry_of(verdict: Verdict, now: float) -> GalleryEntry:

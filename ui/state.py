@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from lineguard.agent.contract import ActuatorStatus, AgentStatus, HeatmapInfo, Latency, ModelEvent, Verdict
@@ -21,6 +21,7 @@ BUCKET_S = 10  # chart resolution, seconds
 BUCKETS = 60  # chart length: 10 minutes
 QUEUE_HISTORY = 10  # mqtt_queued of an agent's last statuses
 RECENT_KEYS = 512  # verdicts per camera remembered to pair a late heatmap or sample with
+RECENT_IMAGES = 256  # gallery images held in memory (the newest; older ones come from the store)
 STAGES = tuple(Latency.model_fields)
 
 
@@ -115,6 +116,35 @@ class LineState:
         self.cameras: dict[tuple[str, str], CameraView] = {}
         self.agents: dict[str, AgentView] = {}
         self.actuators: dict[str, ActuatorStatus] = {}
+        self._went_live: dict[tuple[str, str], float] = {}  # (agent, model) -> when an accepted push made it serve
+        self._images: OrderedDict[tuple[str, str, int], tuple[str, bytes]] = OrderedDict()
+
+    def remember_model_events(self, events: list[ModelEvent]) -> None:
+        """Seed when each model went live from the stored push history (at start-up, oldest first)."""
+        with self.lock:
+            for event in events:
+                if event.outcome == "accepted" and event.serving:
+                    self._went_live[(event.agent_id, event.serving)] = event.ts
+
+    def keep_image(self, key: tuple[str, str, int], content_type: str, image: bytes) -> None:
+        """A gallery image, served from here until the store's writer has it on disk (and a while after)."""
+        with self.lock:
+            self._images[key] = (content_type, image)
+            self._images.move_to_end(key)
+            while len(self._images) > RECENT_IMAGES:
+                self._images.popitem(last=False)
+
+    def image(self, key: tuple[str, str, int]) -> tuple[str, bytes] | None:
+        with self.lock:
+            return self._images.get(key)
+
+    def _mark_live(self, agent: AgentView, model: str, now: float) -> None:
+        if model in agent.live_since:
+            return
+        went_live = self._went_live.get((agent.agent_id, model))
+        agent.live_since[model] = now if went_live is None else went_live
+        if went_live is not None:
+            agent.live_from_event.add(model)
 
     # -- updates (MQTT thread) ------------------------------------------------------------------------------------
 
@@ -123,7 +153,7 @@ class LineState:
             view = self._camera(verdict.agent_id, verdict.line, verdict.camera)
             view.add(verdict, now)
             agent = self._agent(verdict.agent_id, verdict.line)
-            agent.live_since.setdefault(verdict.model, now)
+            self._mark_live(agent, verdict.model, now)
 
     def add_frame(self, info: HeatmapInfo, line: str, image: bytes, now: float) -> Frame:
         with self.lock:
@@ -146,12 +176,14 @@ class LineState:
             if status.online:
                 agent.queued.append(status.mqtt_queued)
                 if status.model is not None:
-                    agent.live_since.setdefault(status.model, time.time())
+                    self._mark_live(agent, status.model, time.time())
             return agent
 
     def add_model_event(self, event: ModelEvent) -> str:
         """Record when a pushed or rolled-back model went live; the agent's line ("" if not seen yet)."""
         with self.lock:
+            if event.outcome == "accepted" and event.serving:
+                self._went_live[(event.agent_id, event.serving)] = event.ts
             agent = self.agents.get(event.agent_id)
             if agent is None:
                 return ""

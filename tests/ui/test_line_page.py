@@ -38,7 +38,7 @@ def replay(trained_work: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     return folder, len(test.paths)
 
 
-def agent_config(tmp_path: Path, broker, trained_work: Path, signing_key: Path, folder: Path, *, loop: bool) -> Path:  # noqa: ANN001
+def agent_config(tmp_path: Path, broker, trained_work: Path, signing_key: Path, folder: Path, *, loop: bool) -> Path:
     config = tmp_path / "agent.toml"
     config.write_text(
         f"""agent_id = "{AGENT}"
@@ -74,7 +74,7 @@ port = 0
     return config
 
 
-def shown_times(page) -> dict[str, float]:  # noqa: ANN001
+def shown_times(page) -> dict[str, float]:
     """When the page drew each verdict, ms since 1970, keyed agent/camera/seq."""
     return page.evaluate("() => Object.fromEntries(window.lineguard.shown)")
 
@@ -165,7 +165,7 @@ def test_an_alarm_for_a_killed_agent_stays_until_acknowledged_and_acks_and_label
         capture_ts=rejected.capture_ts,
         thumbnail_jpeg=base64.b64encode(b"\xff\xd8not-a-real-jpeg").decode(),
     )  # what the agent's sample store announces (built in parallel; published here as it will be)
-    subscriber._client.publish(TOPICS.sample("line-1", AGENT, "cam0"), sample.encode(), qos=1).wait_for_publish(5)  # noqa: SLF001
+    subscriber._client.publish(TOPICS.sample("line-1", AGENT, "cam0"), sample.encode(), qos=1).wait_for_publish(5)
     thumb = f'#gallery .thumb[data-key="{AGENT}/cam0/{rejected.seq}"]'
     page.wait_for_selector(thumb, timeout=10_000)
     page.click(thumb)
@@ -180,7 +180,7 @@ def test_an_alarm_for_a_killed_agent_stays_until_acknowledged_and_acks_and_label
     answer = SampleLabelResult(
         agent_id=AGENT, sample_id=sample.sample_id, request_id=label.request_id, outcome="stored", reason="", ts=time.time()
     )
-    subscriber._client.publish(TOPICS.sample_events(AGENT), answer.encode(), qos=1).wait_for_publish(5)  # noqa: SLF001
+    subscriber._client.publish(TOPICS.sample_events(AGENT), answer.encode(), qos=1).wait_for_publish(5)
     page.wait_for_selector("#detail .label-history .outcome-stored", timeout=10_000)
 
     assert server.stop() == 0

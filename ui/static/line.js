@@ -173,9 +173,11 @@
 
   function onStats(stats) {
     const p = panelFor(stats.agent_id, stats.camera, stats.line);
-    const complete = stats.series.slice(0, -1); // the newest bucket is still filling
+    const complete = stats.series;
     const totals = complete.map(([, a, r, f]) => a + r + f);
-    const fps = totals.map((n) => n / stats.bucket_s);
+    const last = complete.length - 1; // still filling: its rate is over the seconds it has had
+    const seconds = complete.map(([start], i) => (i === last ? Math.max(1, Math.min(stats.bucket_s, Date.now() / 1000 - start)) : stats.bucket_s));
+    const fps = totals.map((n, i) => n / seconds[i]);
     const share = (index) => complete.map((row, i) => (totals[i] ? (row[index] / totals[i]) * 100 : 0));
     drawChart(p, "fps", fps, 1, (v) => number(v, 1));
     drawChart(p, "reject", share(2), 5, (v) => `${number(v, 1)}%`);
@@ -323,7 +325,7 @@
         type: "button", class: `thumb ${entry.kind}${entry.label === "ok" ? " labelled-ok" : ""}`, "data-key": entryKey(entry),
         title: `${entry.agent_id}/${entry.camera} seq ${entry.seq}: ${entry.reason}`,
       },
-      el("img", { src: imageUrl(entry), alt: `seq ${entry.seq}`, loading: "lazy" }),
+      el("img", { src: imageUrl(entry), alt: "no image yet", loading: "lazy" }),
       el("span", { class: "cap", text: `${entry.camera} · ${number(entry.score)} · ${clock(entry.capture_ts)}` }),
       entry.label ? el("span", { class: `badge pill ${entry.label === "ok" ? "ok" : "bad"}`, text: entry.label }) : null);
       button.addEventListener("click", () => openDetail(entry));
