@@ -4,8 +4,8 @@
 
 Expects `./run demo`'s first half: demo-out/data/<category> (sample data), demo-out/<category>/bundle
 (a signed bundle) and demo-out/keys/trainer.pub. Starts a throwaway broker on a free loopback port,
-`lineguard-agent run` on the category's test images, and `lineguard-agent watch` until every frame
-has its verdict; then stops both.
+`lineguard-agent run` on the category's test images, the line dashboard (scripts/demo_ui.py; it prints
+its URL), and `lineguard-agent watch` until every frame has its verdict; then stops them.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from demo_ui import DemoDashboard
 
 
 def free_port() -> int:
@@ -90,6 +92,7 @@ def main() -> int:
     args = parser.parse_args()
     port = free_port()
     broker = start_broker(args.out / "broker", port)
+    dashboard = DemoDashboard.start(args.out, port)
     frames = replay_folder(args.out / "data" / args.category, args.out / "replay")
     config = write_config(args.out, args.category, port, args.out / "replay")
     bin_dir = Path(sys.executable).parent
@@ -100,10 +103,12 @@ def main() -> int:
             [bin_dir / "lineguard-agent", "watch", "--config", str(config), "--count", str(frames), "--timeout", "120"],
             check=False,
         )
+        dashboard.hold_open()
         return watched.returncode
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(timeout=30)
+        dashboard.stop()
         broker.terminate()
         broker.wait(timeout=10)
 
