@@ -17,7 +17,6 @@ import os
 import re
 import secrets
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,7 +207,3 @@ class LoginThrottle:
     def succeeded(self, address: str) -> None:
         with self._lock:
             self._failures.pop(address, None)
-
-
-def now_s() -> float:
-    return time.time()

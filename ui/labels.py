@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lineguard.agent.authority import sign_command
-from lineguard.agent.contract import ContractError, LabelKind, SampleLabel, SampleLabelResult
+from lineguard.agent.contract import LabelKind, SampleLabel, SampleLabelResult
 from lineguard.agent.signing import KeyFileError, key_id, load_private_key
 
 from .store import GalleryEntry, LabelRow, Store
@@ -98,6 +98,3 @@ class Labeller:
         if row is not None and answer.outcome == "refused":
             log.warning("agent %s refused label %s: %s", answer.agent_id, answer.request_id, answer.reason[:200])
         return row
-
-
-__all__ = ["ContractError", "LabelRefused", "Labeller"]

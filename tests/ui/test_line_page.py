@@ -98,7 +98,9 @@ def test_the_page_shows_every_verdict_within_a_second_fills_the_gallery_and_the_
 
     rejects = sorted(v.seq for v in published if v.verdict == "reject")
     assert rejects, "the replay should hold defects the model rejects"
-    page.wait_for_function(f"() => document.querySelectorAll('#gallery .thumb').length === {len(rejects)}", timeout=10_000)
+    page.wait_for_function(
+        f"() => document.querySelectorAll('#gallery .thumb').length === {len(rejects)}", timeout=10_000
+    )
     page.wait_for_function(
         "() => [...document.querySelectorAll('#gallery .thumb img')].every((img) => img.complete && img.naturalWidth > 0)",
         timeout=10_000,
@@ -113,7 +115,9 @@ def test_the_page_shows_every_verdict_within_a_second_fills_the_gallery_and_the_
 
     start, end = min(v.decided_ts for v in published) - 1, time.time() + 1
     history = server.get(f"/api/history?start={start}&end={end}&camera=cam0&limit=1000")
-    assert sorted((Verdict.model_validate(row) for row in history["rows"]), key=lambda v: v.seq) == sorted(published, key=lambda v: v.seq)
+    assert sorted((Verdict.model_validate(row) for row in history["rows"]), key=lambda v: v.seq) == sorted(
+        published, key=lambda v: v.seq
+    )
     status, text = server.request(f"/api/history.csv?start={start}&end={end}&verdict=reject")
     assert status == 200 and sorted(int(row["seq"]) for row in csv.DictReader(io.StringIO(text))) == rejects
     page.goto(f"{server.url}/history")
@@ -178,7 +182,12 @@ def test_an_alarm_for_a_killed_agent_stays_until_acknowledged_and_acks_and_label
     CommandVerifier(AGENT, [load_public_key(public_key_path(key))], tmp_path / "nonces.json").check(label)
     assert (label.sample_id, label.label, label.defect_type, label.by) == (sample.sample_id, "nok", "crack", "anna")
     answer = SampleLabelResult(
-        agent_id=AGENT, sample_id=sample.sample_id, request_id=label.request_id, outcome="stored", reason="", ts=time.time()
+        agent_id=AGENT,
+        sample_id=sample.sample_id,
+        request_id=label.request_id,
+        outcome="stored",
+        reason="",
+        ts=time.time(),
     )
     subscriber._client.publish(TOPICS.sample_events(AGENT), answer.encode(), qos=1).wait_for_publish(5)
     page.wait_for_selector("#detail .label-history .outcome-stored", timeout=10_000)
