@@ -55,7 +55,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--no-first-run",
 ]
-VARIANTS = ("no dashboard", "dashboard, no page", "dashboard + page open")
+VARIANTS = ("no dashboard", "dashboard, no page", "dashboard + page open", "page open, browser at nice 19")
 
 
 def percentile(values: list[float], share: float) -> float | None:
@@ -137,9 +137,11 @@ def line_run(setup: dict[str, Any], browser: Any, variant: str, fps: float, args
         if not subscriber.wait_until(lambda: len(subscriber.arrivals) > 0, 120):
             msg = f"no verdict within 120 s; see {run / 'agent.log'}"
             raise RuntimeError(msg)
-        if variant == VARIANTS[2]:
+        if variant in VARIANTS[2:]:
             page = browser.new_page(viewport={"width": 1600, "height": 1200})
             page.goto(f"{url}/line/line-1")
+            if variant == VARIANTS[3]:
+                renice_browser(19)
         time.sleep(args.warmup_s)
         before = (time.time(), tree_cpu_s(ui.pid) if ui else 0.0, chromium_cpu_s())
         time.sleep(args.window_s)
@@ -148,6 +150,7 @@ def line_run(setup: dict[str, Any], browser: Any, variant: str, fps: float, args
     finally:
         if page is not None:
             page.close()
+            renice_browser(0)
         stop(agent, group=True)
         if ui is not None:
             stop(ui)
@@ -163,12 +166,41 @@ def line_run(setup: dict[str, Any], browser: Any, variant: str, fps: float, args
         "failsafe": len(window) - len(scored),
         "total_ms": {"p50": percentile(totals, 0.5), "p99": percentile(totals, 0.99)},
         "ui_cores": round((after[1] - before[1]) / elapsed, 3),
-        "chromium_cores": round((after[2] - before[2]) / elapsed, 3) if variant == VARIANTS[2] else 0.0,
+        "chromium_cores": round((after[2] - before[2]) / elapsed, 3) if variant in VARIANTS[2:] else 0.0,
     }
 
 
-def chromium_cpu_s() -> float:
-    """CPU-seconds of the browser this bench started: the Playwright driver (a child of this process) and chromium."""
+def renice_browser(niceness: int) -> None:
+    """Set the browser's processes to `niceness` (19: it gets only CPU the line leaves idle, as on another PC)."""
+    driver = browser_driver()
+    if driver is None:
+        return
+    for pid in [driver, *descendants(driver)]:
+        try:
+            os.setpriority(os.PRIO_PROCESS, pid, niceness)
+        except OSError:  # gone meanwhile, or lowering niceness without the right: leave it
+            continue
+
+
+def descendants(root: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    found, frontier = [], [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        found += children
+        frontier += children
+    return found
+
+
+def browser_driver() -> int | None:
+    """The Playwright driver this bench started (chromium runs below it)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -178,8 +210,14 @@ def chromium_cpu_s() -> float:
         except OSError:
             continue
         if parent == os.getpid() and is_driver:
-            return tree_cpu_s(int(entry.name))
-    return 0.0
+            return int(entry.name)
+    return None
+
+
+def chromium_cpu_s() -> float:
+    """CPU-seconds of the browser this bench started: the Playwright driver (a child of this process) and chromium."""
+    driver = browser_driver()
+    return 0.0 if driver is None else tree_cpu_s(driver)
 
 
 # -- part 2: page freshness at 4 cameras x 30 fps ------------------------------------------------------------------
@@ -263,19 +301,43 @@ def page_latency(setup: dict[str, Any], browser: Any, args: argparse.Namespace) 
     }
 
 
+def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (load, variant): the median over rounds of fps, failsafes, p50, p99 and cores; p99 range too."""
+    merged = []
+    for fps in sorted({row["offered_fps"] for row in rows}):
+        for variant in VARIANTS:
+            group = [row for row in rows if row["offered_fps"] == fps and row["variant"] == variant]
+            p99s = [row["total_ms"]["p99"] for row in group if row["total_ms"]["p99"] is not None]
+            merged.append({
+                "offered_fps": fps,
+                "variant": variant,
+                "rounds": len(group),
+                "scored_fps": round(float(np.median([row["scored_fps"] for row in group])), 2),
+                "failsafe": int(np.median([row["failsafe"] for row in group])),
+                "p50": round(float(np.median([row["total_ms"]["p50"] or 0 for row in group])), 1),
+                "p99": round(float(np.median(p99s)), 1) if p99s else None,
+                "p99_range": f"{min(p99s):g}-{max(p99s):g}" if p99s else "",
+                "ui_cores": round(float(np.median([row["ui_cores"] for row in group])), 3),
+                "chromium_cores": round(float(np.median([row["chromium_cores"] for row in group])), 3),
+            })  # fmt: skip
+    return merged
+
+
 def markdown(rows: list[dict[str, Any]], fresh: dict[str, Any]) -> str:
-    base = {row["offered_fps"]: row for row in rows if row["variant"] == VARIANTS[0]}
+    merged = medians(rows)
+    base = {row["offered_fps"]: row for row in merged if row["variant"] == VARIANTS[0]}
     lines = [
-        "| offered fps | variant | scored fps | vs none | failsafe | p50 ms | p99 ms | p99 vs none | dashboard cores | chromium cores |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| offered fps | variant | rounds | scored fps | vs none | failsafe | p50 ms | p99 ms (range) | p99 vs none | dashboard cores | chromium cores |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for row in sorted(rows, key=lambda r: (r["offered_fps"], VARIANTS.index(r["variant"]))):
+    for row in merged:
         ref = base[row["offered_fps"]]
         fps_ratio = row["scored_fps"] / ref["scored_fps"] if ref["scored_fps"] else float("nan")
-        p99_ratio = (row["total_ms"]["p99"] or 0) / (ref["total_ms"]["p99"] or float("nan"))
+        p99_ratio = (row["p99"] or float("nan")) / (ref["p99"] or float("nan"))
         lines.append(
-            f"| {row['offered_fps']:g} | {row['variant']} | {row['scored_fps']} | {fps_ratio:.3f} | {row['failsafe']} | "
-            f"{row['total_ms']['p50']} | {row['total_ms']['p99']} | {p99_ratio:.2f} | {row['ui_cores']} | {row['chromium_cores']} |"
+            f"| {row['offered_fps']:g} | {row['variant']} | {row['rounds']} | {row['scored_fps']} | {fps_ratio:.3f} | "
+            f"{row['failsafe']} | {row['p50']} | {row['p99']} ({row['p99_range']}) | {p99_ratio:.2f} | "
+            f"{row['ui_cores']} | {row['chromium_cores']} |"
         )
     lag = fresh["lag_ms"]
     lines += [
@@ -296,6 +358,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--loads", default="10,30", help="offered fps, comma-separated")
     parser.add_argument("--window-s", type=float, default=20.0)
     parser.add_argument("--warmup-s", type=float, default=5.0)
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds of every variant and load; the table shows medians"
+    )
     return parser.parse_args()
 
 
@@ -320,10 +385,11 @@ def main() -> None:
         rows = []
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-            for fps in (float(each) for each in args.loads.split(",")):
-                for variant in VARIANTS:
-                    rows.append(line_run(setup, browser, variant, fps, args))
-                    print(f"  {variant} at {fps:g} fps: {rows[-1]}", file=sys.stderr)
+            for round_index in range(args.repeat):  # interleaved: a machine that drifts hits every variant
+                for fps in (float(each) for each in args.loads.split(",")):
+                    for variant in VARIANTS:
+                        rows.append({"round": round_index, **line_run(setup, browser, variant, fps, args)})
+                        print(f"  {variant} at {fps:g} fps: {rows[-1]}", file=sys.stderr)
             fresh = page_latency(setup, browser, args)
             print(f"  4 x 30 fps page lag: {fresh}", file=sys.stderr)
             browser.close()

@@ -250,8 +250,8 @@ class Feed:
     def _on_model_event(self, match: TopicMatch, payload: bytes, properties: Any) -> None:
         event = decode(ModelEvent, payload)
         line = self.state.add_model_event(event)
-        if self.config.line not in (ANY, line):
-            return
+        if line and self.config.line not in (ANY, line):
+            return  # an agent of another line; one not seen yet ("") is kept: its status may come later
         self.store.add_push(event)
         self.hub.publish(Event("push", line, event.model_dump(mode="json")))
         self._event_alarm(rules.swap_refused(event, line))

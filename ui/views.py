@@ -179,7 +179,8 @@ def line_view(state: LineState, line: str) -> tuple[list[AgentCard], list[Camera
 
 
 def alarm_list(alarms: list[Alarm], line: str) -> list[Alarm]:
-    return [alarm for alarm in alarms if line in ("+", alarm.line, "")]
+    """The alarms of `line` ('+' = every line), and those whose line is not known yet ("")."""
+    return [alarm for alarm in alarms if line == "+" or alarm.line in (line, "")]
 
 
 def gallery_list(entries: list[GalleryEntry]) -> list[dict[str, Any]]:

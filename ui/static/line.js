@@ -331,7 +331,9 @@
         type: "button", class: `thumb ${entry.kind}${entry.label === "ok" ? " labelled-ok" : ""}`, "data-key": entryKey(entry),
         title: `${entry.agent_id}/${entry.camera} seq ${entry.seq}: ${entry.reason}`,
       },
-      el("img", { src: imageUrl(entry), alt: "no image yet", loading: "lazy" }),
+      entry.image_format || entry.sample_id
+        ? el("img", { src: imageUrl(entry), alt: "image not available", loading: "lazy" })
+        : el("span", { class: "no-image", text: "no heatmap published for this frame" }),
       el("span", { class: "cap", text: `${entry.camera} · ${number(entry.score)} · ${clock(entry.capture_ts)}` }),
       entry.label ? el("span", { class: `badge pill ${entry.label === "ok" ? "ok" : "bad"}`, text: entry.label }) : null);
       button.addEventListener("click", () => openDetail(entry));
