@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from agent_bench import TimedSubscriber, command_line, machine, train_bundle, tree_cpu_s
+from agent_bench import TimedSubscriber, busy_cores, command_line, cpu_snapshot, machine, train_bundle, tree_cpu_s
 from broker import MosquittoBroker, free_port
 
 from lineguard.agent.contract import HeatmapInfo, Latency, Topics, Verdict
@@ -144,8 +144,10 @@ def line_run(setup: dict[str, Any], browser: Any, variant: str, fps: float, args
                 renice_browser(19)
         time.sleep(args.warmup_s)
         before = (time.time(), tree_cpu_s(ui.pid) if ui else 0.0, chromium_cpu_s())
+        machine_before = cpu_snapshot()
         time.sleep(args.window_s)
         after = (time.time(), tree_cpu_s(ui.pid) if ui else 0.0, chromium_cpu_s())
+        machine_after = cpu_snapshot()
         window = subscriber.between(before[0], after[0])
     finally:
         if page is not None:
@@ -167,6 +169,7 @@ def line_run(setup: dict[str, Any], browser: Any, variant: str, fps: float, args
         "total_ms": {"p50": percentile(totals, 0.5), "p99": percentile(totals, 0.99)},
         "ui_cores": round((after[1] - before[1]) / elapsed, 3),
         "chromium_cores": round((after[2] - before[2]) / elapsed, 3) if variant in VARIANTS[2:] else 0.0,
+        "other_work_cores": busy_cores(machine_before, machine_after)["others"],
     }
 
 
@@ -319,6 +322,7 @@ def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "p99_range": f"{min(p99s):g}-{max(p99s):g}" if p99s else "",
                 "ui_cores": round(float(np.median([row["ui_cores"] for row in group])), 3),
                 "chromium_cores": round(float(np.median([row["chromium_cores"] for row in group])), 3),
+                "other_work_cores": round(float(np.median([row["other_work_cores"] for row in group])), 2),
             })  # fmt: skip
     return merged
 
@@ -327,8 +331,8 @@ def markdown(rows: list[dict[str, Any]], fresh: dict[str, Any]) -> str:
     merged = medians(rows)
     base = {row["offered_fps"]: row for row in merged if row["variant"] == VARIANTS[0]}
     lines = [
-        "| offered fps | variant | rounds | scored fps | vs none | failsafe | p50 ms | p99 ms (range) | p99 vs none | dashboard cores | chromium cores |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| offered fps | variant | rounds | scored fps | vs none | failsafe | p50 ms | p99 ms (range) | p99 vs none | dashboard cores | chromium cores | other work, cores |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in merged:
         ref = base[row["offered_fps"]]
@@ -337,7 +341,7 @@ def markdown(rows: list[dict[str, Any]], fresh: dict[str, Any]) -> str:
         lines.append(
             f"| {row['offered_fps']:g} | {row['variant']} | {row['rounds']} | {row['scored_fps']} | {fps_ratio:.3f} | "
             f"{row['failsafe']} | {row['p50']} | {row['p99']} ({row['p99_range']}) | {p99_ratio:.2f} | "
-            f"{row['ui_cores']} | {row['chromium_cores']} |"
+            f"{row['ui_cores']} | {row['chromium_cores']} | {row['other_work_cores']} |"
         )
     lag = fresh["lag_ms"]
     lines += [

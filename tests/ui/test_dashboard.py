@@ -9,8 +9,8 @@ import os
 import time
 
 import pytest
-from conftest import http_login
 from mqtt_subscriber import Subscriber
+from ui_server import http_login
 
 from lineguard.agent.authority import CommandVerifier
 from lineguard.agent.contract import Latency, SampleLabel, SampleLabelResult, SampleRecord, Topics, Verdict

@@ -4,9 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from lineguard.ui.drops import Drops
 from lineguard.ui.hub import Event, Hub
+
+
+def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """asyncio.run on a thread of its own: Playwright's session browser keeps a loop running on this one."""
+    failures: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            asyncio.run(scenario())
+        except BaseException as error:  # noqa: BLE001 - handed back to the test thread, re-raised there
+            failures.append(error)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the scenario did not finish within 30 s"
+    if failures:
+        raise failures[0]
 
 
 def parse(text: str) -> tuple[str, object]:
@@ -44,7 +65,7 @@ def test_verdicts_of_one_flush_go_out_as_one_message_and_other_lines_are_filtere
         assert [kind for kind, _ in every] == ["verdicts", "verdicts", "broker"]
         assert hub.clients == 0
 
-    asyncio.run(scenario())
+    run(scenario)
 
 
 def test_a_browser_that_falls_behind_gets_resync_and_the_drop_is_counted():
@@ -67,7 +88,7 @@ def test_a_browser_that_falls_behind_gets_resync_and_the_drop_is_counted():
         assert drops.total("slow-browser") >= 1
         await stream.aclose()
 
-    asyncio.run(scenario())
+    run(scenario)
 
 
 def test_updates_before_any_page_opens_cost_nothing():

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ARTIFACTS, kill_group, login
 from mqtt_subscriber import Subscriber
+from ui_server import ARTIFACTS, kill_group, login
 
 from lineguard.agent.authority import CommandVerifier
 from lineguard.agent.contract import SampleLabel, SampleLabelResult, SampleRecord, Topics, Verdict
@@ -101,8 +101,9 @@ def test_the_page_shows_every_verdict_within_a_second_fills_the_gallery_and_the_
     page.wait_for_function(
         f"() => document.querySelectorAll('#gallery .thumb').length === {len(rejects)}", timeout=10_000
     )
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('#gallery .thumb img')].every((img) => img.complete && img.naturalWidth > 0)",
+    page.wait_for_function(  # every reject's heatmap arrived and was drawn
+        f"() => {{ const images = [...document.querySelectorAll('#gallery .thumb img')];"
+        f" return images.length === {len(rejects)} && images.every((img) => img.complete && img.naturalWidth > 0); }}",
         timeout=10_000,
     )
     thumbs = page.eval_on_selector_all("#gallery .thumb", "nodes => nodes.map(n => n.dataset.key)")
