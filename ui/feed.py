@@ -166,7 +166,8 @@ class Feed:
         verdict = decode(Verdict, payload)
         _check_levels(match, verdict.line, verdict.agent_id, verdict.camera)
         now = time.time()
-        self.state.add_verdict(verdict, now)
+        if not self.state.add_verdict(verdict, now):
+            return  # redelivered (QoS 1 after a reconnect): already counted, stored and shown
         self.store.add_verdict(verdict)
         self.hub.publish(Event("verdict", verdict.line, verdict.model_dump(mode="json")))
         if verdict.verdict == "reject":

@@ -148,12 +148,16 @@ class LineState:
 
     # -- updates (MQTT thread) ------------------------------------------------------------------------------------
 
-    def add_verdict(self, verdict: Verdict, now: float) -> None:
+    def add_verdict(self, verdict: Verdict, now: float) -> bool:
+        """Count and keep a verdict; False for a QoS 1 redelivery of one already here (nothing changes)."""
         with self.lock:
             view = self._camera(verdict.agent_id, verdict.line, verdict.camera)
+            if view.keyed.get(verdict.seq) == verdict:
+                return False
             view.add(verdict, now)
             agent = self._agent(verdict.agent_id, verdict.line)
             self._mark_live(agent, verdict.model, now)
+            return True
 
     def add_frame(self, info: HeatmapInfo, line: str, image: bytes, now: float) -> Frame:
         with self.lock:
