@@ -4,10 +4,11 @@
 
 Expects `./run demo`'s first half: demo-out/data/<category> (sample data), demo-out/<category>/bundle
 (a signed bundle) and demo-out/keys/trainer.pub. Starts a throwaway broker on a free loopback port,
-`lineguard-agent run` on the category's test images, `lineguard-agent watch` until every frame
-has its verdict, and a reject gate (scripts/demo_actuator.py: lineguard-actuator on a simulated
-Modbus I/O block) that prints a line per pulse; then the sample store's loop (scripts/demo_samples.py:
-a line out of focus, its samples labelled, exported, retrained on, compared and pushed); then stops them all.
+`lineguard-agent run` on the category's test images, the line dashboard (scripts/demo_ui.py; it prints
+its URL), `lineguard-agent watch` until every frame has its verdict, and a reject gate
+(scripts/demo_actuator.py: lineguard-actuator on a simulated Modbus I/O block) that prints a line per
+pulse; then the sample store's loop (scripts/demo_samples.py: a line out of focus, its samples labelled,
+exported, retrained on, compared and pushed); then stops them all.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 from demo_actuator import DemoGate
+from demo_ui import DemoDashboard
 
 
 def free_port() -> int:
@@ -94,6 +96,7 @@ def main() -> int:
     args = parser.parse_args()
     port = free_port()
     broker = start_broker(args.out / "broker", port)
+    dashboard = DemoDashboard.start(args.out, port)
     frames = replay_folder(args.out / "data" / args.category, args.out / "replay")
     config = write_config(args.out, args.category, port, args.out / "replay")
     bin_dir = Path(sys.executable).parent
@@ -110,11 +113,14 @@ def main() -> int:
             return watched.returncode
         from demo_samples import run_sample_loop  # the sample store's loop: samples -> labels -> retrain -> push
 
-        return run_sample_loop(args.out, args.category, port, bin_dir)
+        looped = run_sample_loop(args.out, args.category, port, bin_dir)
+        dashboard.hold_open()
+        return looped
     finally:
         gate.close()
         agent.send_signal(signal.SIGTERM)
         agent.wait(timeout=30)
+        dashboard.stop()
         broker.terminate()
         broker.wait(timeout=10)
 

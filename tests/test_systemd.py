@@ -224,3 +224,65 @@ def test_install_script_refuses_an_unknown_argument_or_a_relative_prefix():
         result = _run_install_script(*arguments)
         assert result.returncode == 2
         assert "error:" in result.stderr
+
+
+# -- the dashboard's unit (systemd/lineguard-ui.service) ---------------------------------------------------------
+
+UI_UNIT = REPO / "systemd" / "lineguard-ui.service"
+UI_TOML_EXAMPLE = REPO / "systemd" / "ui.toml.example"
+UI_ENV_EXAMPLE = REPO / "systemd" / "ui.env.example"
+UI_INSTALLED_COMMAND = "/opt/lineguard/.venv/bin/lineguard-ui"
+
+
+def ui_checkable_copy(unit_text: str, folder: Path) -> Path:
+    """The dashboard unit with ExecStart= naming this checkout's lineguard-ui (or `true`)."""
+    assert f"ExecStart={UI_INSTALLED_COMMAND} " in unit_text, "the unit no longer runs the installed console script"
+    console_script = Path(sys.executable).parent / "lineguard-ui"
+    command = str(console_script) if os.access(console_script, os.X_OK) else shutil.which("true") or "/bin/true"
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = folder / UI_UNIT.name
+    copy.write_text(unit_text.replace(f"ExecStart={UI_INSTALLED_COMMAND} ", f"ExecStart={command} "))
+    return copy
+
+
+@needs_systemd_analyze
+def test_the_dashboard_unit_passes_systemd_analyze_verify_without_a_single_message(tmp_path):
+    assert verify_problems(ui_checkable_copy(UI_UNIT.read_text(), tmp_path)) == ""
+
+
+@needs_systemd_analyze
+def test_verify_reports_a_deliberate_mistake_in_the_dashboard_unit(tmp_path):
+    text = UI_UNIT.read_text().replace("\nDynamicUser=yes\n", "\nDynamicUsr=yes\n")
+    assert "Unknown key" in verify_problems(ui_checkable_copy(text, tmp_path))
+
+
+@needs_systemd_analyze
+def test_the_dashboard_unit_exposure_level_is_at_most_2_0(tmp_path):
+    assert exposure_level(ui_checkable_copy(UI_UNIT.read_text(), tmp_path)) <= EXPOSURE_LIMIT
+
+
+def test_the_dashboard_unit_command_line_is_one_lineguard_ui_accepts():
+    from lineguard.ui.__main__ import build_parser as ui_parser
+
+    exec_start = next(line for line in UI_UNIT.read_text().splitlines() if line.startswith("ExecStart="))
+    program, *arguments = shlex.split(exec_start.removeprefix("ExecStart="))
+    args = ui_parser().parse_args(arguments)
+    assert program == UI_INSTALLED_COMMAND
+    assert (args.command, args.config) == ("run", Path("/etc/lineguard/ui.toml"))
+
+
+def test_the_dashboard_example_config_is_valid_and_uses_the_unit_directories(monkeypatch):
+    from lineguard.ui.config import load_config as load_ui_config
+
+    examples = re.findall(r"^# (LINEGUARD_UI_\w+)=(\S+)$", UI_ENV_EXAMPLE.read_text(), flags=re.MULTILINE)
+    assert {name for name, _ in examples} == {"LINEGUARD_UI_MQTT__USERNAME", "LINEGUARD_UI_MQTT__PASSWORD"}
+    for name, value in examples:
+        monkeypatch.setenv(name, value)
+    config = load_ui_config(UI_TOML_EXAMPLE)
+    assert config.state_dir == Path("/var/lib/lineguard-ui") and config.http.host == "127.0.0.1"
+    assert config.mqtt.password.get_secret_value() == "change-me"
+    unit = UI_UNIT.read_text()
+    assert "\nStateDirectory=lineguard-ui\n" in unit
+    credentials = "/run/credentials/lineguard-ui.service/"
+    for name in re.findall(r"^LoadCredential=-(\S+):", unit, flags=re.MULTILINE):
+        assert f'"{credentials}{name}"' in UI_TOML_EXAMPLE.read_text(), name

@@ -1,0 +1,1 @@
+"""lineguard-ui: the line dashboard. Reads only the broker; shows verdicts, heatmaps, alarms, history and models."""
