@@ -8,18 +8,12 @@ key and the broker are read at start-up, after validation.
 from __future__ import annotations
 
 import socket
-import sys
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import SettingsConfigDict
 
-from lineguard.agent.config import ConfigError, MqttConfig, format_errors
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10 (Jetson JetPack 6)
-    import tomli as tomllib
+from lineguard.agent.config import ConfigError, MqttConfig, TomlSettings, load_settings
 
 NAME = r"^[A-Za-z0-9_-]{1,64}$"
 
@@ -101,7 +95,7 @@ class AuthConfig(_Section):
     )
 
 
-class UiConfig(BaseSettings):
+class UiConfig(TomlSettings):
     """The dashboard's whole configuration."""
 
     model_config = SettingsConfigDict(
@@ -130,43 +124,10 @@ class UiConfig(BaseSettings):
     def database(self) -> Path:
         return self.state_dir / "dashboard.sqlite3"
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml_path = _CONFIG_PATH.get("path")
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if toml_path is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
-        return tuple(sources)
-
-
-_CONFIG_PATH: dict[str, Path | None] = {"path": None}
-
 
 def load_config(path: Path | None) -> UiConfig:
     """Read and validate the configuration; ConfigError lists every problem as `key.path: message`."""
-    if path is not None:
-        if not path.is_file():
-            msg = f"config file {path} does not exist; pass --config PATH to a ui.toml (see README 'The dashboard')"
-            raise ConfigError(msg)
-        try:
-            tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            msg = f"config file {path} is not valid TOML: {error}"
-            raise ConfigError(msg) from error
-    _CONFIG_PATH["path"] = path
-    try:
-        return UiConfig()
-    except ValidationError as error:
-        raise ConfigError(format_errors(error, path)) from error
-    finally:
-        _CONFIG_PATH["path"] = None
+    return load_settings(UiConfig, path, file_name="ui.toml")
 
 
 __all__ = ["AlarmConfig", "AuthConfig", "ConfigError", "HttpConfig", "StoreConfig", "UiConfig", "load_config"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import random
 import shutil
@@ -628,6 +629,7 @@ def test_transfers_beyond_the_cap_are_refused_until_one_finishes(
 def test_an_oversized_meta_is_dropped_and_counted_before_it_is_queued(
     broker: MosquittoBroker, make_receiver: Callable[..., BundleReceiver], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="lineguard.agent.rollout.receiver")
     receiver = make_receiver()
     operator = RawOperator(broker, "huge")
     operator.publish(operator.topics.meta, b"{" + b" " * (TransferMeta.MAX_BYTES + 10) + b"}")
