@@ -108,6 +108,11 @@ class OpcUaConfig(_Section):
     part_node: str = Field("ns=2;s=Vision.PartId", description="Node written with the part id (sequence number).")
     echo_node: str = Field("ns=2;s=Vision.Echo", description="Node where the PLC echoes the handshake.")
     state_node: str = Field("ns=2;s=Vision.State", description="Node written with the vision state (as modbus).")
+    method_node: str = Field(
+        "",
+        description="If set, each result is a call of this method (on its parent object) with (result Int16, reason "
+        "Int16, part id UInt32, handshake UInt16) instead of writes to the result nodes; the echo is read as before.",
+    )
 
 
 class GpioConfig(_Section):

@@ -52,12 +52,15 @@ class CameraConfig(_Section):
     gain_db: float | None = Field(None, ge=0, description="Analogue gain in dB (gige); None = leave as is.")
     trigger: Literal["free-run", "software", "hardware"] = Field("free-run", description="Acquisition trigger mode.")
     fps: float = Field(10.0, gt=0, description="folder/video replay rate, frames per second.")
+    acquisition_fps: float | None = Field(
+        None, gt=0, description="gige, free-run: the frame rate to set on the camera; None = leave the camera's."
+    )
     loop: bool = Field(False, description="folder/video: start again at the end instead of stopping.")
     expected_fps: float | None = Field(
         None,
         ge=0,
         description="Frames per second this camera should deliver, for the health state; None = fps for "
-        "folder/video replay, unchecked for live cameras.",
+        "folder/video replay, acquisition_fps for a free-running GigE camera, else unchecked.",
     )
     roi: RoiConfig = Field(default_factory=RoiConfig, description="Region of the frame the model sees.")
     reconnect_initial_s: float = Field(0.5, gt=0, description="First wait before reconnecting a lost camera.")
@@ -154,7 +157,10 @@ class RolloutConfig(_Section):
         "none = every push and command over MQTT is refused.",
     )
     command_max_age_s: float = Field(
-        300.0, gt=0, le=86400, description="A signed command older (or newer) than this by the agent's clock is refused."
+        300.0,
+        gt=0,
+        le=86400,
+        description="A signed command older (or newer) than this by the agent's clock is refused.",
     )
     staging_dir: Path | None = Field(
         None, description="Where pushed bundles are staged; None = <state_dir>/staging. Best on its own file system."
@@ -168,9 +174,7 @@ class RolloutConfig(_Section):
     max_transfers: int = Field(2, ge=1, le=64, description="Transfers staged at once; a further one is refused.")
     max_archive_bytes: int = Field(2 * 2**30, ge=2**10, description="Largest bundle archive accepted, bytes.")
     max_chunks: int = Field(16_384, ge=1, le=16_384, description="Most chunks one transfer may have.")
-    max_archive_members: int = Field(
-        1000, ge=1, description="Most files and folders a bundle archive may unpack to."
-    )
+    max_archive_members: int = Field(1000, ge=1, description="Most files and folders a bundle archive may unpack to.")
     transfer_timeout_s: float = Field(
         600.0, gt=0, description="A transfer that hears nothing this long is abandoned and removed."
     )

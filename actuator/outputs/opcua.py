@@ -1,6 +1,8 @@
-"""opcua: write each result to the PLC's OPC UA server (handshake, result, reason, part id) and read its echo.
+"""opcua: hand each result to the PLC's OPC UA server and read its echo: written to result nodes (handshake
+last), or as one method call when opcua.method_node is set (a PLC that wants the result in one atomic request).
 
-Node types the PLC must declare: handshake and echo UInt16, result, reason and state Int16, part id UInt32.
+Node types the PLC must declare: handshake and echo UInt16, result, reason and state Int16, part id UInt32;
+a method takes (result Int16, reason Int16, part id UInt32, handshake UInt16).
 asyncua is imported here only, when this back end is built. A lost server is retried every second (state
 output-fault meanwhile); results whose due point passes meanwhile are reported late, never written late.
 """
@@ -35,6 +37,7 @@ class OpcUaOutput(HandshakeOutput):
         self._client_type = Client
         self._client: Any = None
         self._nodes: dict[str, Any] = {}
+        self._method: tuple[Any, Any] | None = None  # (parent object, method) with opcua.method_node
 
     def _connected(self) -> Any:
         if self._client is None:
@@ -47,6 +50,14 @@ class OpcUaOutput(HandshakeOutput):
             self._client = client
             names = ("handshake", "result", "reason", "part", "echo", "state")
             self._nodes = {name: client.get_node(getattr(self.config, f"{name}_node")) for name in names}
+            if self.config.method_node:
+                method = client.get_node(self.config.method_node)
+                try:
+                    self._method = (method.get_parent(), method)
+                except self._errors as error:
+                    self._drop()
+                    msg = f"{self.config.endpoint}: method {self.config.method_node} has no parent object: {error}"
+                    raise OutputFault(msg) from error
         return self._client
 
     def _variant(self, value: int, kind: str) -> Any:
@@ -62,6 +73,9 @@ class OpcUaOutput(HandshakeOutput):
             raise OutputFault(msg) from error
 
     def _write_result(self, result: Result) -> None:
+        if self.config.method_node:
+            self._call_result(result)
+            return
         values = [
             self._variant(result.result, "Int16"),
             self._variant(result.reason, "Int16"),
@@ -69,6 +83,25 @@ class OpcUaOutput(HandshakeOutput):
             self._variant(result.handshake, "UInt16"),  # last: the PLC acts on a new handshake
         ]
         self._write("result", ("result", "reason", "part", "handshake"), values)
+
+    def _call_result(self, result: Result) -> None:
+        self._connected()
+        if self._method is None:  # _connected() sets it whenever method_node is set
+            msg = f"{self.config.endpoint}: method {self.config.method_node} is not resolved"
+            raise OutputFault(msg)
+        parent, method = self._method
+        arguments = [
+            self.ua.Variant(result.result, self.ua.VariantType.Int16),
+            self.ua.Variant(result.reason, self.ua.VariantType.Int16),
+            self.ua.Variant(result.part_id, self.ua.VariantType.UInt32),
+            self.ua.Variant(result.handshake, self.ua.VariantType.UInt16),
+        ]
+        try:
+            parent.call_method(method, *arguments)
+        except self._errors as error:
+            self._drop()
+            msg = f"{self.config.endpoint}: call {self.config.method_node} failed: {error}"
+            raise OutputFault(msg) from error
 
     def _read_echo(self) -> int:
         self._connected()
@@ -83,7 +116,7 @@ class OpcUaOutput(HandshakeOutput):
         self._write("state", ("state",), [self._variant(code, "Int16")])
 
     def _drop(self) -> None:
-        client, self._client = self._client, None
+        client, self._client, self._method = self._client, None, None
         if client is not None:
             try:
                 client.disconnect()

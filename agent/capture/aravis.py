@@ -235,6 +235,7 @@ class AravisSource:
         self._set_trigger(config.trigger)
         self._silence_limit_s: float | None = None
         if config.trigger == "free-run":
+            self._set_frame_rate(config.acquisition_fps)
             frame_rate = camera.get_frame_rate() if camera.is_frame_rate_available() else 0.0
             self._silence_limit_s = max(_FREE_RUN_SILENCE_S, 3 / frame_rate if frame_rate > 0 else 0.0)
         self._payload = camera.get_payload()
@@ -272,6 +273,20 @@ class AravisSource:
                 msg = f"camera {self._name}: {key} = {value} is outside the camera's range {low}..{high}"
                 raise CameraError(msg)
             setter(value)
+
+    def _set_frame_rate(self, fps: float | None) -> None:
+        """Set a free-running camera's acquisition frame rate (None: leave it); range-checked, as Aravis does not."""
+        if fps is None:
+            return
+        camera = self._camera
+        if not camera.is_frame_rate_available():
+            msg = f"camera {self._name}: camera has no frame rate control; leave acquisition_fps unset"
+            raise CameraError(msg)
+        low, high = camera.get_frame_rate_bounds()
+        if not low <= fps <= high:
+            msg = f"camera {self._name}: acquisition_fps = {fps} is outside the camera's range {low}..{high}"
+            raise CameraError(msg)
+        camera.set_frame_rate(fps)
 
     def _set_trigger(self, trigger: str) -> None:
         camera = self._camera

@@ -506,9 +506,12 @@ def _ms(duration_ns: int) -> float:
 
 
 def _expected_fps(camera: CameraConfig) -> float | None:
-    """The rate a camera should deliver: configured, or its replay rate; None (unchecked) for live cameras."""
+    """The rate a camera should deliver: configured, its replay rate, or the rate set on a free-running GigE camera;
+    None (unchecked) for other live cameras."""
     if camera.expected_fps is not None:
         return camera.expected_fps or None
+    if camera.source == "gige" and camera.trigger == "free-run" and camera.acquisition_fps is not None:
+        return camera.acquisition_fps
     return camera.fps if camera.source in ("folder", "video") else None
 
 

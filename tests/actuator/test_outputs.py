@@ -81,6 +81,16 @@ def opcua_server():
         node = vision.add_variable(ua.NodeId(f"Vision.{name}", 2), name, ua.Variant(0, getattr(ua.VariantType, kind)))
         node.set_writable()
         nodes[name] = node
+
+    def report(parent, result, reason, part, handshake):
+        # A PLC taking the result as one method call: it stores the values and echoes the handshake.
+        for name, value in (("Result", result), ("Reason", reason), ("PartId", part), ("Handshake", handshake)):
+            nodes[name].write_value(value)
+        nodes["Echo"].write_value(handshake)
+        return []
+
+    arguments = [ua.VariantType.Int16, ua.VariantType.Int16, ua.VariantType.UInt32, ua.VariantType.UInt16]
+    vision.add_method(ua.NodeId("Vision.Report", 2), "Report", report, arguments, [])
     server.start()
     assert asyncua is not None
     yield endpoint, nodes
@@ -107,6 +117,26 @@ def test_opcua_results_reach_the_plcs_nodes_and_a_missing_echo_is_a_handshake_fa
     assert "did not echo handshake" in fault.reason
     assert stop(actuator) == 0
     assert nodes["State"].read_value() == 0
+
+
+def test_opcua_method_calls_carry_each_result_and_the_plcs_echo_keeps_the_gate_ok(
+    broker, opcua_server, fake_agent, tmp_path, start_actuator
+):
+    endpoint, nodes = opcua_server
+    subscriber = Subscriber(broker, TOPICS.actuator_status(ACTUATOR))
+    extra = f'[opcua]\nendpoint = "{endpoint}"\nmethod_node = "ns=2;s=Vision.Report"\n'
+    config = write_config(tmp_path, broker, None, extra, kind="opcua")
+    actuator = start_actuator(config)
+    wait_state(subscriber, "ok", timeout_s=40)
+    for kind, code in (("reject", 2), ("accept", 1), ("reject", 2)):
+        sent = fake_agent.verdict(kind)
+        time.sleep(DELAY_MS / 1e3 + 0.1)
+        assert (nodes["Result"].read_value(), nodes["PartId"].read_value()) == (code, sent.seq)
+        assert nodes["Echo"].read_value() == nodes["Handshake"].read_value() != 0
+    time.sleep(0.5)  # a missing echo would show within handshake_timeout_ms (200 ms)
+    assert stop(actuator) == 0
+    last = statuses(subscriber)[-1]
+    assert last.handshake_failures == 0 and last.state != "output-fault", last
 
 
 class LineRequestDouble:

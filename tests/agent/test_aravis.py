@@ -56,7 +56,7 @@ def test_a_missing_pygobject_is_a_camera_error_naming_the_extra(monkeypatch):
 def gige(**fields: object) -> CameraConfig:
     """Every parameter explicit: the fake camera keeps what an earlier test set."""
     values = {"address": ADDRESS, "width_px": W, "height_px": H, "pixel_format": "mono8", "exposure_us": 10000.0}
-    return CameraConfig(source="gige", **{**values, "gain_db": 0.0, **fields})
+    return CameraConfig(source="gige", **{**values, "gain_db": 0.0, "acquisition_fps": 25.0, **fields})
 
 
 def pattern(frame_id: int, height: int = H, width: int = W) -> np.ndarray:
@@ -111,6 +111,19 @@ def test_settings_the_camera_cannot_take_are_camera_errors(fake_camera):
         open_source(gige(pixel_format="bgr8"))
     with pytest.raises(CameraError, match=r"exposure_us = 1000000000\.0 is outside"):
         open_source(gige(exposure_us=1e9))
+
+
+def test_acquisition_fps_sets_a_free_running_camera_s_frame_rate_within_its_range(fake_camera):
+    with closing(open_source(gige(acquisition_fps=5.0))) as source:
+        out = np.empty((H, W, 1), np.uint8)
+        ids = [info.camera_frame_id for _ in range(4) if (info := source.read_into(out, timeout_s=2.0)) is not None]
+        started = time.monotonic()
+        for _ in range(5):
+            assert source.read_into(out, timeout_s=2.0) is not None
+        # 5 frames at 5 fps take ~1 s; at the fake camera's default 25 fps they would take 0.2 s.
+        assert time.monotonic() - started > 0.6, ids
+    with pytest.raises(CameraError, match=r"acquisition_fps = 5000\.0 is outside the camera's range"):
+        open_source(gige(acquisition_fps=5000.0))
 
 
 def test_no_camera_at_the_address_is_unavailable(fake_camera):
