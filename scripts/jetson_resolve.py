@@ -2,7 +2,7 @@
 
     python scripts/jetson_resolve.py                    # the tree a Jetson gets with constraints/jetpack6.txt
     python scripts/jetson_resolve.py --no-constraints   # what an unpinned install would get today
-    python scripts/jetson_resolve.py --write            # re-pin constraints/jetpack6.txt to what resolves today
+    python scripts/jetson_resolve.py --write            # re-pin constraints/jetpack6.txt to the newest that fits
 
 pip's resolver gets the dependencies of pyproject.toml's core and of the extras (default: agent, actuator, cpu,
 jetson), not the lineguard package itself, which is local: `pip install --dry-run --report --only-binary=:all:` for
@@ -195,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extras", default=",".join(DEFAULT_EXTRAS), help="comma-separated extras of pyproject.toml")
     parser.add_argument("--constraints", type=Path, default=CONSTRAINTS, help="pins to resolve with")
     parser.add_argument("--no-constraints", action="store_true", help="resolve the newest versions that fit")
-    parser.add_argument("--write", action="store_true", help="resolve without constraints and write them out")
+    parser.add_argument(
+        "--write",
+        action="store_true",
+        help="pin the newest versions that fit (with the JetPack 6 caps) into --constraints",
+    )
     arguments = parser.parse_args(argv)
     extras = [each for each in arguments.extras.split(",") if each]
     constraints = None if arguments.no_constraints or arguments.write else arguments.constraints
