@@ -3,6 +3,7 @@
     broker = MosquittoBroker(tmp_path)      # started; broker.host, broker.port
     broker.stop(); broker.start()           # same port again (broker-restart tests)
     broker.close()                          # or use it as a context manager
+    line = MosquittoBroker(tmp_path / "line", bridge=bridge_block)   # bridged to another broker (a `connection` block)
 
 Mosquitto logs to `<workdir>/mosquitto.log` (stderr: stdout is block-buffered into files); `log_text()`
 returns it, and a broker that fails to start raises BrokerError with the log's tail.
@@ -110,6 +111,7 @@ class MosquittoBroker:
         users: dict[str, str] | None = None,
         persistence: bool = False,
         acl_file: Path | None = None,
+        bridge: str | None = None,
         start_timeout_s: float = 5.0,
     ) -> None:
         """Write the config into `workdir` and start the broker.
@@ -119,7 +121,9 @@ class MosquittoBroker:
         on SIGTERM). Do not add `queue_qos0_messages true`: with a QoS 0 message queued behind more than 20
         QoS 1 ones for an offline persistent subscriber, Mosquitto 2.0.11 lost the 21st QoS 1 message in about
         a third of the runs. acl_file: a Mosquitto ACL file (`topic`/`user`/`pattern` lines) the broker enforces
-        (see deploy/mosquitto/README.md)."""
+        (see deploy/mosquitto/README.md). bridge: a Mosquitto bridge (`connection NAME`, `address HOST:PORT`, `topic`
+        lines: deploy/mosquitto/bridge.conf.example with its address set) appended to the config; the broker it
+        names must be running first, or Mosquitto retries it every `restart_timeout`."""
         executable = find_program("mosquitto")
         if executable is None:
             raise BrokerError(f"mosquitto not installed; {INSTALL_HINT}")
@@ -132,6 +136,7 @@ class MosquittoBroker:
         self.config_path = workdir / "mosquitto.conf"
         self.log_path = workdir / "mosquitto.log"
         self.acl_file = acl_file
+        self.bridge = bridge
         self.config_path.write_text(self._config_text(users, persistence=persistence))
         self._process: subprocess.Popen[bytes] | None = None
         self.start(timeout_s=start_timeout_s)
@@ -175,7 +180,16 @@ class MosquittoBroker:
                 f"keyfile {self.tls.server_key}",
                 "require_certificate true",
             ]
+        if self.bridge is not None:
+            lines.append(self.bridge)  # last: every line after `connection` belongs to that bridge
         return "\n".join(lines) + "\n"
+
+    @property
+    def pid(self) -> int:
+        """The running broker's process id (benchmarks read its CPU time from /proc/PID/stat)."""
+        if self._process is None:
+            raise BrokerError("the broker is not running")
+        return self._process.pid
 
     @property
     def running(self) -> bool:
