@@ -26,6 +26,9 @@ class ConfigError(Exception):
     """The configuration is unreadable or invalid; the message lists each bad key and the fix."""
 
 
+MODEL_ID_PATTERN = r"^([A-Za-z0-9._-]{1,128})?$"  # a manifest's model_id, or empty
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -60,8 +63,24 @@ class CameraConfig(_Section):
         "folder/video replay, unchecked for live cameras.",
     )
     roi: RoiConfig = Field(default_factory=RoiConfig, description="Region of the frame the model sees.")
+    model: str = Field(
+        "",
+        pattern=MODEL_ID_PATTERN,
+        description="The id of the model (an entry of [[models]]) that scores this camera; empty = the one model "
+        "of engine.bundle (only when no [[models]] are configured).",
+    )
     reconnect_initial_s: float = Field(0.5, gt=0, description="First wait before reconnecting a lost camera.")
     reconnect_max_s: float = Field(10.0, gt=0, description="Longest wait between reconnect attempts.")
+
+
+class ModelConfig(_Section):
+    """One model the agent serves, for the cameras that name its id (cameras[].model)."""
+
+    id: str = Field(
+        pattern=MODEL_ID_PATTERN.replace(")?$", ")$"),
+        description="The model id, as in its bundle's manifest; pushes of this id swap only its cameras.",
+    )
+    bundle: Path = Field(description="Bundle directory to serve at the first start (later: the model store's).")
 
 
 class RingConfig(_Section):
@@ -154,7 +173,10 @@ class RolloutConfig(_Section):
         "none = every push and command over MQTT is refused.",
     )
     command_max_age_s: float = Field(
-        300.0, gt=0, le=86400, description="A signed command older (or newer) than this by the agent's clock is refused."
+        300.0,
+        gt=0,
+        le=86400,
+        description="A signed command older (or newer) than this by the agent's clock is refused.",
     )
     staging_dir: Path | None = Field(
         None, description="Where pushed bundles are staged; None = <state_dir>/staging. Best on its own file system."
@@ -168,9 +190,7 @@ class RolloutConfig(_Section):
     max_transfers: int = Field(2, ge=1, le=64, description="Transfers staged at once; a further one is refused.")
     max_archive_bytes: int = Field(2 * 2**30, ge=2**10, description="Largest bundle archive accepted, bytes.")
     max_chunks: int = Field(16_384, ge=1, le=16_384, description="Most chunks one transfer may have.")
-    max_archive_members: int = Field(
-        1000, ge=1, description="Most files and folders a bundle archive may unpack to."
-    )
+    max_archive_members: int = Field(1000, ge=1, description="Most files and folders a bundle archive may unpack to.")
     transfer_timeout_s: float = Field(
         600.0, gt=0, description="A transfer that hears nothing this long is abandoned and removed."
     )
@@ -263,6 +283,12 @@ class AgentConfig(TomlSettings):
     run_dir: Path = Field(Path("/run/lineguard"), description="Folder for ZeroMQ ipc sockets.")
     state_dir: Path = Field(Path("/var/lib/lineguard"), description="Folder for the model store and agent state.")
     cameras: tuple[CameraConfig, ...] = Field((CameraConfig(),), min_length=1, description="One entry per camera.")
+    models: tuple[ModelConfig, ...] = Field(
+        (),
+        max_length=16,
+        description="Several models, one per model id, each camera naming its own (cameras[].model); "
+        "none = every camera is scored by engine.bundle.",
+    )
     ring: RingConfig = Field(default_factory=RingConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     decision: DecisionConfig = Field(default_factory=DecisionConfig)
@@ -278,6 +304,35 @@ class AgentConfig(TomlSettings):
             msg = f"camera names must be unique, got {names}"
             raise ValueError(msg)
         return self
+
+    @model_validator(mode="after")
+    def _cameras_name_configured_models(self) -> AgentConfig:
+        ids = [model.id for model in self.models]
+        if len(set(ids)) != len(ids):
+            msg = f"model ids must be unique, got {ids}"
+            raise ValueError(msg)
+        for camera in self.cameras:
+            if ids and camera.model not in ids:
+                msg = f"camera {camera.name} must name its model (cameras.model), one of {', '.join(ids)}"
+                raise ValueError(msg)
+            if not ids and camera.model:
+                msg = (
+                    f"camera {camera.name} names model {camera.model!r}, but no [[models]] are configured; add "
+                    f'[[models]] id = "{camera.model}" with its bundle, or leave cameras.model empty'
+                )
+                raise ValueError(msg)
+        return self
+
+    @property
+    def model_bundles(self) -> dict[str, Path]:
+        """Model slot -> its start-up bundle. The slot is the model id; "" is the one model of engine.bundle."""
+        if not self.models:
+            return {"": self.engine.bundle}
+        return {model.id: model.bundle for model in self.models}
+
+    def cameras_of(self, slot: str) -> tuple[str, ...]:
+        """The names of the cameras the model in `slot` scores."""
+        return tuple(camera.name for camera in self.cameras if camera.model == slot)
 
 
 _CONFIG_PATH: dict[str, Path | None] = {"path": None}

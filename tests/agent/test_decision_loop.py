@@ -110,7 +110,7 @@ def decision(loop_config, capture_side, zmq_context) -> Iterator[Callable[..., H
         config = loop_config(deadline_ms=deadline_ms)
         published = PublishedTracker(config.run_dir, ["cam0"], "decision-under-test", zmq_context)
         publisher = RecordingPublisher(on_settled=published.settled)
-        loop = DecisionLoop(config, manifest(), publisher, published, zmq_context)  # type: ignore[arg-type]
+        loop = DecisionLoop(config, {"": manifest()}, publisher, published, zmq_context)  # type: ignore[arg-type]
         sender = Sender(zmq_context, endpoint(config.run_dir, "decision"))
         assert sender.wait_connected(timeout_s=5.0)
         made.append(Harness(loop, publisher, sender, capture_side(config)))
