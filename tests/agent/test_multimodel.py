@@ -104,6 +104,9 @@ def test_each_camera_is_scored_by_its_own_model_and_a_push_swaps_only_the_camera
     assert subscriber.wait_until(lambda: camera_verdicts("lid")[-1].model == "cap-test@2.0.0", 30)
     count_top = len(camera_verdicts("top"))
     assert subscriber.wait_until(lambda: len(camera_verdicts("top")) >= count_top + 4, 30)
+    shown = deploy_cli(broker, signing_key, "status", "--agent", AGENT, "--wait", "3")
+    assert shown.returncode == 0 and "models per camera" in shown.stdout, shown.stdout
+    assert "(brick-test@1.0.0)" in shown.stdout and "(cap-test@2.0.0)" in shown.stdout, shown.stdout
     assert stop(agent) == 0
 
     for camera, model in CAMERAS.items():
