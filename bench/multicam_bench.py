@@ -14,7 +14,8 @@ camera per camera, 2448x2048 Mono8, frame rate set to --fps-per-camera before th
 The fake cameras need an address each: the bench re-runs itself in a private network namespace
 (`unshare -rn`), adds 127.0.0.2-5 to its loopback there, and runs the broker and agents inside it too.
 
-Each row: one `lineguard-agent run` (engine.backend cpu, 2 threads, max_batch --max-batch, deadline 250 ms),
+Each row: one `lineguard-agent run` (engine.backend --backend, default cpu; 2 threads; max_batch --max-batch;
+deadline 250 ms; on a GPU machine: --backend auto --max-batch 4 --fps-per-camera 10),
 a subscriber on every camera's verdicts; --warmup-s after the first verdict are discarded, then --window-s
 are measured. Per camera: verdicts/s, scored fps, failsafe %; per row: capture-to-publish p50/p99 of scored
 verdicts (`latency_ms.total`), and the CPU cores used by each agent process (capture per camera, engine,
@@ -219,7 +220,7 @@ def agent_toml(setup: Setup, variant: Variant, run_dir: Path, port: int, args: a
         lines += camera
     bundle = setup.noop_bundle if variant.noop else setup.bundle
     lines += [
-        f'[engine]\nbundle = "{bundle}"\ntrusted_keys = ["{setup.public_key}"]\nbackend = "cpu"',
+        f'[engine]\nbundle = "{bundle}"\ntrusted_keys = ["{setup.public_key}"]\nbackend = "{args.backend}"',
         f"threads = {ORT_THREADS}\nmax_batch = {args.max_batch}",
         '[decision]\ndeadline_ms = 250\nheatmap = "none"',
         f'[mqtt]\nport = {port}\ntopic_prefix = "{name}"',
@@ -241,10 +242,7 @@ def run_variant(setup: Setup, broker: MosquittoBroker, variant: Variant, args: a
     agent = subprocess.Popen([str(BIN / "lineguard-agent"), "run", "--config", str(config)], stderr=log)
     run = Run(variant, args.window_s)
     try:
-        if not subscriber.wait_until(lambda: bool(subscriber.arrivals), 120) or agent.poll() is not None:
-            tail = (run_dir / "agent.log").read_text(errors="replace")[-3000:]
-            msg = f"{variant.name}: no verdict within 120 s; agent log tail:\n{tail}"
-            raise RuntimeError(msg)
+        wait_until_serving(run_dir / "agent.log", subscriber, variant, agent)
         time.sleep(args.warmup_s)
         fake_pids = {process.pid for process in fakes}
         start, before, t0 = time.time(), cpu_by_role(agent.pid, fake_pids), time.monotonic()
@@ -265,6 +263,23 @@ def run_variant(setup: Setup, broker: MosquittoBroker, variant: Variant, args: a
     return run
 
 
+def wait_until_serving(log: Path, subscriber: TimedSubscriber, variant: Variant, agent: subprocess.Popen) -> None:
+    """Until the supervisor says every process runs and every camera has had a scored verdict: start-up (model
+    loading, imports on a loaded machine) must not count in the window."""
+    cameras = {f"cam{index}" for index in range(variant.cameras)}
+
+    def scored_cameras() -> set[str]:
+        return {v.camera for _, v in subscriber.between(0, time.time()) if v.verdict != "failsafe"}
+
+    def serving() -> bool:
+        return "pipeline ready" in log.read_text(errors="replace") and scored_cameras() >= cameras
+
+    if not subscriber.wait_until(lambda: serving() or agent.poll() is not None, 180) or agent.poll() is not None:
+        tail = log.read_text(errors="replace")[-3000:]
+        msg = f"{variant.name}: not every camera scored within 180 s; agent log tail:\n{tail}"
+        raise RuntimeError(msg)
+
+
 # --- summaries -----------------------------------------------------------------------------------------------
 
 
@@ -282,9 +297,11 @@ def summarise(run: Run) -> dict[str, Any]:
         }
     scored_all = [v for _, v in run.verdicts if v.verdict != "failsafe"]
     causes: dict[str, int] = {}
+    reasons: dict[str, str] = {}  # cause -> the first reason given, for reading the table
     for _, verdict in run.verdicts:
         if verdict.cause is not None:
             causes[verdict.cause] = causes.get(verdict.cause, 0) + 1
+            reasons.setdefault(verdict.cause, verdict.reason[:120])
     return {
         "variant": run.variant.name,
         "window_s": run.window_s,
@@ -293,6 +310,7 @@ def summarise(run: Run) -> dict[str, Any]:
         if run.verdicts
         else None,
         "failsafe_causes": causes,
+        "failsafe_reasons": reasons,
         "total_ms": percentiles([v.latency_ms.total for v in scored_all]),
         "cameras": cameras,
         "cpu_cores": run.cpu_cores,
@@ -302,7 +320,9 @@ def summarise(run: Run) -> dict[str, Any]:
 def cpu_text(cores: dict[str, float]) -> str:
     """`engine 0.91, decision 0.08, capture 4x 0.05 (0.20), ...`: capture processes summed with their count."""
     captures = [value for role, value in cores.items() if role.startswith("capture")]
-    parts = [f"{role} {value:.2f}" for role, value in cores.items() if not role.startswith("capture")]
+    parts = [
+        f"{role} {value:.2f}" for role, value in cores.items() if not role.startswith("capture") and value >= 0.005
+    ]
     if captures:
         parts.insert(0, f"capture {len(captures)}x {sum(captures):.2f}")
     return ", ".join(parts)
@@ -340,6 +360,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--window-s", type=float, default=15.0, help="measured seconds per run (default 15)")
     parser.add_argument("--warmup-s", type=float, default=3.0, help="seconds discarded after the first verdict")
     parser.add_argument("--max-batch", type=int, default=1, help="engine.max_batch (default 1, the CPU default)")
+    parser.add_argument(
+        "--backend", default="cpu", choices=("auto", "tensorrt", "cuda", "cpu"), help="engine.backend (default cpu)"
+    )
     parser.add_argument("--no-noop", action="store_true", help="skip the no-op engine row")
     parser.add_argument(NETNS_FLAG, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

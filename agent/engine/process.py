@@ -141,9 +141,9 @@ class EngineLoop:
         ROI was converted and resized into the batch buffer on the CPU.
         """
         found: list[tuple[FrameReady, ShmRing, np.ndarray, Preprocessor]] = []
-        model, buffer = self.models.get(slot), self.batches.get(slot)
-        if model is None or buffer is None:
+        if not frames:
             return [], None
+        model, buffer = self.models[slot], self.batches[slot]  # every configured slot has both (__init__)
         for ready in frames:
             try:
                 ring = self.rings.get(ready.ring)
