@@ -1,7 +1,7 @@
 """Multi-camera benchmark: 1, 2 and 4 cameras of 2448x2048 mono8 on one agent, with one model and with two.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/multicam_bench.py [--cameras 1,2,4] [--sources folder,gige]
-        [--fps-per-camera 2] [--window-s 15] [--warmup-s 3] [--max-batch 1]
+        [--fps-per-camera 2] [--window-s 15] [--warmup-s 3] [--max-batch 1[,4]]
 
 The setup is bench/agent_bench.py's (a 256x256 grey PatchCore bundle from `lineguard-train run`, its no-op
 twin, 16 distinct 2448x2048 BMP frames with a centred 2048x2048 ROI). The second model is the same graph
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -72,12 +73,14 @@ class Variant:
     source: str  # folder | gige
     cameras: int
     models: int  # 1 or 2
+    max_batch: int = 1
     noop: bool = False
 
     @property
     def name(self) -> str:
         engine = ", no-op engine" if self.noop else ""
-        return f"{self.source}, {self.cameras} cam, {self.models} model{'s' if self.models > 1 else ''}{engine}"
+        batch = f", batch {self.max_batch}" if self.max_batch > 1 else ""
+        return f"{self.source}, {self.cameras} cam, {self.models} model{'s' if self.models > 1 else ''}{batch}{engine}"
 
 
 @dataclass
@@ -221,7 +224,7 @@ def agent_toml(setup: Setup, variant: Variant, run_dir: Path, port: int, args: a
     bundle = setup.noop_bundle if variant.noop else setup.bundle
     lines += [
         f'[engine]\nbundle = "{bundle}"\ntrusted_keys = ["{setup.public_key}"]\nbackend = "{args.backend}"',
-        f"threads = {ORT_THREADS}\nmax_batch = {args.max_batch}",
+        f"threads = {ORT_THREADS}\nmax_batch = {variant.max_batch}",
         '[decision]\ndeadline_ms = 250\nheatmap = "none"',
         f'[mqtt]\nport = {port}\ntopic_prefix = "{name}"',
         "[metrics]\nport = 0",
@@ -231,7 +234,9 @@ def agent_toml(setup: Setup, variant: Variant, run_dir: Path, port: int, args: a
 
 
 def run_variant(setup: Setup, broker: MosquittoBroker, variant: Variant, args: argparse.Namespace) -> Run:
-    slug = f"{variant.source}-{variant.cameras}c-{variant.models}m{'-noop' if variant.noop else ''}"
+    slug = (
+        f"{variant.source}-{variant.cameras}c-{variant.models}m-b{variant.max_batch}{'-noop' if variant.noop else ''}"
+    )
     run_dir = setup.work / f"mc-{os.getpid()}-{slug}"
     run_dir.mkdir()
     config = run_dir / "agent.toml"
@@ -328,23 +333,32 @@ def cpu_text(cores: dict[str, float]) -> str:
     return ", ".join(parts)
 
 
+def p99_ratio(row: dict[str, Any], p99s: dict[str, float | None]) -> str:
+    """A batch-N row against the same row at batch 1; any other row against 1 camera, 1 model of its source."""
+    name, p99 = row["variant"], row["total_ms"]["p99"]
+    if ", batch " in name:
+        base, against = p99s.get(re.sub(r", batch [0-9]+", "", name)), "batch 1"
+    elif "no-op" not in name:
+        base, against = p99s.get(f"{name.split(',')[0]}, 1 cam, 1 model"), "1 camera"
+    else:
+        return ""
+    return f"{p99 / base:.2f}x vs {against}" if base and p99 else ""
+
+
 def markdown_table(rows: list[dict[str, Any]], fps: float) -> str:
     lines = [
         "| variant | offered fps per camera | delivered fps per camera | failsafe % (worst camera) "
-        "| p50 ms | p99 ms | p99 vs 1 camera | CPU cores per process |",
+        "| p50 ms | p99 ms | p99 ratio | CPU cores per process |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    single = {
-        row["variant"].split(",")[0]: row["total_ms"]["p99"] for row in rows if ", 1 cam, 1 model" in row["variant"]
-    }
+    p99s = {row["variant"]: row["total_ms"]["p99"] for row in rows}
     for row in rows:
         delivered = " / ".join(fmt(camera["scored_fps"]) for camera in row["cameras"].values())
         worst = max((camera["failsafe_pct"] or 0.0 for camera in row["cameras"].values()), default=None)
-        base, p99 = single.get(row["variant"].split(",")[0]), row["total_ms"]["p99"]
-        ratio = f"{p99 / base:.2f}x" if base and p99 and "no-op" not in row["variant"] else ""
         lines.append(
             f"| {row['variant']} | {fps:g} | {delivered} | {fmt(row['failsafe_pct'])} ({fmt(worst)}) "
-            f"| {fmt(row['total_ms']['p50'])} | {fmt(p99)} | {ratio} | {cpu_text(row['cpu_cores'])} |"
+            f"| {fmt(row['total_ms']['p50'])} | {fmt(row['total_ms']['p99'])} | {p99_ratio(row, p99s)} "
+            f"| {cpu_text(row['cpu_cores'])} |"
         )
     return "\n".join(lines)
 
@@ -359,7 +373,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fps-per-camera", type=float, default=2.0, help="frames per second per camera (default 2)")
     parser.add_argument("--window-s", type=float, default=15.0, help="measured seconds per run (default 15)")
     parser.add_argument("--warmup-s", type=float, default=3.0, help="seconds discarded after the first verdict")
-    parser.add_argument("--max-batch", type=int, default=1, help="engine.max_batch (default 1, the CPU default)")
+    parser.add_argument(
+        "--max-batch", default="1", help="engine.max_batch values, each a row (default 1, the CPU default; e.g. 1,4)"
+    )
     parser.add_argument(
         "--backend", default="cpu", choices=("auto", "tensorrt", "cuda", "cpu"), help="engine.backend (default cpu)"
     )
@@ -368,6 +384,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     args.cameras = [int(count) for count in args.cameras.split(",") if count.strip()]
     args.sources = [source.strip() for source in args.sources.split(",") if source.strip()]
+    args.max_batch = [int(size) for size in args.max_batch.split(",") if size.strip()]
     return args
 
 
@@ -387,10 +404,11 @@ def set_up_loopback(count: int) -> None:
 
 def plan(args: argparse.Namespace) -> list[Variant]:
     variants = [
-        Variant(source, count, models)
+        Variant(source, count, models, batch)
         for source in args.sources
         for count in args.cameras
         for models in (1, 2)
+        for batch in args.max_batch  # innermost: the batch sizes of one setting run side by side
         if models <= count
     ]
     if not args.no_noop:
