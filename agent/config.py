@@ -81,6 +81,9 @@ class ModelConfig(_Section):
         description="The model id, as in its bundle's manifest; pushes of this id swap only its cameras.",
     )
     bundle: Path = Field(description="Bundle directory to serve at the first start (later: the model store's).")
+    threshold: float | None = Field(
+        None, description="Override this model's calibrated threshold (every version of it); None = the bundle's."
+    )
 
 
 class RingConfig(_Section):
@@ -322,6 +325,23 @@ class AgentConfig(TomlSettings):
                 )
                 raise ValueError(msg)
         return self
+
+    @model_validator(mode="after")
+    def _one_threshold_override_per_model(self) -> AgentConfig:
+        if self.models and self.decision.threshold is not None:
+            msg = (
+                "decision.threshold would override the threshold of every model; with [[models]] set "
+                "models.threshold on the model it is meant for"
+            )
+            raise ValueError(msg)
+        return self
+
+    def threshold_override(self, model_id: str) -> float | None:
+        """The configured threshold that replaces the calibrated one of model `model_id` (its slot id; "" = the
+        one model), or None: the bundle's own."""
+        if not self.models:
+            return self.decision.threshold
+        return next((model.threshold for model in self.models if model.id == model_id), None)
 
     @property
     def model_bundles(self) -> dict[str, Path]:

@@ -235,7 +235,7 @@ class DecisionLoop:
         return manifest
 
     def _threshold(self, manifest: Manifest) -> float:
-        override = self.config.decision.threshold
+        override = self.config.threshold_override(manifest.model_id)
         return override if override is not None else manifest.threshold.value
 
     def _expire(self, now_ns: int) -> None:

@@ -198,7 +198,8 @@ class EngineLoop:
     def _publish_maps(self, slot: str, jobs: list[_Job], inference: Inference, *, now_ns: int) -> dict[int, int]:
         """Put the maps decision will read (rejects, sampled heatmaps) into the slot's map ring: {batch row: map slot}."""
         decision, model, map_ring = self.config.decision, self.models[slot], self.map_rings[slot]
-        threshold = decision.threshold if decision.threshold is not None else model.threshold
+        override = self.config.threshold_override(slot)
+        threshold = override if override is not None else model.threshold
         rows = rows_needing_maps(
             inference.scores,
             threshold=threshold,

@@ -39,6 +39,9 @@ def test_cameras_name_their_models_and_without_models_every_camera_has_the_one_o
     several = load_config(write(tmp_path, text))
     assert several.model_bundles == {"brick": Path("/b"), "cap": Path("/c")}
     assert several.cameras_of("brick") == ("top", "side") and several.cameras_of("cap") == ("lid",)
+    overridden = load_config(write(tmp_path, text.replace('bundle = "/c"\n', 'bundle = "/c"\nthreshold = 0.7\n')))
+    assert (overridden.threshold_override("cap"), overridden.threshold_override("brick")) == (0.7, None)
+    assert load_config(write(tmp_path, "[decision]\nthreshold = 3.0\n")).threshold_override("any-model") == 3.0
 
 
 @pytest.mark.parametrize(
@@ -61,6 +64,10 @@ def test_cameras_name_their_models_and_without_models_every_camera_has_the_one_o
             "model ids must be unique",
         ),
         ('[[models]]\nid = "a b"\nbundle = "/b"\n', "models.0.id: String should match pattern"),
+        (
+            '[decision]\nthreshold = 2.0\n[[models]]\nid = "brick"\nbundle = "/b"\n[[cameras]]\nmodel = "brick"\n',
+            "decision.threshold would override the threshold of every model; with [[models]] set models.threshold",
+        ),
     ],
 )
 def test_each_bad_key_is_named_with_the_problem(tmp_path, text, fragment):

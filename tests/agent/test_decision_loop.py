@@ -275,7 +275,7 @@ def test_capture_hears_which_verdicts_the_broker_holds_and_who_is_answering(deci
         acks.close()
 
 
-def test_with_a_model_per_camera_every_verdict_and_the_status_carry_that_cameras_model_and_threshold(
+def test_with_a_model_per_camera_every_verdict_and_the_status_carry_that_cameras_model_and_its_threshold(
     loop_config, capture_side, zmq_context
 ):
     from pathlib import Path
@@ -284,7 +284,10 @@ def test_with_a_model_per_camera_every_verdict_and_the_status_carry_that_cameras
 
     config = loop_config().model_copy(
         update={
-            "models": (ModelConfig(id="double", bundle=Path("/d")), ModelConfig(id="cap", bundle=Path("/c"))),
+            "models": (
+                ModelConfig(id="double", bundle=Path("/d"), threshold=0.4),  # overrides the bundle's 1.0
+                ModelConfig(id="cap", bundle=Path("/c")),
+            ),
             "cameras": (CameraConfig(name="cam0", model="double"), CameraConfig(name="cam1", model="cap")),
         }
     )
@@ -302,7 +305,7 @@ def test_with_a_model_per_camera_every_verdict_and_the_status_carry_that_cameras
         h.send(one, scored(one, 0.5), lost)
         h.step_until(2)
         by_camera = {v.camera: (v.verdict, v.model, v.threshold) for v in h.publisher.verdicts()}
-        assert by_camera == {"cam0": ("accept", "double@1", 1.0), "cam1": ("failsafe", "cap@7", 0.3)}
+        assert by_camera == {"cam0": ("reject", "double@1", 0.4), "cam1": ("failsafe", "cap@7", 0.3)}
         status = loop.status(online=True)
         assert status.model is None
         assert {name: camera.model for name, camera in status.cameras.items()} == {"cam0": "double@1", "cam1": "cap@7"}
