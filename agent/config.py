@@ -128,7 +128,10 @@ class EngineConfig(_Section):
 
 
 class DecisionConfig(_Section):
-    threshold: float | None = Field(None, description="Override the bundle's calibrated threshold; None = use it.")
+    threshold: float | None = Field(
+        None,
+        description="Override the bundle's calibrated threshold; None = use it (with [[models]]: models.threshold).",
+    )
     min_defect_area_px: int = Field(0, ge=0, description="Reject only if this many map pixels reach the threshold.")
     deadline_ms: float = Field(
         250.0, gt=0, description="A frame without a score this long after capture gets failsafe."
