@@ -1,5 +1,5 @@
 """One agent, two cameras, two models, as a user runs it: each camera's verdicts carry its own model and
-threshold, a push of one model id swaps only that model's camera, and no frame is lost on either camera."""
+threshold, a push or rollback of one model id swaps only that model's camera, and no frame is lost on either."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ port = 0
     return config
 
 
-def test_each_camera_is_scored_by_its_own_model_and_a_push_swaps_only_the_cameras_of_that_model(
+def test_each_camera_is_scored_by_its_own_model_and_a_push_or_rollback_swaps_only_the_cameras_of_that_model(
     broker, trained_work, signing_key, replay, tmp_path, start_agent
 ):
     folder, _ = replay
@@ -102,11 +102,17 @@ def test_each_camera_is_scored_by_its_own_model_and_a_push_swaps_only_the_camera
     pushed = deploy_cli(broker, signing_key, "push", str(newer_cap), "--agent", AGENT, "--timeout", "120")
     assert pushed.returncode == 0, pushed.stderr
     assert subscriber.wait_until(lambda: camera_verdicts("lid")[-1].model == "cap-test@2.0.0", 30)
+    unnamed = deploy_cli(broker, signing_key, "rollback", "--agent", AGENT)
+    assert unnamed.returncode == 2, unnamed.stdout
+    assert "name the model to roll back: this agent serves model ids brick-test, cap-test" in unnamed.stdout
+    rolled = deploy_cli(broker, signing_key, "rollback", "--agent", AGENT, "--to", "cap-test@1.0.0")
+    assert rolled.returncode == 0, rolled.stderr
+    assert subscriber.wait_until(lambda: camera_verdicts("lid")[-1].model == "cap-test@1.0.0", 30)
     count_top = len(camera_verdicts("top"))
     assert subscriber.wait_until(lambda: len(camera_verdicts("top")) >= count_top + 4, 30)
     shown = deploy_cli(broker, signing_key, "status", "--agent", AGENT, "--wait", "3")
     assert shown.returncode == 0 and "models per camera" in shown.stdout, shown.stdout
-    assert "(brick-test@1.0.0)" in shown.stdout and "(cap-test@2.0.0)" in shown.stdout, shown.stdout
+    assert "(brick-test@1.0.0)" in shown.stdout and "(cap-test@1.0.0)" in shown.stdout, shown.stdout
     assert stop(agent) == 0
 
     for camera, model in CAMERAS.items():
@@ -119,5 +125,5 @@ def test_each_camera_is_scored_by_its_own_model_and_a_push_swaps_only_the_camera
             assert verdict.model.startswith(f"{model}@") and verdict.threshold == pytest.approx(threshold)
             assert verdict.verdict == ("reject" if verdict.score >= threshold else "accept")
         changes = [(a, b) for a, b in itertools.pairwise(v.model for v in received) if a != b]
-        expected = [("cap-test@1.0.0", "cap-test@2.0.0")] if camera == "lid" else []
-        assert changes == expected, camera  # the push changed the lid camera's model once, and top's never
+        expected = [("cap-test@1.0.0", "cap-test@2.0.0"), ("cap-test@2.0.0", "cap-test@1.0.0")]
+        assert changes == (expected if camera == "lid" else []), camera  # push and rollback: lid's model only
