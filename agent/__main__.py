@@ -4,7 +4,7 @@
     lineguard-agent check-config --config agent.toml
     lineguard-agent watch --config agent.toml [--count N]
     lineguard-agent activate --config agent.toml BUNDLE    (swap a new model in, with canary)
-    lineguard-agent rollback --config agent.toml
+    lineguard-agent rollback --config agent.toml [--model MODEL_ID]   (with several models: which one)
     lineguard-agent samples list|label|export --config agent.toml ...   (the sample store; see README)
 Exit codes: 0 clean stop, 1 a process kept failing, 2 bad configuration or bundle (message says the fix).
 """
@@ -24,23 +24,36 @@ from .bundle import BundleError, Manifest, verify_bundle
 from .capture.sequence import SequenceError
 from .config import AgentConfig, ConfigError, load_config, read_worker_config, write_worker_config
 from .ring import RingRefused
-from .rollout.store import serving_bundle
+from .rollout.store import serving_bundles
 from .signing import KeyFileError, SignatureError, load_trusted_keys
 
 log = logging.getLogger("lineguard.agent")
 
 
-def preflight(config: AgentConfig) -> Manifest:
-    """Checks that need I/O, before any process starts: the bundle verifies.
+def preflight(config: AgentConfig) -> dict[str, Manifest]:
+    """Checks that need I/O, before any process starts: every model's bundle verifies and has its model id.
 
-    Whether each camera's frames fit the model (ROI, aspect) is checked by the engine once it sees the
-    frame size; any pixel format feeds a grey or a colour model (agent/model_input.py).
+    Returns model slot -> manifest (config.model_bundles). Whether each camera's frames fit its model (ROI,
+    aspect) is checked by the engine once it sees the frame size; any pixel format feeds a grey or a colour
+    model (agent/model_input.py).
     """
-    return verify_bundle(
-        serving_bundle(config.state_dir, config.engine.bundle),
-        load_trusted_keys(config.engine.trusted_keys),
-        require_signature=config.engine.require_signature,
-    )
+    trusted = load_trusted_keys(config.engine.trusted_keys)
+    manifests = {}
+    for slot, bundle in serving_bundles(config).items():
+        manifest = verify_bundle(bundle, trusted, require_signature=config.engine.require_signature)
+        if slot and manifest.model_id != slot:
+            msg = f"models.bundle of model {slot} is {bundle}, a bundle of model {manifest.model_id}; fix models.id or the path"
+            raise BundleError(msg)
+        manifests[slot] = manifest
+    return manifests
+
+
+def _models_text(config: AgentConfig, manifests: dict[str, Manifest]) -> str:
+    """`model brick@1.0.0` or, with several models, `models brick@1.0.0 (top, side), cap@2.0.0 (lid)`."""
+    labels = {slot: f"{manifest.model_id}@{manifest.model_version}" for slot, manifest in manifests.items()}
+    if len(labels) == 1:
+        return f"model {next(iter(labels.values()))}"
+    return "models " + ", ".join(f"{label} ({', '.join(config.cameras_of(slot))})" for slot, label in labels.items())
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
@@ -72,10 +85,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .supervisor import Supervisor
 
     config = load_config(args.config)
-    manifest = preflight(config)
-    log.info(
-        "agent %s on line %s: model %s@%s", config.agent_id, config.line, manifest.model_id, manifest.model_version
-    )
+    manifests = preflight(config)
+    log.info("agent %s on line %s: %s", config.agent_id, config.line, _models_text(config, manifests))
     config.run_dir.mkdir(parents=True, exist_ok=True)
     config_json = config.run_dir / "config.json"
     secrets = write_worker_config(config, config_json)
@@ -86,8 +97,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    manifest = preflight(config)
-    print(f"configuration OK: {len(config.cameras)} camera(s), model {manifest.model_id}@{manifest.model_version}")
+    manifests = preflight(config)
+    print(f"configuration OK: {len(config.cameras)} camera(s), {_models_text(config, manifests)}")
     return 0
 
 
@@ -103,7 +114,7 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     from .rollout.swap import rollback
 
     os.nice(10)
-    label = rollback(load_config(args.config))
+    label = rollback(load_config(args.config), model_id=args.model)
     print(f"rolled back: {label} is serving")
     return 0
 
@@ -167,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     activator.set_defaults(handler=_cmd_activate)
     roller = commands.add_parser("rollback", help="swap the running agent back to its previous model")
     roller.add_argument("--config", type=Path, help="the running agent's agent.toml")
+    roller.add_argument("--model", default="", help="the model id to roll back (needed when cameras have several)")
     roller.set_defaults(handler=_cmd_rollback)
     watcher = commands.add_parser("watch", help="print this agent's verdicts from the broker, then a summary")
     watcher.add_argument("--config", type=Path, help="the agent's agent.toml (for broker and topics)")

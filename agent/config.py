@@ -26,6 +26,9 @@ class ConfigError(Exception):
     """The configuration is unreadable or invalid; the message lists each bad key and the fix."""
 
 
+MODEL_ID_PATTERN = r"^([A-Za-z0-9._-]{1,128})?$"  # a manifest's model_id, or empty
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -63,8 +66,27 @@ class CameraConfig(_Section):
         "folder/video replay, acquisition_fps for a free-running GigE camera, else unchecked.",
     )
     roi: RoiConfig = Field(default_factory=RoiConfig, description="Region of the frame the model sees.")
+    model: str = Field(
+        "",
+        pattern=MODEL_ID_PATTERN,
+        description="The id of the model (an entry of [[models]]) that scores this camera; empty = the one model "
+        "of engine.bundle (only when no [[models]] are configured).",
+    )
     reconnect_initial_s: float = Field(0.5, gt=0, description="First wait before reconnecting a lost camera.")
     reconnect_max_s: float = Field(10.0, gt=0, description="Longest wait between reconnect attempts.")
+
+
+class ModelConfig(_Section):
+    """One model the agent serves, for the cameras that name its id (cameras[].model)."""
+
+    id: str = Field(
+        pattern=MODEL_ID_PATTERN.replace(")?$", ")$"),
+        description="The model id, as in its bundle's manifest; pushes of this id swap only its cameras.",
+    )
+    bundle: Path = Field(description="Bundle directory to serve at the first start (later: the model store's).")
+    threshold: float | None = Field(
+        None, description="Override this model's calibrated threshold (every version of it); None = the bundle's."
+    )
 
 
 class RingConfig(_Section):
@@ -109,7 +131,10 @@ class EngineConfig(_Section):
 
 
 class DecisionConfig(_Section):
-    threshold: float | None = Field(None, description="Override the bundle's calibrated threshold; None = use it.")
+    threshold: float | None = Field(
+        None,
+        description="Override the bundle's calibrated threshold; None = use it (with [[models]]: models.threshold).",
+    )
     min_defect_area_px: int = Field(0, ge=0, description="Reject only if this many map pixels reach the threshold.")
     deadline_ms: float = Field(
         250.0, gt=0, description="A frame without a score this long after capture gets failsafe."
@@ -267,6 +292,12 @@ class AgentConfig(TomlSettings):
     run_dir: Path = Field(Path("/run/lineguard"), description="Folder for ZeroMQ ipc sockets.")
     state_dir: Path = Field(Path("/var/lib/lineguard"), description="Folder for the model store and agent state.")
     cameras: tuple[CameraConfig, ...] = Field((CameraConfig(),), min_length=1, description="One entry per camera.")
+    models: tuple[ModelConfig, ...] = Field(
+        (),
+        max_length=16,
+        description="Several models, one per model id, each camera naming its own (cameras[].model); "
+        "none = every camera is scored by engine.bundle.",
+    )
     ring: RingConfig = Field(default_factory=RingConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     decision: DecisionConfig = Field(default_factory=DecisionConfig)
@@ -282,6 +313,52 @@ class AgentConfig(TomlSettings):
             msg = f"camera names must be unique, got {names}"
             raise ValueError(msg)
         return self
+
+    @model_validator(mode="after")
+    def _cameras_name_configured_models(self) -> AgentConfig:
+        ids = [model.id for model in self.models]
+        if len(set(ids)) != len(ids):
+            msg = f"model ids must be unique, got {ids}"
+            raise ValueError(msg)
+        for camera in self.cameras:
+            if ids and camera.model not in ids:
+                msg = f"camera {camera.name} must name its model (cameras.model), one of {', '.join(ids)}"
+                raise ValueError(msg)
+            if not ids and camera.model:
+                msg = (
+                    f"camera {camera.name} names model {camera.model!r}, but no [[models]] are configured; add "
+                    f'[[models]] id = "{camera.model}" with its bundle, or leave cameras.model empty'
+                )
+                raise ValueError(msg)
+        return self
+
+    @model_validator(mode="after")
+    def _one_threshold_override_per_model(self) -> AgentConfig:
+        if self.models and self.decision.threshold is not None:
+            msg = (
+                "decision.threshold would override the threshold of every model; with [[models]] set "
+                "models.threshold on the model it is meant for"
+            )
+            raise ValueError(msg)
+        return self
+
+    def threshold_override(self, model_id: str) -> float | None:
+        """The configured threshold that replaces the calibrated one of model `model_id` (its slot id; "" = the
+        one model), or None: the bundle's own."""
+        if not self.models:
+            return self.decision.threshold
+        return next((model.threshold for model in self.models if model.id == model_id), None)
+
+    @property
+    def model_bundles(self) -> dict[str, Path]:
+        """Model slot -> its start-up bundle. The slot is the model id; "" is the one model of engine.bundle."""
+        if not self.models:
+            return {"": self.engine.bundle}
+        return {model.id: model.bundle for model in self.models}
+
+    def cameras_of(self, slot: str) -> tuple[str, ...]:
+        """The names of the cameras the model in `slot` scores."""
+        return tuple(camera.name for camera in self.cameras if camera.model == slot)
 
 
 _CONFIG_PATH: dict[str, Path | None] = {"path": None}

@@ -37,8 +37,10 @@ def report(config: AgentConfig, out: TextIO) -> int:
     for reason in status.health.reasons:
         print(f"  ! {reason}", file=out)
     backend = status.backend.name if status.backend else "no engine report yet"
+    models = {camera.model for camera in status.cameras.values() if camera.model}
+    model = status.model or (", ".join(sorted(models)) if models else "—")
     print(
-        f"model {status.model or '—'} on {backend}; {status.queue_depth} frames pending; "
+        f"model {model} on {backend}; {status.queue_depth} frames pending; "
         f"{status.mqtt_queued} messages wait for the broker",
         file=out,
     )
@@ -46,5 +48,7 @@ def report(config: AgentConfig, out: TextIO) -> int:
         expected = f"/{camera.expected_fps:g}" if camera.expected_fps else ""
         causes = ", ".join(f"{cause} {count}" for cause, count in sorted(camera.failsafes.items()))
         line = f"  {name:<12} {camera.fps:g}{expected} fps  failsafe {100 * camera.failsafe_share:.1f} %"
+        if status.model is None and camera.model:
+            line += f"  {camera.model}"
         print(f"{line}  {causes}".rstrip(), file=out)
     return EXIT_CODES[status.health.state]

@@ -129,10 +129,14 @@ class Published:
 
 @dataclass(frozen=True, slots=True)
 class SwapModel:
-    """model manager -> engine: load the bundle at bundle_dir beside the serving one, canary it, swap."""
+    """model manager -> engine: load the bundle at bundle_dir beside the one serving `model_slot`, canary it, swap.
+
+    model_slot: the model id whose cameras the bundle is for ("" = the agent's one model, every camera).
+    """
 
     request_id: str
     bundle_dir: str
+    model_slot: str = ""
 
 
 @dataclass(frozen=True, slots=True)

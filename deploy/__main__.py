@@ -268,8 +268,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     statuses = _retained_statuses(_config(args), args.agent or "+", args.wait)
     for agent, status in sorted(statuses.items()):
         state = "online" if status.online else f"OFFLINE ({status.reason})"
-        fps = ", ".join(f"{camera} {each.fps:g} fps" for camera, each in sorted(status.cameras.items())) or "—"
-        print(f"{agent}: {state}, line {status.line}, model {status.model or '—'}, {fps}, queue {status.queue_depth}")
+        fps = ", ".join(
+            f"{camera} {each.fps:g} fps" + ("" if status.model or not each.model else f" ({each.model})")
+            for camera, each in sorted(status.cameras.items())
+        )
+        model = f"model {status.model}" if status.model else "models per camera" if status.cameras else "model —"
+        print(f"{agent}: {state}, line {status.line}, {model}, {fps or '—'}, queue {status.queue_depth}")
     return 0 if statuses else EXIT_TIMEOUT
 
 

@@ -34,7 +34,9 @@ class ActuatorStatus(Record):
         0, ge=0, description="Parts past their due point before anything was known of them: no pulse; alarm raised."
     )
     bad_input: int = Field(
-        0, ge=0, description="Messages refused: not the contract, unknown agent or camera, duplicate, replayed, retained."
+        0,
+        ge=0,
+        description="Messages refused: not the contract, unknown agent or camera, duplicate, replayed, retained.",
     )
     handshake_failures: int = Field(0, ge=0, description="PLC handshakes not echoed in time.")
     ts: UnixTime

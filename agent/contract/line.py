@@ -103,6 +103,9 @@ class Backend(Part):
 
 
 class CameraStatus(Part):
+    model: ModelLabel | None = Field(
+        None, description="The model that scores this camera (cameras may each have their own); null where unknown."
+    )
     fps: float = Field(ge=0, description="Verdicts per second over the health window.")
     expected_fps: float | None = Field(None, ge=0, description="The rate it should deliver; null where unknown.")
     failsafe_share: float = Field(0.0, ge=0, le=1, description="Share of its verdicts that were failsafe.")
@@ -125,7 +128,11 @@ class AgentStatus(Record):
     line: Name
     online: bool
     health: Health | None = Field(None, description="Null in the last will and the stopped status.")
-    model: ModelLabel | None = None
+    model: ModelLabel | None = Field(
+        None,
+        description="The model scoring every camera, when the agent serves one model id; null when its cameras have "
+        "models of their own (each camera's is in cameras.*.model).",
+    )
     cameras: dict[Name, CameraStatus] = Field(default_factory=dict, max_length=64)
     queue_depth: int = Field(0, ge=0, description="Frames waiting for a verdict.")
     mqtt_queued: int = Field(0, ge=0, description="Messages held locally for the broker.")

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from ..metrics import PipelineMetrics
 from ..model_input import Preprocessor
 from ..mqtt import MqttPublisher
 from ..ring import AttachedRings, RingError
-from ..rollout.store import serving_bundle, store_root
+from ..rollout.store import serving_bundles, store_root
 from ..samples.writer import SampleSink
 from ..signing import load_trusted_keys
 from .health import Assessment, CameraHealth, VerdictWindow, assess
@@ -79,18 +80,23 @@ class DecisionLoop:
     def __init__(
         self,
         config: AgentConfig,
-        manifest: Manifest,
+        manifests: Mapping[str, Manifest],
         publisher: MqttPublisher,
         published: PublishedTracker,
         context: zmq.Context,
     ) -> None:
-        """published: the tracker the publisher reports settled verdicts to (its on_settled callback)."""
+        """manifests: model slot -> the manifest of the model serving it at start-up (config.model_bundles);
+        published: the tracker the publisher reports settled verdicts to (its on_settled callback)."""
         self.config, self.publisher, self.published = config, publisher, published
         self.inbox = Receiver(context, endpoint(config.run_dir, "decision"))
         self.to_supervisor = Sender(context, endpoint(config.run_dir, "supervisor"))
         self.topics = Topics(config.mqtt.topic_prefix)
-        self.model_label = f"{manifest.model_id}@{manifest.model_version}"
-        self.manifests: dict[str, Manifest] = {self.model_label: manifest}
+        labels = {slot: f"{manifest.model_id}@{manifest.model_version}" for slot, manifest in manifests.items()}
+        self.manifests: dict[str, Manifest] = {labels[slot]: manifest for slot, manifest in manifests.items()}
+        # The model that scores each camera: its slot's at start-up, then whichever model scored its latest frame.
+        self.camera_model = {camera.name: labels[camera.model] for camera in config.cameras}
+        self.single_model = len(manifests) == 1
+        self.model_label = next(iter(labels.values()))  # with one model: the latest that scored (status.model)
         self.deadline_ns = int(config.decision.deadline_ms * 1e6)
         self.pending: dict[tuple[str, int], Pending] = {}
         self.early: dict[tuple[str, int], Scored | ScoreFailed] = {}
@@ -100,8 +106,7 @@ class DecisionLoop:
         self._frame_counts: dict[str, int] = {}
         self._next_status = 0.0
         self._next_heartbeat = 0.0
-        spec = manifest.input
-        self._heatmap_input = np.empty((spec.height, spec.width, spec.channels), np.uint8)
+        self._heatmap_inputs: dict[tuple[int, int, int], np.ndarray] = {}  # model input shape -> buffer
         self.engine_status: EngineStatus | None = None
         self.started_ns = time.monotonic_ns()
         self._engine_seen_ns = self.started_ns  # the engine is given ENGINE_SILENT_NS to make itself heard
@@ -201,7 +206,7 @@ class DecisionLoop:
             self._release_map(scored)
             self._release_frame(entry.ready)
             return
-        self.model_label = scored.model
+        self.model_label = self.camera_model[scored.camera] = scored.model
         anomaly_map = self._read_map(scored)
         decision = decide(
             scored.score,
@@ -213,7 +218,7 @@ class DecisionLoop:
         if self.samples is not None:  # samples hook: before the frame's slot is released
             self.samples.offer(record, ready=entry.ready, anomaly_map=anomaly_map, manifest=manifest)
         if self._wants_heatmap(scored.camera, decision) and anomaly_map is not None:
-            self._publish_heatmap(entry.ready, anomaly_map)
+            self._publish_heatmap(entry.ready, anomaly_map, scored.model)
         self._release_map(scored)
         self._release_frame(entry.ready)
 
@@ -230,7 +235,7 @@ class DecisionLoop:
         return manifest
 
     def _threshold(self, manifest: Manifest) -> float:
-        override = self.config.decision.threshold
+        override = self.config.threshold_override(manifest.model_id)
         return override if override is not None else manifest.threshold.value
 
     def _expire(self, now_ns: int) -> None:
@@ -278,7 +283,8 @@ class DecisionLoop:
     def _publish_failsafe(self, frame: FrameRef, reason: str, *, cause: str) -> None:
         self.metrics.failsafes.labels(frame.camera, cause).inc()
         latency = Latency(total=_ms(time.monotonic_ns() - frame.t_capture_ns))
-        record = self._send_verdict(frame, "failsafe", reason, cause, None, self.model_label, latency)
+        model = self.camera_model.get(frame.camera, self.model_label)
+        record = self._send_verdict(frame, "failsafe", reason, cause, None, model, latency)
         if self.samples is not None:  # samples hook: failsafes keep their record and reason
             self.samples.offer(record)
 
@@ -305,7 +311,7 @@ class DecisionLoop:
             cause=cause,  # type: ignore[arg-type]
             reason=clip(reason, 500),
             score=score,
-            threshold=self._threshold(self.manifests[self.model_label]),
+            threshold=self._threshold(self.manifests[model]),
             model=model,
             latency_ms=latency,
         )
@@ -325,19 +331,21 @@ class DecisionLoop:
             return self._frame_counts.get(camera, 0) % self.config.decision.heatmap_every_n == 0
         return mode == "all"
 
-    def _publish_heatmap(self, ready: FrameReady, anomaly_map: np.ndarray) -> None:
+    def _publish_heatmap(self, ready: FrameReady, anomaly_map: np.ndarray, model: str) -> None:
         try:
             frame = self.rings.read(ready.ring, ready.slot, ready.seq)
         except RingError as error:
             log.warning("no heatmap for %s seq %d: %s", ready.camera, ready.seq, error)
             return
         camera = next(c for c in self.config.cameras if c.name == ready.camera)
-        spec = self.manifests[self.model_label].input
-        model_input = Preprocessor(
-            camera.roi, frame.shape, (spec.height, spec.width, spec.channels), camera.pixel_format
-        )
-        view = model_input(frame, out=self._heatmap_input)
-        norm = self.manifests[self.model_label].score_normalisation
+        manifest = self.manifests[model]
+        shape = (manifest.input.height, manifest.input.width, manifest.input.channels)
+        model_input = Preprocessor(camera.roi, frame.shape, shape, camera.pixel_format)
+        buffer = self._heatmap_inputs.get(shape)
+        if buffer is None:
+            buffer = self._heatmap_inputs[shape] = np.empty(shape, np.uint8)
+        view = model_input(frame, out=buffer)
+        norm = manifest.score_normalisation
         image = render_heatmap(
             view, anomaly_map, low=norm.map_low, high=norm.map_high, image_format=self.config.decision.heatmap_format
         )
@@ -345,7 +353,7 @@ class DecisionLoop:
             agent_id=self.config.agent_id,
             camera=ready.camera,
             seq=ready.seq,
-            model=self.model_label,
+            model=model,
             format=self.config.decision.heatmap_format,
         )
         self.publisher.publish_bytes(
@@ -431,9 +439,10 @@ class DecisionLoop:
             health=None
             if assessment is None
             else Health(state=assessment.state, reasons=tuple(clip(text, 500) for text in assessment.reasons[:32])),
-            model=self.model_label,
+            model=self.model_label if self.single_model else None,
             cameras={
                 name: CameraStatus(
+                    model=self.camera_model[name],
                     fps=health.fps,
                     expected_fps=health.expected_fps,
                     failsafe_share=health.failsafe_share,
@@ -469,11 +478,11 @@ class DecisionLoop:
 
 def run(config: AgentConfig, stop: threading.Event) -> int:
     """The decision process body; returns the exit code."""
-    manifest = verify_bundle(
-        serving_bundle(config.state_dir, config.engine.bundle),
-        load_trusted_keys(config.engine.trusted_keys),
-        require_signature=config.engine.require_signature,
-    )
+    trusted = load_trusted_keys(config.engine.trusted_keys)
+    manifests = {
+        slot: verify_bundle(bundle, trusted, require_signature=config.engine.require_signature)
+        for slot, bundle in serving_bundles(config).items()
+    }
     will = AgentStatus(
         agent_id=config.agent_id, line=config.line, online=False, reason="connection lost", ts=time.time()
     )
@@ -487,7 +496,7 @@ def run(config: AgentConfig, stop: threading.Event) -> int:
         will=will,
         on_settled=published.settled,
     )
-    loop = DecisionLoop(config, manifest, publisher, published, context)
+    loop = DecisionLoop(config, manifests, publisher, published, context)
     loop.metrics.serve(config.metrics.host, config.metrics.port)
     try:
         while not stop.is_set():

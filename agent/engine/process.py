@@ -1,5 +1,8 @@
 """Engine process: FrameReady -> check slot, crop/resize -> micro-batch inference -> Scored.
 
+Each camera is scored by its model (cameras[].model; one serving model per model slot); a micro-batch
+holds frames of one model, from any of its cameras (agent/engine/batching.py).
+
 Crop and resize run on the GPU where the back end offers it (TensorRT with engine.gpu_preprocess:
 only slot addresses go to the back end), else on the CPU into a batch buffer (agent/model_input.py).
 A batch goes the GPU way only when every camera in it is attached; while a camera's frame engine is
@@ -28,9 +31,10 @@ from ..ipc import Receiver, Sender, endpoint
 from ..messages import EngineStatus, FrameReady, Heartbeat, Scored, ScoreFailed
 from ..model_input import InputMismatch, Preprocessor
 from ..ring import AttachedRings, RingError, RingMissing, ShmRing, StaleSlotError
-from ..rollout.store import serving_bundle
+from ..rollout.store import serving_bundles
 from ..samples.policy import SamplePolicy
 from .backends import Inference, RingRegion, SlotAddress
+from .batching import Batch, take_batch
 from .model import ServingModel, load_serving_model
 from .swap import ModelChanges
 
@@ -48,10 +52,15 @@ class _Job:
 
 
 class EngineLoop:
-    """Scores frames announced by the capture processes with one serving model."""
+    """Scores frames announced by the capture processes, each camera with its model (one per model slot)."""
 
-    def __init__(self, config: AgentConfig, model: ServingModel, context: zmq.Context) -> None:
-        self.config, self.model = config, model
+    def __init__(self, config: AgentConfig, models: dict[str, ServingModel], context: zmq.Context) -> None:
+        """models: model slot -> its serving model, for every slot in config.model_bundles."""
+        missing = sorted(set(config.model_bundles) - set(models))
+        if missing:
+            msg = f"no serving model for model slot(s) {missing}"
+            raise ValueError(msg)
+        self.config, self.models = config, models
         self.frames = Receiver(context, endpoint(config.run_dir, "engine"))
         self.swap = ModelChanges(
             config,
@@ -60,20 +69,24 @@ class EngineLoop:
         )
         self.to_decision = Sender(context, endpoint(config.run_dir, "decision"))
         self.to_supervisor = Sender(context, endpoint(config.run_dir, "supervisor"))
-        height, width, channels = model.input_shape
-        self.batch = np.empty((config.engine.max_batch, height, width, channels), np.uint8)
-        self.map_ring = ShmRing.create(
-            f"lg-{config.agent_id}-maps",
-            slot_count=config.ring.slots * len(config.cameras),
-            slot_shape=(height, width),
-            dtype=np.float32,
-        )
+        self.slot_of = {camera.name: camera.model for camera in config.cameras}
+        self.batches: dict[str, np.ndarray] = {}  # slot -> (max_batch, h, w, c) uint8 host batch buffer
+        self.map_rings: dict[str, ShmRing] = {}  # slot -> its anomaly maps (each model has its own map size)
+        for slot, model in models.items():
+            height, width, channels = model.input_shape
+            self.batches[slot] = np.empty((config.engine.max_batch, height, width, channels), np.uint8)
+            self.map_rings[slot] = ShmRing.create(
+                map_ring_name(config.agent_id, slot),
+                slot_count=config.ring.slots * max(len(config.cameras_of(slot)), 1),
+                slot_shape=(height, width),
+                dtype=np.float32,
+            )
         self.rings = AttachedRings()
         self.preprocessors: dict[tuple[str, tuple[int, int, int]], Preprocessor] = {}
         self.cameras = {camera.name: camera for camera in config.cameras}
         self.deadline_ns = int(config.decision.deadline_ms * 1e6)
         self.backlog: deque[FrameReady] = deque()
-        self.expected_batch_ns = 0
+        self.expected_batch_ns: dict[str, int] = dict.fromkeys(models, 0)  # per slot: models differ in cost
         self._next_heartbeat = 0.0
         self._next_status = 0.0
         self.unreadable: dict[str, tuple[float, str]] = {}  # camera -> (since, why) its ring cannot be read
@@ -82,10 +95,11 @@ class EngineLoop:
 
     def step(self) -> None:
         self._collect()
-        jobs, slots = self._load(self._take_batch())
+        batch = self._take_batch()
+        jobs, slots = self._load(batch.slot, batch.frames)
         if jobs:
-            self._score(jobs, slots)
-        self.model = self.swap.between_batches(self.model)  # model changes only here: one model per frame
+            self._score(batch.slot, jobs, slots)
+        self.models = self.swap.between_batches(self.models)  # model changes only here: one model per frame
         self._heartbeat()
 
     def _collect(self) -> None:
@@ -99,40 +113,42 @@ class EngineLoop:
             )
             self.backlog.extend(m for m in more if isinstance(m, FrameReady))
 
-    def _take_batch(self) -> list[FrameReady]:
-        """Oldest first, but shed frames that cannot be scored before their deadline.
+    def _take_batch(self) -> Batch:
+        """One model's frames, oldest first (agent/engine/batching.py); frames that cannot be scored before their
+        deadline are failed at once.
 
         Scoring a frame that will miss its deadline anyway spends the engine on a failsafe and
-        makes the next frame late too; under overload that turns into a collapse. A frame whose
-        age plus the expected batch time exceeds the deadline is failed at once instead.
+        makes the next frame late too; under overload that turns into a collapse.
         """
-        now = time.monotonic_ns()
-        batch: list[FrameReady] = []
-        while self.backlog and len(batch) < self.config.engine.max_batch:
-            ready = self.backlog.popleft()
-            age_ns = now - ready.t_capture_ns
-            if age_ns + self.expected_batch_ns > self.deadline_ns:
-                self._fail(
-                    ready,
-                    f"engine behind: frame {age_ns / 1e6:.0f} ms old, scoring takes ~{self.expected_batch_ns / 1e6:.0f} ms",
-                    cause="engine-late",
-                )
-                continue
-            batch.append(ready)
+        batch = take_batch(
+            self.backlog,
+            self.slot_of,
+            max_batch=self.config.engine.max_batch,
+            now_ns=time.monotonic_ns(),
+            deadline_ns=self.deadline_ns,
+            expected_batch_ns=self.expected_batch_ns,
+        )
+        for ready, age_ns in batch.late:
+            expected_ms = self.expected_batch_ns[self.slot_of[ready.camera]] / 1e6
+            reason = f"engine behind: frame {age_ns / 1e6:.0f} ms old, scoring takes ~{expected_ms:.0f} ms"
+            self._fail(ready, reason, cause="engine-late")
         return batch
 
-    def _load(self, frames: list[FrameReady]) -> tuple[list[_Job], list[SlotAddress] | None]:
+    def _load(self, slot: str, frames: list[FrameReady]) -> tuple[list[_Job], list[SlotAddress] | None]:
         """Check each announced frame's slot (failing those that cannot be scored) and hand the rest on.
 
         Returns the jobs, and on the GPU frame path the slots the back end reads itself; None: each
         ROI was converted and resized into the batch buffer on the CPU.
         """
         found: list[tuple[FrameReady, ShmRing, np.ndarray, Preprocessor]] = []
+        if not frames:
+            return [], None
+        model, buffer = self.models[slot], self.batches[slot]  # every configured slot has both (__init__)
         for ready in frames:
             try:
                 ring = self.rings.get(ready.ring)
                 pixels = ring.read(ready.slot, ready.seq)
-                found.append((ready, ring, pixels, self._preprocessor(ready, pixels.shape)))
+                found.append((ready, ring, pixels, self._preprocessor(ready, pixels.shape, model.input_shape)))
                 self.unreadable.pop(ready.camera, None)
             except (RingError, InputMismatch) as error:
                 self._fail(ready, str(error), cause=_cause_of(error))
@@ -142,26 +158,28 @@ class EngineLoop:
         # Each camera in the batch is asked once (a list, not a short-circuit), so each starts building its
         # frame engine at once.
         regions = {ready.camera: RingRegion(ring, prep.box, prep.source_format) for ready, ring, _, prep in found}
-        on_gpu = not self.swap.shadowing and all([self.model.attach_region(key, reg) for key, reg in regions.items()])
+        on_gpu = not self.swap.shadowing(slot) and all([model.attach_region(key, reg) for key, reg in regions.items()])
         if on_gpu:
             slots = [SlotAddress(ready.camera, ring.address(ready.slot)) for ready, ring, _, _ in found]
             return [_Job(ready, index) for index, (ready, *_) in enumerate(found)], slots
         jobs: list[_Job] = []
         for ready, _, pixels, prep in found:
-            prep(pixels, self.batch[len(jobs)])
+            prep(pixels, buffer[len(jobs)])
             jobs.append(_Job(ready, len(jobs)))
         return jobs, None
 
-    def _score(self, jobs: list[_Job], slots: list[SlotAddress] | None) -> None:
+    def _score(self, slot: str, jobs: list[_Job], addresses: list[SlotAddress] | None) -> None:
+        model, frames = self.models[slot], self.batches[slot][: len(jobs)]
         started = time.monotonic_ns()
-        inference = self.model.infer(self.batch[: len(jobs)]) if slots is None else self.model.infer_slots(slots)
+        inference = model.infer(frames) if addresses is None else model.infer_slots(addresses)
         scores = inference.scores
         finished = time.monotonic_ns()
-        # Moving estimate of one batch's time, including the per-frame work around it.
-        self.expected_batch_ns = int(0.8 * self.expected_batch_ns + 0.2 * (finished - started))
-        map_slots = self._publish_maps(jobs, inference, now_ns=finished)
-        if self.swap.shadowing:  # _load took the CPU path: self.batch holds this batch
-            self.swap.observe(self.batch[: len(jobs)], scores, serving_threshold=self.model.threshold)
+        # Moving estimate of one batch's time of this model, including the per-frame work around it.
+        self.expected_batch_ns[slot] = int(0.8 * self.expected_batch_ns[slot] + 0.2 * (finished - started))
+        map_slots = self._publish_maps(slot, jobs, inference, now_ns=finished)
+        if self.swap.shadowing(slot):  # _load took the CPU path: the slot's batch buffer holds this batch
+            self.swap.observe(frames, scores, serving_threshold=model.threshold)
+        map_ring = self.map_rings[slot].name
         for job in jobs:
             ready, map_slot = job.ready, map_slots.get(job.index)
             self.to_decision.send(
@@ -169,18 +187,19 @@ class EngineLoop:
                     camera=ready.camera,
                     seq=ready.seq,
                     score=float(scores[job.index]),
-                    map_ring=self.map_ring.name,
+                    map_ring=map_ring,
                     map_slot=-1 if map_slot is None else map_slot,
-                    model=self.model.label,
+                    model=model.label,
                     t_engine_start_ns=started,
                     t_engine_end_ns=finished,
                 )
             )
 
-    def _publish_maps(self, jobs: list[_Job], inference: Inference, *, now_ns: int) -> dict[int, int]:
-        """Put the maps decision will read (rejects, sampled heatmaps) into the map ring: {batch row: map slot}."""
-        decision = self.config.decision
-        threshold = decision.threshold if decision.threshold is not None else self.model.threshold
+    def _publish_maps(self, slot: str, jobs: list[_Job], inference: Inference, *, now_ns: int) -> dict[int, int]:
+        """Put the maps decision will read (rejects, sampled heatmaps) into the slot's map ring: {batch row: map slot}."""
+        decision, model, map_ring = self.config.decision, self.models[slot], self.map_rings[slot]
+        override = self.config.threshold_override(slot)
+        threshold = override if override is not None else model.threshold
         rows = rows_needing_maps(
             inference.scores,
             threshold=threshold,
@@ -189,9 +208,7 @@ class EngineLoop:
         )
         if self.sample_policy is not None:  # samples hook: close calls and random picks need their maps too
             frames = [(job.ready.camera, job.ready.seq) for job in jobs]
-            kept = self.sample_policy.map_rows(
-                inference.scores, frames, threshold=threshold, scale=self.model.score_scale
-            )
+            kept = self.sample_policy.map_rows(inference.scores, frames, threshold=threshold, scale=model.score_scale)
             rows = sorted({*rows, *kept})
         if not rows:
             return {}
@@ -199,19 +216,22 @@ class EngineLoop:
         slots = {}
         for row, anomaly_map in zip(rows, maps, strict=True):
             ready = jobs[row].ready
-            map_slot = self.map_ring.acquire(ready.seq, now_ns=now_ns, reclaim_after_ns=2 * self.deadline_ns)
+            map_slot = map_ring.acquire(ready.seq, now_ns=now_ns, reclaim_after_ns=2 * self.deadline_ns)
             if map_slot is not None:
-                self.map_ring.array(map_slot)[...] = anomaly_map
-                self.map_ring.publish(map_slot, ready.seq, t_capture_ns=ready.t_capture_ns)
+                map_ring.array(map_slot)[...] = anomaly_map
+                map_ring.publish(map_slot, ready.seq, t_capture_ns=ready.t_capture_ns)
                 slots[row] = map_slot
         return slots
 
-    def _preprocessor(self, ready: FrameReady, frame_shape: tuple[int, ...]) -> Preprocessor:
+    def _preprocessor(
+        self, ready: FrameReady, frame_shape: tuple[int, ...], input_shape: tuple[int, int, int]
+    ) -> Preprocessor:
+        # A swap keeps each slot's input shape (swap.py), so a camera's preprocessor stays valid across swaps.
         key = (ready.camera, (frame_shape[0], frame_shape[1], frame_shape[2]))
         preprocessor = self.preprocessors.get(key)
         if preprocessor is None:
             camera = self.cameras[ready.camera]
-            preprocessor = Preprocessor(camera.roi, key[1], self.model.input_shape, camera.pixel_format)
+            preprocessor = Preprocessor(camera.roi, key[1], input_shape, camera.pixel_format)
             self.preprocessors[key] = preprocessor
         return preprocessor
 
@@ -225,8 +245,14 @@ class EngineLoop:
         self._next_status = now + STATUS_S
         # Repeated, so a restarted decision process learns it too; a small message four times a second.
         camera, problem = self.problem(now)
+        models = list(self.models.values())
         status = EngineStatus(
-            model=self.model.label, backend=self.model.backend.name, detail=self.model.backend_summary, problem=problem
+            model=",".join(model.label for model in models),
+            backend=models[0].backend.name,
+            detail="; ".join(f"{model.label}: {model.backend_summary}" for model in models)
+            if len(models) > 1
+            else models[0].backend_summary,
+            problem=problem,
         )
         self.to_decision.send(status)
         if now >= self._next_heartbeat:
@@ -244,12 +270,14 @@ class EngineLoop:
 
     def close(self) -> None:
         self.rings.close()
-        self.map_ring.close()
+        for map_ring in self.map_rings.values():
+            map_ring.close()
         self.frames.close()
         self.swap.close()
         self.to_decision.close()
         self.to_supervisor.close()
-        self.model.close()
+        for model in self.models.values():
+            model.close()
 
 
 def _cause_of(error: Exception) -> str:
@@ -261,11 +289,23 @@ def _cause_of(error: Exception) -> str:
     return "engine-error"
 
 
+def map_ring_name(agent_id: str, slot: str) -> str:
+    """The shared-memory ring of the anomaly maps of model slot `slot`."""
+    return f"lg-{agent_id}-maps-{slot}" if slot else f"lg-{agent_id}-maps"
+
+
 def run(config: AgentConfig, stop: threading.Event) -> int:
     """The engine process body; returns the exit code."""
-    model = load_serving_model(config, serving_bundle(config.state_dir, config.engine.bundle))
+    models: dict[str, ServingModel] = {}
+    try:
+        for slot, bundle in serving_bundles(config).items():
+            models[slot] = load_serving_model(config, bundle)
+    except BaseException:
+        for model in models.values():
+            model.close()
+        raise
     context = zmq.Context()
-    loop = EngineLoop(config, model, context)
+    loop = EngineLoop(config, models, context)
     try:
         while not stop.is_set():
             loop.step()

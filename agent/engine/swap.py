@@ -1,10 +1,11 @@
 """Model changes in the engine: a candidate loads beside the serving model, shadow-scores, then takes over.
 
-The model manager sends SwapModel on the engine's control socket. The candidate loads on a background thread
-(ModelSwap: signature, digests, back end, golden-image canary), so scoring never waits for it; it must take the
-serving model's input shape; then it scores live frames beside the serving model for engine.shadow_s (Shadow)
-and replaces it. Every step happens between two batches (ModelChanges.between_batches), so each frame is scored
-by exactly one model, and the manager gets one SwapResult per request.
+The model manager sends SwapModel on the engine's control socket, naming the model slot (model id) it is for.
+The candidate loads on a background thread (ModelSwap: signature, digests, back end, golden-image canary), so
+scoring never waits for it; it must take the input shape of the model serving its slot; then it scores that
+slot's live frames beside the serving model for engine.shadow_s (Shadow) and replaces it. Every step happens
+between two batches (ModelChanges.between_batches), so each frame is scored by exactly one model, only the
+cameras of that slot change model, and the manager gets one SwapResult per request. One change at a time.
 """
 
 from __future__ import annotations
@@ -36,40 +37,54 @@ class ModelChanges:
         self.loading = ModelSwap(config)
         self.shadow: Shadow | None = None
 
-    @property
-    def shadowing(self) -> bool:
-        """True while a candidate scores beside the serving model: batches must then be prepared on the host."""
-        return self.shadow is not None
+    def shadowing(self, slot: str) -> bool:
+        """True while a candidate scores beside slot's serving model: its batches must then be prepared on the host."""
+        return self.shadow is not None and self.shadow.request.model_slot == slot
 
     def observe(self, frames: np.ndarray, serving_scores: np.ndarray, *, serving_threshold: float) -> None:
         """Let the shadow candidate score the batch the serving model just scored. frames: (N, h, w, c) uint8."""
         if self.shadow is not None:
             self.shadow.observe(frames, serving_scores, serving_threshold=serving_threshold)
 
-    def between_batches(self, serving: ServingModel) -> ServingModel:
-        """Take a request, a finished load and a finished shadow phase; returns the model that serves next."""
+    def between_batches(self, serving: dict[str, ServingModel]) -> dict[str, ServingModel]:
+        """Take a request, a finished load and a finished shadow phase; returns the models that serve next
+        (model slot -> model; a new dict when one slot changed)."""
         request = self.control.receive(timeout_ms=0)
         if isinstance(request, SwapModel):
             self._start(request, serving)
         finished = self.loading.poll()
-        if finished is not None and not self._begin_shadow(*finished, serving=serving):
-            return serving
+        if finished is not None:
+            request, candidate, reason = finished
+            if not self._begin_shadow(request, candidate, reason, serving=serving[request.model_slot]):
+                return serving
         shadow = self.shadow
         if shadow is not None and shadow.done():
             self.shadow = None
-            return self._switch(shadow, serving)
+            slot = shadow.request.model_slot
+            return {**serving, slot: self._switch(shadow, serving[slot])}
         return serving
 
-    def _start(self, request: SwapModel, serving: ServingModel) -> None:
+    def _start(self, request: SwapModel, serving: dict[str, ServingModel]) -> None:
+        current = serving.get(request.model_slot)
+        if current is None:
+            served = ", ".join(repr(slot) for slot in serving)
+            reason = f"model slot {request.model_slot!r} is not served by this engine (it serves {served})"
+            self._reply(request, ok=False, model=next(iter(serving.values())).label, reason=reason)
+            return
         refusal = "another model is being shadow-tested; try again when it has finished" if self.shadow else ""
         refusal = refusal or self.loading.start(request)
         if refusal:
-            self._reply(request, ok=False, model=serving.label, reason=refusal)
+            self._reply(request, ok=False, model=current.label, reason=refusal)
 
     def _begin_shadow(
         self, request: SwapModel, candidate: ServingModel | None, reason: str, *, serving: ServingModel
     ) -> bool:
         """Start the shadow phase of a loaded candidate; False (and the refusal sent) if it cannot serve."""
+        slot = request.model_slot
+        if candidate is not None and slot and candidate.manifest.model_id != slot:
+            reason = f"the bundle is model {candidate.manifest.model_id}, not {slot}, the model it was sent for"
+            candidate.close()
+            candidate = None
         if candidate is not None and candidate.input_shape != serving.input_shape:
             reason = f"input {candidate.input_shape} differs from the serving model's {serving.input_shape}"
             candidate.close()

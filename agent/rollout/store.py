@@ -5,8 +5,11 @@
     state_dir/models/history.json                  activations, newest last
     state_dir/models/accepted.json                 per model id, the newest version ever accepted
 
-The active model survives agent restarts because the engine serves `models/active`. Only the
-last `keep` models are kept, never the active or the previous one, so rollback is instant.
+An agent with several models ([[models]] in its config) has one active link and history per model
+id, its *slot*: `active-<model_id>` and `history-<model_id>.json`; slot "" (one model) is the plain
+`active` and `history.json` above. The active models survive agent restarts because the engine
+serves them. Only the last `keep` models of a slot are kept, never its active or previous one, so
+rollback is instant.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..bundle import Manifest, verify_bundle, version_key
+from ..config import AgentConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +42,22 @@ def label_of(manifest: Manifest) -> str:
 
 
 class ModelStore:
-    """Verified bundles under `root`; `install` never activates, `activate` never verifies twice."""
+    """Verified bundles under `root`; `install` never activates, `activate` never verifies twice.
 
-    def __init__(self, root: Path, *, keep: int = 3) -> None:
+    slot: the model id whose active link and history this object moves ("" = the agent's one model).
+    """
+
+    def __init__(self, root: Path, *, keep: int = 3, slot: str = "") -> None:
         if keep < 2:
             msg = f"keep must be >= 2 (the active model and the one to roll back to), got {keep}"
             raise ValueError(msg)
+        if slot in (".", "..") or "/" in slot or "@" in slot:
+            msg = f"model slot {slot!r} is not a model id"
+            raise ValueError(msg)
         self.root = root
         self.keep = keep
+        self.slot = slot
+        self._history_file = root / (f"history-{slot}.json" if slot else HISTORY)
         root.mkdir(parents=True, exist_ok=True)
 
     def install(
@@ -87,14 +99,14 @@ class ModelStore:
 
     @property
     def active_path(self) -> Path:
-        return self.root / ACTIVE
+        return active_link(self.root, self.slot)
 
     def active(self) -> str | None:
         link = self.active_path
         return str(link.readlink()) if link.is_symlink() else None
 
     def history(self) -> list[str]:
-        file = self.root / HISTORY
+        file = self._history_file
         return json.loads(file.read_text()) if file.is_file() else []
 
     def previous(self) -> str | None:
@@ -108,12 +120,12 @@ class ModelStore:
     def activate(self, label: str) -> None:
         """Point `active` at label atomically and record it; prune old models."""
         self.path(label)
-        temporary = self.root / f".{ACTIVE}.tmp"
+        temporary = self.root / f".{self.active_path.name}.tmp"
         temporary.unlink(missing_ok=True)
         temporary.symlink_to(label)
         temporary.replace(self.active_path)  # rename(2): readers see the old or the new link, never none
         history = [entry for entry in self.history() if entry != label] + [label]
-        write_atomically(self.root / HISTORY, (json.dumps(history[-50:]) + "\n").encode())
+        write_atomically(self._history_file, (json.dumps(history[-50:]) + "\n").encode())
         self._record_accepted(label)
         self._prune()
         log.info("active model: %s", label)
@@ -179,7 +191,17 @@ def store_root(state_dir: Path) -> Path:
     return state_dir / "models"
 
 
-def serving_bundle(state_dir: Path, configured: Path) -> Path:
-    """The bundle to serve at start-up: the store's active model if there is one, else the configured bundle."""
-    active = store_root(state_dir) / ACTIVE
+def active_link(root: Path, slot: str) -> Path:
+    """The active link of model slot `slot` in the store at root ("" = the one model's `active`)."""
+    return root / (f"{ACTIVE}-{slot}" if slot else ACTIVE)
+
+
+def serving_bundle(state_dir: Path, configured: Path, slot: str = "") -> Path:
+    """The bundle to serve at start-up in `slot`: the store's active model there if any, else the configured one."""
+    active = active_link(store_root(state_dir), slot)
     return active if active.is_symlink() and active.exists() else configured
+
+
+def serving_bundles(config: AgentConfig) -> dict[str, Path]:
+    """Model slot -> the bundle to serve at start-up, for every model the config names."""
+    return {slot: serving_bundle(config.state_dir, bundle, slot) for slot, bundle in config.model_bundles.items()}

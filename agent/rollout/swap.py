@@ -26,8 +26,8 @@ from .store import ModelStore, label_of, store_root
 log = logging.getLogger(__name__)
 
 
-def request_swap(config: AgentConfig, bundle_dir: Path, *, timeout_s: float = 60.0) -> SwapResult:
-    """Ask the running engine to serve bundle_dir; its answer (ok, or the reason it refused)."""
+def request_swap(config: AgentConfig, bundle_dir: Path, *, slot: str = "", timeout_s: float = 60.0) -> SwapResult:
+    """Ask the running engine to serve bundle_dir for model slot `slot`; its answer (ok, or the reason it refused)."""
     context = zmq.Context()
     replies = Receiver(context, endpoint(config.run_dir, "rollout"))
     engine = Sender(context, endpoint(config.run_dir, "engine-control"))
@@ -36,7 +36,7 @@ def request_swap(config: AgentConfig, bundle_dir: Path, *, timeout_s: float = 60
             msg = f"no engine is listening on {engine.address}: is `lineguard-agent run` running with this config?"
             raise BundleError(msg)
         request_id = uuid.uuid4().hex
-        engine.send(SwapModel(request_id=request_id, bundle_dir=str(bundle_dir.absolute())))
+        engine.send(SwapModel(request_id=request_id, bundle_dir=str(bundle_dir.absolute()), model_slot=slot))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             reply = replies.receive(timeout_ms=200)
@@ -50,14 +50,32 @@ def request_swap(config: AgentConfig, bundle_dir: Path, *, timeout_s: float = 60
         context.term()
 
 
-def _store(config: AgentConfig) -> ModelStore:
-    """The store, with the bundle the agent started from recorded as its first active model."""
-    store = ModelStore(store_root(config.state_dir))
+def _store(config: AgentConfig, slot: str) -> ModelStore:
+    """The store of model slot `slot`, with the bundle the agent started from recorded as its first active model."""
+    store = ModelStore(store_root(config.state_dir), slot=slot)
     if store.active() is None:
         trusted = load_trusted_keys(config.engine.trusted_keys)
-        initial = store.install(config.engine.bundle, trusted, require_signature=config.engine.require_signature)
+        bundle = config.model_bundles[slot]
+        initial = store.install(bundle, trusted, require_signature=config.engine.require_signature)
         store.activate(label_of(initial))
     return store
+
+
+def slot_of(config: AgentConfig, model_id: str) -> str:
+    """The model slot a bundle of `model_id` goes to; BundleError when no camera here is scored by that model id.
+
+    With one model (no [[models]] configured) every bundle goes to slot "": it replaces the model of every camera.
+    """
+    slots = config.model_bundles
+    if "" in slots:
+        return ""
+    if model_id not in slots:
+        msg = (
+            f"no camera of this agent uses model {model_id}; its cameras use model ids {', '.join(slots)} "
+            "(cameras[].model in its config)"
+        )
+        raise BundleError(msg)
+    return model_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,19 +105,23 @@ def activate(config: AgentConfig, bundle_dir: Path, *, allow_downgrade: bool = F
     """Install, swap and record a new model; returns what happened (label, canary and shadow results).
 
     Refused (BundleError/SignatureError, saying why) when the bundle is not signed by a trusted key, is not
-    meant for this agent (its signed targets), or is older than the newest version of its model id this agent
-    has accepted, unless allow_downgrade (an operator's explicit, signed choice)."""
-    store = _store(config)
+    meant for this agent (its signed targets) or for a model id none of its cameras uses, or is older than the
+    newest version of its model id this agent has accepted, unless allow_downgrade (an operator's explicit,
+    signed choice). Only the cameras of the bundle's model id change model."""
+    store = ModelStore(store_root(config.state_dir))
     trusted = load_trusted_keys(config.engine.trusted_keys)
 
     def admit(manifest: Manifest) -> None:
-        _check_targets(config, manifest)
+        slot = slot_of(config, manifest.model_id)
+        _check_targets(config, manifest, slot)
+        _store(config, slot)  # the start-up bundle counts as accepted before a push is compared with it
         if not allow_downgrade:
             _check_not_older(config, store, manifest)
 
     manifest = store.install(bundle_dir, trusted, require_signature=config.engine.require_signature, admit=admit)
-    label = label_of(manifest)
-    result = request_swap(config, store.path(label))
+    label, slot = label_of(manifest), slot_of(config, manifest.model_id)
+    store = _store(config, slot)
+    result = request_swap(config, store.path(label), slot=slot)
     if not result.ok:
         store.discard(label)
         msg = f"{label} refused: {result.reason}; {result.model} keeps serving"
@@ -110,8 +132,8 @@ def activate(config: AgentConfig, bundle_dir: Path, *, allow_downgrade: bool = F
     return Activation(label, summary, shadow_of(result))
 
 
-def _check_targets(config: AgentConfig, manifest: Manifest) -> None:
-    cameras = [camera.name for camera in config.cameras]
+def _check_targets(config: AgentConfig, manifest: Manifest, slot: str) -> None:
+    cameras = list(config.cameras_of(slot))
     refusal = manifest.targets.refusal(line=config.line, agent_id=config.agent_id, cameras=cameras)
     if refusal:
         msg = f"{label_of(manifest)} is not meant for this agent: {refusal} (its signed targets)"
@@ -129,15 +151,24 @@ def _check_not_older(config: AgentConfig, store: ModelStore, manifest: Manifest)
         raise BundleError(msg)
 
 
-def rollback(config: AgentConfig, *, to: str = "") -> str:
-    """Swap back to `to` (a label in the store) or to the previously active model; returns its label."""
-    store = _store(config)
+def rollback(config: AgentConfig, *, to: str = "", model_id: str = "") -> str:
+    """Swap back to `to` (a label in the store) or to the previously active version of `model_id`; returns the
+    label that serves. model_id may be left empty when the agent serves one model id."""
+    slots = config.model_bundles
+    if to:
+        slot = slot_of(config, to.rpartition("@")[0])
+    elif model_id or len(slots) == 1:
+        slot = slot_of(config, model_id) if model_id else next(iter(slots))
+    else:
+        msg = f"name the model to roll back: this agent serves model ids {', '.join(slots)}"
+        raise BundleError(msg)
+    store = _store(config, slot)
     target = to or store.previous()
     if target is None:
         msg = f"no previous model to roll back to (active: {store.active()})"
         raise BundleError(msg)
     path = store.path(target)  # ModelStoreError when it is not installed here
-    result = request_swap(config, path)
+    result = request_swap(config, path, slot=slot)
     if not result.ok:
         msg = f"rollback to {target} refused: {result.reason}; {result.model} keeps serving"
         raise BundleError(msg)

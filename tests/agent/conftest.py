@@ -177,5 +177,3 @@ def start_agent() -> Iterator:
         if agent.poll() is None:
             agent.kill()
             agent.wait()
-
-

@@ -28,6 +28,22 @@ def test_cameras_are_read_as_a_list_of_tables(tmp_path):
     assert [c.name for c in load_config(path).cameras] == ["top", "side"]
 
 
+def test_cameras_name_their_models_and_without_models_every_camera_has_the_one_of_engine_bundle(tmp_path):
+    single = load_config(write(tmp_path, '[engine]\nbundle = "/b"\n[[cameras]]\nname = "top"\n'))
+    assert single.model_bundles == {"": Path("/b")} and single.cameras_of("") == ("top",)
+    text = (
+        '[[models]]\nid = "brick"\nbundle = "/b"\n[[models]]\nid = "cap"\nbundle = "/c"\n'
+        '[[cameras]]\nname = "top"\nmodel = "brick"\n[[cameras]]\nname = "lid"\nmodel = "cap"\n'
+        '[[cameras]]\nname = "side"\nmodel = "brick"\n'
+    )
+    several = load_config(write(tmp_path, text))
+    assert several.model_bundles == {"brick": Path("/b"), "cap": Path("/c")}
+    assert several.cameras_of("brick") == ("top", "side") and several.cameras_of("cap") == ("lid",)
+    overridden = load_config(write(tmp_path, text.replace('bundle = "/c"\n', 'bundle = "/c"\nthreshold = 0.7\n')))
+    assert (overridden.threshold_override("cap"), overridden.threshold_override("brick")) == (0.7, None)
+    assert load_config(write(tmp_path, "[decision]\nthreshold = 3.0\n")).threshold_override("any-model") == 3.0
+
+
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
@@ -38,6 +54,20 @@ def test_cameras_are_read_as_a_list_of_tables(tmp_path):
         ('[[cameras]]\nsource = "firewire"\n', "cameras.0.source"),
         ('[mqtt]\ntls_cert = "/c.pem"\n', "tls_cert and tls_key must be given together"),
         ('agent_id = "has space"\n', "agent_id: String should match pattern"),
+        ('[[cameras]]\nmodel = "cap"\n', "camera cam0 names model 'cap', but no [[models]] are configured"),
+        (
+            '[[models]]\nid = "brick"\nbundle = "/b"\n[[cameras]]\nname = "top"\n',
+            "camera top must name its model (cameras.model), one of brick",
+        ),
+        (
+            '[[models]]\nid = "brick"\nbundle = "/b"\n[[models]]\nid = "brick"\nbundle = "/c"\n',
+            "model ids must be unique",
+        ),
+        ('[[models]]\nid = "a b"\nbundle = "/b"\n', "models.0.id: String should match pattern"),
+        (
+            '[decision]\nthreshold = 2.0\n[[models]]\nid = "brick"\nbundle = "/b"\n[[cameras]]\nmodel = "brick"\n',
+            "decision.threshold would override the threshold of every model; with [[models]] set models.threshold",
+        ),
     ],
 )
 def test_each_bad_key_is_named_with_the_problem(tmp_path, text, fragment):

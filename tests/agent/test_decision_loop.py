@@ -110,7 +110,7 @@ def decision(loop_config, capture_side, zmq_context) -> Iterator[Callable[..., H
         config = loop_config(deadline_ms=deadline_ms)
         published = PublishedTracker(config.run_dir, ["cam0"], "decision-under-test", zmq_context)
         publisher = RecordingPublisher(on_settled=published.settled)
-        loop = DecisionLoop(config, manifest(), publisher, published, zmq_context)  # type: ignore[arg-type]
+        loop = DecisionLoop(config, {"": manifest()}, publisher, published, zmq_context)  # type: ignore[arg-type]
         sender = Sender(zmq_context, endpoint(config.run_dir, "decision"))
         assert sender.wait_connected(timeout_s=5.0)
         made.append(Harness(loop, publisher, sender, capture_side(config)))
@@ -273,3 +273,42 @@ def test_capture_hears_which_verdicts_the_broker_holds_and_who_is_answering(deci
         assert [decode_ranges(m.seqs) for m in heard if m.seqs] == [[(1, 2)]]
     finally:
         acks.close()
+
+
+def test_with_a_model_per_camera_every_verdict_and_the_status_carry_that_cameras_model_and_its_threshold(
+    loop_config, capture_side, zmq_context
+):
+    from pathlib import Path
+
+    from lineguard.agent.config import CameraConfig, ModelConfig
+
+    config = loop_config().model_copy(
+        update={
+            "models": (
+                ModelConfig(id="double", bundle=Path("/d"), threshold=0.4),  # overrides the bundle's 1.0
+                ModelConfig(id="cap", bundle=Path("/c")),
+            ),
+            "cameras": (CameraConfig(name="cam0", model="double"), CameraConfig(name="cam1", model="cap")),
+        }
+    )
+    cap = manifest().model_copy(update={"model_id": "cap", "model_version": "7"})
+    cap = cap.model_copy(update={"threshold": cap.threshold.model_copy(update={"value": 0.3})})
+    published = PublishedTracker(config.run_dir, ["cam0", "cam1"], "decision-under-test", zmq_context)
+    publisher = RecordingPublisher(on_settled=published.settled)
+    loop = DecisionLoop(config, {"double": manifest(), "cap": cap}, publisher, published, zmq_context)  # type: ignore[arg-type]
+    sender = Sender(zmq_context, endpoint(config.run_dir, "decision"))
+    h = Harness(loop, publisher, sender, capture_side(config))
+    try:
+        assert sender.wait_connected(timeout_s=5.0)
+        one = h.capture.frame(1)
+        lost = FrameFailed(camera="cam1", seq=1, t_capture_ns=time.monotonic_ns(), reason="lost", cause="capture-lost")
+        h.send(one, scored(one, 0.5), lost)
+        h.step_until(2)
+        by_camera = {v.camera: (v.verdict, v.model, v.threshold) for v in h.publisher.verdicts()}
+        assert by_camera == {"cam0": ("reject", "double@1", 0.4), "cam1": ("failsafe", "cap@7", 0.3)}
+        status = loop.status(online=True)
+        assert status.model is None
+        assert {name: camera.model for name, camera in status.cameras.items()} == {"cam0": "double@1", "cam1": "cap@7"}
+    finally:
+        sender.close()
+        loop.close()

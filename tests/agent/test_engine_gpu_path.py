@@ -90,7 +90,7 @@ def line(
     assert model.backend.name == "tensorrt"
     context = zmq.Context()
     decision = Receiver(context, endpoint(run_dir, "decision"))
-    loop = EngineLoop(config, model, context)
+    loop = EngineLoop(config, {"": model}, context)
     ring = ShmRing.create(f"lg-{config.agent_id}-cam0", slot_count=N_FRAMES, slot_shape=FRAME, dtype=np.uint8)
     photo = cv2.resize(data.brick(), (FRAME[1], FRAME[0]))
     for slot in range(N_FRAMES):
@@ -116,7 +116,7 @@ def test_frames_are_scored_on_the_cpu_while_the_frame_engine_builds_and_alike_fr
     np.testing.assert_allclose(line.score(), on_the_cpu, rtol=1e-6)
     assert line.frames_by_path() == (0, N_FRAMES)
     held_builds.release.set()
-    assert line.loop.model.backend.wait_for_frame_plans(timeout_s=60)
+    assert line.loop.models[""].backend.wait_for_frame_plans(timeout_s=60)
     on_the_gpu = line.score()
     assert line.frames_by_path() == (N_FRAMES, 0)
     np.testing.assert_allclose(on_the_gpu, on_the_cpu, rtol=1e-3)
@@ -128,7 +128,7 @@ def test_a_frame_engine_that_fails_to_build_leaves_the_camera_on_the_cpu_path_wi
     monkeypatch.setattr(FakeBuilder, "build_serialized_network", lambda self, network, config: None)
     with caplog.at_level(logging.WARNING):
         first = line.score()
-        assert line.loop.model.backend.wait_for_frame_plans(timeout_s=60)
+        assert line.loop.models[""].backend.wait_for_frame_plans(timeout_s=60)
         for _ in range(2):
             np.testing.assert_allclose(line.score(), first, rtol=1e-6)
     assert line.frames_by_path() == (0, 3 * N_FRAMES)

@@ -56,7 +56,7 @@ class Harness:
         end = time.monotonic() + timeout_s
         while len(replies) < until_replies:
             assert time.monotonic() < end, f"replies so far: {replies}"
-            serving = self.changes.between_batches(serving)  # type: ignore[arg-type]
+            serving = self.changes.between_batches({"": serving})[""]  # type: ignore[dict-item]
             message = self.replies.receive(timeout_ms=5)
             if isinstance(message, SwapResult):
                 replies.append(message)
@@ -112,8 +112,8 @@ def test_shadow_scoring_predicts_the_reject_rate_and_a_second_request_meanwhile_
     old, new = StandInModel("brick@1", score=0.0), StandInModel("brick@2", score=5.0)
     h = changes(shadow_s=1.0, v2=new, v3=StandInModel("brick@3"))
     h.request("v2")
-    while not h.changes.shadowing:
-        assert h.changes.between_batches(old) is old  # type: ignore[arg-type]
+    while not h.changes.shadowing(""):
+        assert h.changes.between_batches({"": old}) == {"": old}  # type: ignore[dict-item]
     h.changes.observe(np.zeros((4, 32, 32, 1), np.uint8), np.zeros(4, np.float32), serving_threshold=1.0)
     h.request("v3")
     serving, replies = h.run(old, until_replies=2)

@@ -70,3 +70,45 @@ def test_unknown_models_and_an_empty_history_are_refused(tmp_path):
         store.activate("nope@1")
     with pytest.raises(ModelStoreError, match="no previous model"):
         store.rollback()
+
+
+def test_each_model_id_has_its_own_active_version_history_and_rollback(tmp_path, trained_work, signing_key, trusted):
+    source = trained_work / "bundle"
+    bricks = [bundle_variant(source, tmp_path / f"b{i}", signing_key, model_version=f"1.0.{i}") for i in (1, 2)]
+    caps = [
+        bundle_variant(source, tmp_path / f"c{i}", signing_key, model_id="cap-test", model_version=f"2.0.{i}")
+        for i in (1, 2)
+    ]
+    root = store_root(tmp_path / "state")
+    brick, cap = ModelStore(root, slot="brick-test"), ModelStore(root, slot="cap-test")
+    for bundle in bricks + caps:
+        brick.install(bundle, trusted)
+    brick.activate("brick-test@1.0.1")
+    cap.activate("cap-test@2.0.1")
+    cap.activate("cap-test@2.0.2")
+    assert (brick.active(), cap.active()) == ("brick-test@1.0.1", "cap-test@2.0.2")
+    assert brick.previous() is None and cap.previous() == "cap-test@2.0.1"
+    assert cap.rollback() == "cap-test@2.0.1" and brick.active() == "brick-test@1.0.1"
+    assert ModelStore(root).active() is None  # the one-model link is untouched
+    state = tmp_path / "state"
+    assert serving_bundle(state, bricks[1], "cap-test").resolve() == (root / "cap-test@2.0.1").resolve()
+    assert serving_bundle(state, bricks[1], "other") == bricks[1]
+
+
+def test_a_bundle_is_routed_to_its_model_id_and_one_no_camera_uses_is_refused_naming_those_it_serves(tmp_path):
+    from lineguard.agent.config import AgentConfig, CameraConfig, ModelConfig
+    from lineguard.agent.rollout.swap import rollback, slot_of
+
+    config = AgentConfig(
+        state_dir=tmp_path,
+        models=(ModelConfig(id="brick", bundle=tmp_path / "b"), ModelConfig(id="cap", bundle=tmp_path / "c")),
+        cameras=(CameraConfig(name="top", model="brick"), CameraConfig(name="lid", model="cap")),
+    )
+    assert slot_of(config, "cap") == "cap"
+    with pytest.raises(
+        BundleError, match="no camera of this agent uses model gear; its cameras use model ids brick, cap"
+    ):
+        slot_of(config, "gear")
+    with pytest.raises(BundleError, match="name the model to roll back: this agent serves model ids brick, cap"):
+        rollback(config)
+    assert slot_of(AgentConfig(state_dir=tmp_path), "anything") == ""  # one model: every push replaces it

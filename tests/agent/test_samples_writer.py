@@ -44,7 +44,7 @@ def loop_with_samples(loop_config, capture_side, zmq_context) -> Iterator[Callab
         config = with_samples(loop_config(), **settings)
         published = PublishedTracker(config.run_dir, [camera.name for camera in config.cameras], "test", zmq_context)
         publisher = RecordingPublisher(on_settled=published.settled)
-        loop = DecisionLoop(config, manifest(), publisher, published, zmq_context)  # type: ignore[arg-type]
+        loop = DecisionLoop(config, {"": manifest()}, publisher, published, zmq_context)  # type: ignore[arg-type]
         sender = Sender(zmq_context, endpoint(config.run_dir, "decision"))
         assert sender.wait_connected(timeout_s=5.0)
         made.append((loop, sender))
