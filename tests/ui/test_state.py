@@ -85,3 +85,11 @@ def test_the_serving_model_went_live_when_its_push_was_accepted_even_across_a_re
     agents, _, _ = line_view(state, "line-1")
     assert agents[0].live_from_event is False and agents[0].live_since is not None  # first seen here
     assert line_view(state, "line-2") == ([], [], [])
+
+
+def test_an_agent_with_a_model_per_camera_names_every_model_on_its_card():
+    state = LineState()
+    cameras = {"lid": CameraStatus(model="cap@1.0.0", fps=2.0), "top": CameraStatus(model="brick@2.0.0", fps=2.0)}
+    state.set_status(AgentStatus(agent_id="press-3", line="line-1", online=True, cameras=cameras, ts=1.0))
+    agents, _, _ = line_view(state, "line-1")
+    assert agents[0].model == "brick@2.0.0, cap@1.0.0"
