@@ -8,12 +8,13 @@ arrives after its frame's failsafe is counted and dropped, never published twice
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,16 @@ class FrameRef:
         return cls(record.camera, record.seq, record.t_capture_ns, record.camera_frame_id, record.camera_timestamp_ns)
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class _Held:
+    """A failure waiting for the earlier frames of its camera; ordered by seq alone."""
+
+    seq: int
+    frame: FrameRef = field(compare=False)
+    reason: str = field(compare=False)
+    cause: str = field(compare=False)
+
+
 class DecisionLoop:
     """Closes every frame with exactly one verdict."""
 
@@ -100,6 +111,7 @@ class DecisionLoop:
         self.deadline_ns = int(config.decision.deadline_ms * 1e6)
         self.pending: dict[tuple[str, int], Pending] = {}
         self.early: dict[tuple[str, int], Scored | ScoreFailed] = {}
+        self.held: dict[str, list[_Held]] = {}  # per camera: failures waiting for earlier frames, by seq
         self.last_seq: dict[str, int] = {}
         self.rings = AttachedRings()
         self.metrics = PipelineMetrics()
@@ -128,6 +140,7 @@ class DecisionLoop:
         for message in self.inbox.receive_batch(512, timeout_ms=timeout_ms):
             self._handle(message)
         self._expire(time.monotonic_ns())
+        self._release_held()
         self._periodic()
 
     def _handle(self, message: Message) -> None:
@@ -142,7 +155,7 @@ class DecisionLoop:
                 self._handle(early)
         elif isinstance(message, FrameFailed):
             self._note_seq(message)
-            self._publish_failsafe(FrameRef.of(message), message.reason, cause=message.cause)
+            self._fail_in_order(FrameRef.of(message), message.reason, cause=message.cause)
         elif isinstance(message, Scored):
             self._engine_seen_ns = time.monotonic_ns()
             self._on_scored(message)
@@ -176,7 +189,7 @@ class DecisionLoop:
         if last is not None and seq > last + 1:
             for missing in range(last + 1, seq):
                 reason = "no record of this frame reached decision: capture stopped before sending it"
-                self._publish_failsafe(FrameRef(camera, missing, record.t_capture_ns), reason, cause="capture-lost")
+                self._fail_in_order(FrameRef(camera, missing, record.t_capture_ns), reason, cause="capture-lost")
         if last is None or seq > last:
             self.last_seq[camera] = seq
 
@@ -194,6 +207,7 @@ class DecisionLoop:
     def _on_scored(self, scored: Scored) -> None:
         if self._is_early(scored):
             return
+        self._expire(time.monotonic_ns())  # an earlier frame past its deadline gets its failsafe first: seq order
         entry = self.pending.pop((scored.camera, scored.seq), None)
         if entry is None:
             self.metrics.late_scores.inc()
@@ -280,6 +294,32 @@ class DecisionLoop:
             FrameRef.of(ready), decision.verdict, decision.reason, cause, score, scored.model, latency
         )
 
+    def _fail_in_order(self, frame: FrameRef, reason: str, *, cause: str) -> None:
+        """Fail a frame capture could not deliver, once the earlier frames of its camera have their verdicts.
+
+        Verdicts of one camera go out in seq order (a PLC may keep its parts in a FIFO): a ring-full or lost frame
+        waits behind the earlier frames still being scored. That costs it nothing against the deadline: theirs
+        come first, as their frames were captured first."""
+        if any(camera == frame.camera and seq < frame.seq for camera, seq in self.pending):
+            bisect.insort(self.held.setdefault(frame.camera, []), _Held(frame.seq, frame, reason, cause))
+        else:
+            self._publish_failsafe(frame, reason, cause=cause)
+
+    def _release_held(self) -> None:
+        """Publish the held failures no earlier pending frame of their camera holds back any more."""
+        for camera in list(self.held):
+            earliest = min((seq for each, seq in self.pending if each == camera), default=None)
+            self._flush_held(camera, before=earliest)
+
+    def _flush_held(self, camera: str, *, before: int | None) -> None:
+        """Publish the camera's held failures with seq < before (None: all), in seq order."""
+        held = self.held.get(camera, [])
+        while held and (before is None or held[0].seq < before):
+            entry = held.pop(0)
+            self._publish_failsafe(entry.frame, entry.reason, cause=entry.cause)
+        if not held:
+            self.held.pop(camera, None)
+
     def _publish_failsafe(self, frame: FrameRef, reason: str, *, cause: str) -> None:
         self.metrics.failsafes.labels(frame.camera, cause).inc()
         latency = Latency(total=_ms(time.monotonic_ns() - frame.t_capture_ns))
@@ -298,6 +338,8 @@ class DecisionLoop:
         model: str,
         latency: Latency,
     ) -> Verdict:
+        if frame.camera in self.held:  # a held failure of an earlier frame goes first
+            self._flush_held(frame.camera, before=frame.seq)
         record = Verdict(
             agent_id=self.config.agent_id,
             line=self.config.line,
@@ -466,6 +508,7 @@ class DecisionLoop:
                 self._handle(message)
             self._expire(time.monotonic_ns())
         self._expire(time.monotonic_ns() + 10**15)  # anything left: failsafe now, never silence
+        self._release_held()
 
     def close(self) -> None:
         if self.samples is not None:  # samples hook: write what is queued while the publisher still runs

@@ -156,10 +156,8 @@ def test_verdicts_and_status_reach_the_plant_in_order_and_a_push_from_the_plant_
         f"the plant got {at_plant.seqs(VERDICTS)}, the line {on_line}"
     )  # the bridge keeps the order the line broker had, and loses nothing (no link fault, so no QoS 1 duplicates)
     assert sorted(on_line) == list(range(1, len(on_line) + 1)), "a verdict is missing or came twice"
-    # Scored verdicts come in seq order. A frame that capture fails (`ring-full` on an overloaded machine) gets its
-    # failsafe at once, ahead of earlier frames still being scored: the agent orders verdicts only per path.
-    scored = [v.seq for v in at_plant.verdicts(VERDICTS) if v.cause != "ring-full"]
-    assert scored == sorted(scored), scored
+    # One camera's verdicts in seq order, failsafes for frames capture could not deliver (ring-full) included.
+    assert on_line == sorted(on_line), on_line
     assert at_plant.wait_until(lambda: not at_plant.records(STATUS, AgentStatus)[-1].online, 10)
     gone = Subscriber(plant, STATUS)
     assert gone.wait_until(lambda: bool(gone.messages), 5)

@@ -168,20 +168,41 @@ def test_a_sequence_gap_fails_each_missing_frame_once_and_the_frames_around_it_a
     assert h.failsafes("capture-lost") == 2
 
 
-def test_a_frame_capture_reports_lost_gets_one_failsafe_with_captures_reason(decision):
+def test_a_frame_capture_reports_lost_gets_one_failsafe_with_captures_reason_after_the_frames_before_it(decision):
     h = decision()
     one = h.capture.frame(1)
     lost = FrameFailed(
         camera="cam0", seq=2, t_capture_ns=time.monotonic_ns(), reason="ring full: engine behind", cause="ring-full"
     )
-    h.send(one, lost, scored(one, 0.1))
+    h.send(one, lost)
+    h.step_until(0)
+    assert h.publisher.outcomes() == []  # frame 1 is still being scored: frame 2's failsafe waits behind it
+    h.send(scored(one, 0.1))
     h.step_until(2)
-    assert h.publisher.outcomes() == [(2, "failsafe"), (1, "accept")]  # a lost frame is published at once
-    assert (h.publisher.verdicts()[0].reason, h.publisher.verdicts()[0].cause) == (
+    assert h.publisher.outcomes() == [(1, "accept"), (2, "failsafe")]  # one camera's verdicts in seq order
+    assert (h.publisher.verdicts()[1].reason, h.publisher.verdicts()[1].cause) == (
         "ring full: engine behind",
         "ring-full",
     )
     assert h.failsafes("ring-full") == 1
+
+
+def test_held_failures_go_out_in_order_around_a_gap_and_at_the_earlier_frames_deadline(decision):
+    h = decision(deadline_ms=300.0)
+    one, five = h.capture.frame(1), h.capture.frame(5)
+    full = [
+        FrameFailed(camera="cam0", seq=seq, t_capture_ns=time.monotonic_ns(), reason="ring full", cause="ring-full")
+        for seq in (2, 3)
+    ]
+    # The engine never answers 1 or 5; 2 and 3 were never in the ring; 4's record is lost (a gap).
+    h.send(one, *full, five)
+    h.step_until(0)
+    assert h.publisher.outcomes() == []  # 2, 3 and 4 wait behind 1
+    h.step_until(5, timeout_s=3.0)  # the deadline passes
+    assert [seq for seq, _ in h.publisher.outcomes()] == [1, 2, 3, 4, 5]
+    causes = [v.cause for v in h.publisher.verdicts()]
+    assert causes[1:4] == ["ring-full", "ring-full", "capture-lost"] and causes[0] == causes[4]
+    assert not h.loop.held
 
 
 def test_a_frame_without_a_score_fails_safe_at_its_deadline_and_its_late_score_is_dropped(decision):
