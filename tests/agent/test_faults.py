@@ -54,6 +54,27 @@ def kill_worker(tmp_path: Path, role: str) -> None:
     os.kill(worker_pid(tmp_path, role), signal.SIGKILL)
 
 
+def kill_repeatedly(subscriber: Subscriber, tmp_path: Path, role: str, *, times: int, scored_after: int) -> None:
+    """SIGKILL one worker `times` times; each time the supervisor restarts it and `scored_after` scored verdicts
+    must come before the next kill."""
+    for _ in range(times):
+        kill_worker(tmp_path, role)
+        seen = len(verdicts(subscriber))
+        assert subscriber.wait_until(
+            lambda seen=seen: sum(v.verdict != "failsafe" for v in verdicts(subscriber)[seen:]) >= scored_after, 60
+        ), f"scoring did not resume after {role} was restarted"
+        time.sleep(1.0)
+
+
+def every_frame_answered(received: list, *, kills: int, first_seq: int | None = None) -> None:
+    """Every seq from first_seq (default: the first seen) to the last has a verdict; repeats only redeliveries."""
+    seqs, repeated = exactly_once(received)
+    start = seqs[0] if first_seq is None else first_seq
+    assert seqs == list(range(start, seqs[-1] + 1)), "a captured frame has no verdict"
+    problem = redelivered_only(received, repeated, kills=kills)
+    assert not problem, problem
+
+
 def exactly_once(received: list) -> tuple[list[int], Counter]:
     """The seqs seen (sorted, deduplicated) and how often each repeated seq came."""
     counts = Counter(v.seq for v in received)
@@ -68,20 +89,9 @@ def test_killing_decision_three_times_mid_stream_loses_no_frame_and_repeats_only
     config = write_config(tmp_path, broker, trained_work, signing_key, folder, fps=10, loop=True, deadline_ms=1000)
     agent = start_agent(config)
     assert subscriber.wait_until(lambda: len(verdicts(subscriber)) >= 10, 60)
-    for _ in range(3):
-        kill_worker(tmp_path, "decision")
-        seen = len(verdicts(subscriber))
-        # The supervisor restarts it; verdicts resume, scored ones among them.
-        assert subscriber.wait_until(
-            lambda seen=seen: any(v.verdict != "failsafe" for v in verdicts(subscriber)[seen:]), 60
-        ), "scoring did not resume after decision was restarted"
-        time.sleep(1.0)
+    kill_repeatedly(subscriber, tmp_path, "decision", times=3, scored_after=1)
     assert stop(agent) == 0
-    seqs, repeated = exactly_once(verdicts(subscriber))
-    assert seqs == list(range(1, seqs[-1] + 1)), "a captured frame has no verdict"
-    assert not redelivered_only(verdicts(subscriber), repeated, kills=3), redelivered_only(
-        verdicts(subscriber), repeated, kills=3
-    )
+    every_frame_answered(verdicts(subscriber), kills=3, first_seq=1)
     causes = Counter(v.cause for v in verdicts(subscriber) if v.verdict == "failsafe")
     # While decision is away its frames wait in capture (and fill the ring) and are blamed on decision; the
     # engine may fall behind while the new decision process starts on the same cores, but is never called down.
@@ -119,11 +129,7 @@ def test_killing_decision_three_times_during_a_gige_stream_loses_no_frame(
         ), "scoring did not resume after decision was restarted"
         time.sleep(1.0)
     assert stop(agent) == 0
-    seqs, repeated = exactly_once(verdicts(subscriber))
-    assert seqs == list(range(seqs[0], seqs[-1] + 1)), "a captured frame has no verdict"
-    assert not redelivered_only(verdicts(subscriber), repeated, kills=3), redelivered_only(
-        verdicts(subscriber), repeated, kills=3
-    )
+    every_frame_answered(verdicts(subscriber), kills=3)
     causes = Counter(v.cause for v in verdicts(subscriber) if v.verdict == "failsafe")
     assert set(causes) <= {"decision-restarted", "ring-full", "engine-late", "capture-lost"}, causes
 
@@ -193,13 +199,8 @@ def test_killing_capture_mid_stream_loses_no_frame_and_numbering_continues(
     config = write_config(tmp_path, broker, trained_work, signing_key, folder, fps=10, loop=True, deadline_ms=1000)
     agent = start_agent(config)
     assert subscriber.wait_until(lambda: len(verdicts(subscriber)) >= 10, 60)
-    for _ in range(2):
-        kill_worker(tmp_path, "capture cam0")
-        seen = len(verdicts(subscriber))
-        # The supervisor restarts it; the new capture takes the numbering up where the sequence file says.
-        assert subscriber.wait_until(
-            lambda seen=seen: sum(v.verdict != "failsafe" for v in verdicts(subscriber)[seen:]) >= 5, 60
-        ), "scoring did not resume after capture was restarted"
+    # The new capture takes the numbering up where the sequence file says.
+    kill_repeatedly(subscriber, tmp_path, "capture cam0", times=2, scored_after=5)
     assert stop(agent) == 0
     seqs, repeated = exactly_once(verdicts(subscriber))
     assert seqs == list(range(1, seqs[-1] + 1)), "a sequence number has no verdict"
