@@ -121,7 +121,7 @@ def serving(view: AgentView) -> str:
     return (view.status.model if view.status is not None else None) or "—"
 
 
-TABLE_HEADER = ("AGENT", "LINE", "ONLINE", "BACKEND", "CAMERA", "MODEL", "FPS", "FAILSAFE")
+TABLE_HEADER = ("AGENT", "LINE", "ONLINE", "HEALTH", "BACKEND", "CAMERA", "MODEL", "FPS", "FAILSAFE")
 
 
 def fleet_rows(views: dict[str, AgentView]) -> list[tuple[str, ...]]:
@@ -131,9 +131,11 @@ def fleet_rows(views: dict[str, AgentView]) -> list[tuple[str, ...]]:
         status = view.status
         if status is None:
             continue  # verdicts heard, but no retained status: not an agent the broker knows about
-        online = ("yes" if status.online else f"no ({status.reason or 'last will'})") + (
-            f", {status.health.state}" if status.health is not None and status.health.state != "ok" else ""
-        )
+        online = "yes" if status.online else "no"
+        if status.online:
+            health = status.health.state if status.health is not None else "—"
+        else:
+            health = status.reason or "last will"
         backend = status.backend.name if status.backend is not None else "—"
         cameras = sorted(set(status.cameras) | set(view.camera_models)) or ["—"]
         for camera in cameras:
@@ -141,7 +143,7 @@ def fleet_rows(views: dict[str, AgentView]) -> list[tuple[str, ...]]:
             model = view.camera_models.get(camera) or status.model or "—"
             fps = f"{each.fps:.1f}" if each is not None else "—"
             failsafe = f"{100 * each.failsafe_share:.1f} %" if each is not None else "—"
-            rows.append((agent, status.line, online, backend, camera, model, fps, failsafe))
+            rows.append((agent, status.line, online, health, backend, camera, model, fps, failsafe))
     return rows
 
 

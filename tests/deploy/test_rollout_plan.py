@@ -188,9 +188,9 @@ def test_the_fleet_table_has_a_row_per_camera_with_its_model_rate_and_failsafe_s
     }
     rows = fleet_rows(views)
     assert rows == [
-        ("oven-1", "line-2", "no (stopped)", "—", "—", "—", "—", "—"),
-        ("press-1", "line-1", "yes, degraded", "onnxruntime-cpu", "cam0", "brick@1.0.0", "12.0", "0.0 %"),
-        ("press-1", "line-1", "yes, degraded", "onnxruntime-cpu", "cam1", "bolt@3.0.0", "3.5", "25.0 %"),
+        ("oven-1", "line-2", "no", "stopped", "—", "—", "—", "—", "—"),
+        ("press-1", "line-1", "yes", "degraded", "onnxruntime-cpu", "cam0", "brick@1.0.0", "12.0", "0.0 %"),
+        ("press-1", "line-1", "yes", "degraded", "onnxruntime-cpu", "cam1", "bolt@3.0.0", "3.5", "25.0 %"),
     ]
     table = format_table(TABLE_HEADER, rows).splitlines()
     assert table[0].split() == list(TABLE_HEADER)
