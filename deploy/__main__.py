@@ -123,6 +123,7 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
         push_timeout_s=args.timeout,
         state_path=args.state or default_state_path(),
         wait_s=args.wait,
+        min_frames=args.min_frames,
     )
     return run_rollout(config, operator_key(config), options)
 
@@ -274,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_ABORT,
         metavar="RULES",
         help=f"halt rules (default {DEFAULT_ABORT.replace('%', '%%')}; '' = none)",
+    )
+    rollout.add_argument(
+        "--min-frames", type=int, default=20, metavar="N", help="rules judge an agent after N verdicts (default 20)"
     )
     rollout.add_argument("--canary", default="", metavar="ID", help="the agent of the first wave (default: first id)")
     rollout.add_argument("--baseline", type=float, default=10.0, metavar="S", help="listen before the first push")

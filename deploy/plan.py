@@ -8,8 +8,8 @@ Waves: comma-separated cumulative sizes, each a count (1) or a share of the sele
     must be 100%; a wave that would add nobody is skipped.
 Abort rules: comma-separated `METRIC>LIMIT` terms, METRIC `failsafe` or `reject` (shares of an agent's verdicts
     with the new model during the soak), LIMIT `N%` (absolute) or `+Npp` (percentage points above the same
-    agent's rate with its previous model). "failsafe>2%,reject>+5pp". A reject rule also judges the agent's
-    shadow prediction, when the push reports one.
+    agent's rate with its previous model). "failsafe>2%,reject>+5pp". Rules judge an agent only once it has
+    sent --min-frames verdicts with the new model. A reject rule also judges the push's shadow prediction.
 Every error is a PlanError that names the bad term.
 """
 
@@ -165,8 +165,11 @@ def parse_abort_rules(text: str) -> tuple[AbortRule, ...]:
     return tuple(rules)
 
 
-def first_breach(rules: Iterable[AbortRule], soak: Rates, baseline: Rates | None) -> str:
-    """The first rule the soak breaks, as a reason; "" when none."""
+def first_breach(rules: Iterable[AbortRule], soak: Rates, baseline: Rates | None, *, min_frames: int = 1) -> str:
+    """The first rule the soak breaks, as a reason; "" when none, and while it has fewer than min_frames verdicts
+    (a rate over a handful of frames is noise: one reject in one frame is 100 %)."""
+    if soak.frames < min_frames:
+        return ""
     for rule in rules:
         reason = rule.breach(soak, baseline)
         if reason:

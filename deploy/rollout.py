@@ -55,6 +55,7 @@ class RolloutOptions:
     push_timeout_s: float
     state_path: Path
     wait_s: float  # collect retained statuses this long to see the fleet
+    min_frames: int = 20  # abort rules judge an agent once it sent this many verdicts with the new model
 
 
 Say = Callable[[str], None]
@@ -209,7 +210,8 @@ class _Driver:
         if shadow is not None:
             predicted = Rates(shadow.frames, round(shadow.candidate_reject_rate * shadow.frames), 0)
             before = Rates(shadow.frames, round(shadow.serving_reject_rate * shadow.frames), 0)
-            breach = first_breach((rule for rule in self.rules if rule.metric == "reject"), predicted, before)
+            rules = (rule for rule in self.rules if rule.metric == "reject")
+            breach = first_breach(rules, predicted, before, min_frames=self.options.min_frames)
             if breach:
                 each.reason = f"shadow: {breach}"
                 return f"{agent}: shadow scoring predicts {breach}"
@@ -239,7 +241,7 @@ class _Driver:
         if not view.status.online:
             return f"went offline: {view.status.reason or 'its last will'}"
         baseline = view.rates(each.previous) if each.previous else None
-        return first_breach(self.rules, view.rates(self.state.model), baseline)
+        return first_breach(self.rules, view.rates(self.state.model), baseline, min_frames=self.options.min_frames)
 
     def halt(self, reason: str) -> None:
         """Roll back the wave's agents that took the bundle; skip everything not pushed yet."""

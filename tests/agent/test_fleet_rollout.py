@@ -185,10 +185,11 @@ def test_a_refusal_in_the_second_wave_rolls_that_wave_back_and_the_canary_keeps_
 def test_a_good_bundle_reaches_every_agent_wave_by_wave_and_an_interrupted_rollout_resumes(fleet):
     good = bundle_variant(fleet.source, fleet.work / "good", fleet.key, model_version="5.0.0")
     state = fleet.work / "good.json"
+    # The replay's defects come in a block: over a few seconds the reject rate swings by 50 points, hence +80pp.
     command = [
         Path(sys.executable).with_name("lineguard-deploy"), "rollout", str(good), "--agents", f"{BASE}-*",
         "--canary", f"{BASE}-a", "--state", str(state), "--baseline", "1", "--waves", "1,50%,100%", "--soak", "4",
-        "--abort-if", "failsafe>50%,reject>+50pp", "--port", str(fleet.broker.port),
+        "--abort-if", "failsafe>50%,reject>+80pp", "--min-frames", "6", "--port", str(fleet.broker.port),
     ]  # fmt: skip
     env = {**os.environ, "LINEGUARD_OPERATOR_KEY": str(fleet.key)}
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -14,7 +14,7 @@ import pytest
 from lineguard.agent.contract import AgentStatus, Backend, CameraStatus, Health
 from lineguard.agent.signing import generate_key_pair
 from lineguard.deploy.fleet import TABLE_HEADER, AgentView, Rates, fleet_rows, format_table
-from lineguard.deploy.plan import PlanError, WaveSize, parse_abort_rules, parse_waves, plan_waves, select
+from lineguard.deploy.plan import PlanError, WaveSize, first_breach, parse_abort_rules, parse_waves, plan_waves, select
 from lineguard.deploy.rollout_state import (
     AgentState,
     RolloutState,
@@ -88,6 +88,8 @@ def test_abort_rules_judge_absolute_rates_and_points_above_the_previous_model():
     assert not reject.breach(Rates(100, 90, 0), None)  # no verdicts of the previous model: nothing to compare
     assert not failsafe.breach(Rates(0, 0, 0), None)  # no frames yet: nothing to judge
     assert parse_abort_rules("") == ()
+    assert not first_breach((failsafe, reject), Rates(3, 3, 3), baseline, min_frames=20)  # too few frames to judge
+    assert first_breach((failsafe, reject), Rates(20, 20, 0), baseline, min_frames=20).startswith("reject rate")
 
 
 @pytest.mark.parametrize(
