@@ -3,7 +3,9 @@
     lineguard-deploy push BUNDLE --agent ID      transfer in checksummed chunks (resumable), wait for the verdict
     lineguard-deploy rollback --agent ID [--to MODEL]   the agent swaps back to its previous model (or MODEL)
     lineguard-deploy label LABEL SAMPLE_ID... --agent ID   label samples the agent stored (ok, nok, unsure)
-    lineguard-deploy status [--agent ID]         retained status of the agents on the broker
+    lineguard-deploy rollout BUNDLE --agents SELECTOR [--waves 1,25%,100%] [--soak S] [--abort-if RULES]
+                                                 waves to a fleet, halted and rolled back on trouble (resumable)
+    lineguard-deploy status [--agent ID]         the fleet: line, cameras, model per camera, back end, fps, failsafes
     lineguard-deploy list                        agents seen on the broker
     lineguard-deploy keygen KEY                  Ed25519 signing key pair
     lineguard-deploy trust KEY.pub --dir DIR     add a public key to a directory of trusted keys
@@ -21,35 +23,24 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from lineguard.agent.authority import sign_command
 from lineguard.agent.bundle import BundleError
 from lineguard.agent.config import ConfigError
-from lineguard.agent.contract import (
-    AgentStatus,
-    ContractError,
-    ModelCommand,
-    ModelEvent,
-    Record,
-    SampleLabel,
-    SampleLabelResult,
-    Topics,
-    TransferMeta,
-    clip,
-    decode,
-)
+from lineguard.agent.contract import ContractError, ModelEvent, SampleLabel, SampleLabelResult, Topics
 from lineguard.agent.mqtt import MqttError, Subscription
-from lineguard.agent.mqtt.client import OnMessage
 from lineguard.agent.rollout.wire import ArchiveError, TransferError
 from lineguard.agent.samples.labels import new_label
-from lineguard.agent.signing import KeyFileError, generate_key_pair, key_id, load_private_key, load_public_key
+from lineguard.agent.signing import KeyFileError, generate_key_pair, key_id, load_public_key
+from lineguard.deploy.commands import EVENT_WAIT_S, PushRequest, operator_key, push, records, rollback
 from lineguard.deploy.config import DeployConfig, load_deploy_config
-from lineguard.deploy.sender import BundleSender
+from lineguard.deploy.fleet import TABLE_HEADER, AgentView, FleetWatch, fleet_rows, format_table
+from lineguard.deploy.plan import PlanError
+from lineguard.deploy.rollout import RolloutOptions, run_rollout
+from lineguard.deploy.rollout_state import StateFileError, default_state_path
+from lineguard.deploy.sender import TransferProgress
 
 EXIT_REFUSED, EXIT_TIMEOUT = 2, 3
 
@@ -67,80 +58,29 @@ def _config(args: argparse.Namespace) -> DeployConfig:
     return load_deploy_config(mqtt=flags, operator_key=getattr(args, "operator_key", None))
 
 
-def _operator_key(config: DeployConfig) -> Ed25519PrivateKey:
-    if config.operator_key is None:
-        msg = "pushes and commands must be signed: pass --operator-key KEY.pem or set LINEGUARD_OPERATOR_KEY"
-        raise KeyFileError(msg)
-    return load_private_key(config.operator_key)
-
-
-def _push_command(
-    key: Ed25519PrivateKey, agent: str, *, allow_downgrade: bool
-) -> Callable[[TransferMeta], ModelCommand]:
-    def command(meta: TransferMeta) -> ModelCommand:
-        request_id, nonce = ModelCommand.new_ids()
-        unsigned = ModelCommand(
-            action="push",
-            agent_id=agent,
-            request_id=request_id,
-            model=meta.model,
-            sha256=meta.sha256,
-            allow_downgrade=allow_downgrade,
-            issued_ts=time.time(),
-            nonce=nonce,
-        )
-        return sign_command(unsigned, key)
-
-    return command
-
-
 def _cmd_push(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     config = _config(args)
-    command = _push_command(_operator_key(config), args.agent, allow_downgrade=args.allow_downgrade)
-    events: dict[str, ModelEvent] = {}  # transfer id -> the agent's event: it carries the shadow numbers
-    heard = threading.Event()
-
-    def keep_event(event: ModelEvent) -> None:
-        if event.request_id not in events or event.shadow is not None:  # a repeated verdict never hides the shadow
-            events[event.request_id] = event
-        heard.set()
-
-    topics = Topics(config.mqtt.topic_prefix)
-    listener = Subscription(
-        config.mqtt,
-        f"lineguard-deploy-{uuid.uuid4().hex[:8]}",
-        [topics.model_events(args.agent)],
-        _records(ModelEvent, keep_event),
-    )
-    sender = BundleSender(config.mqtt)
+    key = operator_key(config)
     bar = tqdm(unit="B", unit_scale=True, desc=f"push to {args.agent}", disable=not sys.stderr.isatty())
 
-    def progress(state: object) -> None:
-        bar.total = state.total_bytes  # type: ignore[attr-defined]
-        bar.n = state.bytes_received  # type: ignore[attr-defined]
+    def progress(state: TransferProgress) -> None:
+        bar.total = state.total_bytes
+        bar.n = state.bytes_received
         bar.refresh()
 
     try:
-        result = sender.send(
-            args.bundle, agent_id=args.agent, timeout_s=args.timeout, progress=progress, command=command
-        )
-        deadline = time.monotonic() + EVENT_WAIT_S  # the event follows the final ack at once
-        while result.transfer_id not in events and heard.wait(max(0.0, deadline - time.monotonic())):
-            heard.clear()
+        request = PushRequest(args.bundle, args.agent, args.timeout, allow_downgrade=args.allow_downgrade)
+        outcome = push(config, key, request, progress)
     finally:
         bar.close()
-        sender.close()
-        listener.close()
+    result = outcome.result
     print(
         f"{result.model} accepted by {args.agent}: {result.reason} ({result.chunks_sent} chunks, {result.elapsed_s:.1f} s)"
     )
-    print(_shadow_line(events.get(result.transfer_id), result.model))
+    print(_shadow_line(outcome.event, result.model))
     return 0
-
-
-EVENT_WAIT_S = 5.0
 
 
 def _shadow_line(event: ModelEvent | None, model: str) -> str:
@@ -161,12 +101,7 @@ def _shadow_line(event: ModelEvent | None, model: str) -> str:
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
     config = _config(args)
-    request_id, nonce = ModelCommand.new_ids()
-    unsigned = ModelCommand(
-        action="rollback", agent_id=args.agent, request_id=request_id, model=args.to, issued_ts=time.time(), nonce=nonce
-    )
-    command = sign_command(unsigned, _operator_key(config))
-    answer = _request(config, command, args.timeout)
+    answer = rollback(config, operator_key(config), args.agent, to=args.to, timeout_s=args.timeout)
     if answer is None:
         print(f"lineguard-deploy: no answer from {args.agent} within {args.timeout:.0f} s", file=sys.stderr)
         return EXIT_TIMEOUT
@@ -174,9 +109,28 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     return 0 if answer.outcome == "accepted" else EXIT_REFUSED
 
 
+def _cmd_rollout(args: argparse.Namespace) -> int:
+    config = _config(args)
+    options = RolloutOptions(
+        bundle=args.bundle,
+        selector=args.agents,
+        waves=args.waves,
+        abort_if=args.abort_if,
+        soak_s=args.soak,
+        canary=args.canary,
+        baseline_s=args.baseline,
+        silence_s=args.silence,
+        push_timeout_s=args.timeout,
+        state_path=args.state or default_state_path(),
+        wait_s=args.wait,
+        min_frames=args.min_frames,
+    )
+    return run_rollout(config, operator_key(config), options)
+
+
 def _cmd_label(args: argparse.Namespace) -> int:
     config = _config(args)
-    key = _operator_key(config)
+    key = operator_key(config)
     labels = [
         sign_command(new_label(args.agent, sample_id, args.label, by=args.by, defect_type=args.defect_type), key)
         for sample_id in args.sample_ids
@@ -211,7 +165,7 @@ def _ask_labels(config: DeployConfig, labels: list[SampleLabel], timeout_s: floa
 
     client_id = f"lineguard-deploy-{uuid.uuid4().hex[:8]}"
     with Subscription(
-        config.mqtt, client_id, [topics.sample_events(agent)], _records(SampleLabelResult, keep)
+        config.mqtt, client_id, [topics.sample_events(agent)], records(SampleLabelResult, keep)
     ) as listener:
         for label in labels:
             listener.publish(topics.sample_label(agent), label.encode(), qos=1).wait_for_publish(10)
@@ -219,62 +173,18 @@ def _ask_labels(config: DeployConfig, labels: list[SampleLabel], timeout_s: floa
     return answers
 
 
-R = TypeVar("R", bound=Record)
-
-
-def _records(record_type: type[R], handle: Callable[[R], None]) -> OnMessage:
-    """An on_message that decodes each payload as `record_type` for `handle`, and reports (bounded) what it cannot."""
-
-    def on_message(topic: str, payload: bytes, properties: object) -> None:
-        try:
-            record = decode(record_type, payload)
-        except ContractError as error:
-            print(f"lineguard-deploy: ignored a message on {clip(topic, 200)}: {error}", file=sys.stderr)
-            return
-        handle(record)
-
-    return on_message
-
-
-def _request(config: DeployConfig, command: ModelCommand, timeout_s: float) -> ModelEvent | None:
-    """Publish a command and wait for the event that answers it."""
-    topics = Topics(config.mqtt.topic_prefix)
-    answered = threading.Event()
-    answers: list[ModelEvent] = []
-
-    def keep_answer(event: ModelEvent) -> None:
-        if event.request_id == command.request_id:
-            answers.append(event)
-            answered.set()
-
-    client_id = f"lineguard-deploy-{command.request_id[:8]}"
-    on_event = _records(ModelEvent, keep_answer)
-    with Subscription(config.mqtt, client_id, [topics.model_events(command.agent_id)], on_event) as listener:
-        listener.publish(topics.model_command(command.agent_id), command.encode(), qos=1).wait_for_publish(10)
-        return answers[0] if answered.wait(timeout_s) else None
-
-
-def _retained_statuses(config: DeployConfig, agent: str, wait_s: float) -> dict[str, AgentStatus]:
-    """Retained status messages: agent id -> status."""
-    topics = Topics(config.mqtt.topic_prefix)
-    statuses: dict[str, AgentStatus] = {}
-    on_status = _records(AgentStatus, lambda status: statuses.__setitem__(status.agent_id, status))
-    with Subscription(config.mqtt, f"lineguard-deploy-{uuid.uuid4().hex[:8]}", [topics.status(agent)], on_status):
+def _retained_statuses(config: DeployConfig, agent: str, wait_s: float) -> dict[str, AgentView]:
+    """What the broker says of the agents (all, or one) within wait_s: retained statuses and live verdicts."""
+    with FleetWatch(config, None if agent == "+" else [agent]) as watch:
         time.sleep(wait_s)
-    return statuses
+        return {name: view for name, view in watch.snapshot().items() if view.status is not None}
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    statuses = _retained_statuses(_config(args), args.agent or "+", args.wait)
-    for agent, status in sorted(statuses.items()):
-        state = "online" if status.online else f"OFFLINE ({status.reason})"
-        fps = ", ".join(
-            f"{camera} {each.fps:g} fps" + ("" if status.model or not each.model else f" ({each.model})")
-            for camera, each in sorted(status.cameras.items())
-        )
-        model = f"model {status.model}" if status.model else "models per camera" if status.cameras else "model —"
-        print(f"{agent}: {state}, line {status.line}, {model}, {fps or '—'}, queue {status.queue_depth}")
-    return 0 if statuses else EXIT_TIMEOUT
+    views = _retained_statuses(_config(args), args.agent or "+", args.wait)
+    if views:
+        print(format_table(TABLE_HEADER, fleet_rows(views)))
+    return 0 if views else EXIT_TIMEOUT
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -315,6 +225,16 @@ def _add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--topic-prefix", help="default LINEGUARD_MQTT__TOPIC_PREFIX or lineguard")
 
 
+DEFAULT_ABORT = "failsafe>2%,reject>+5pp"
+ROLLOUT_HELP = """Push BUNDLE to the agents SELECTOR names, wave by wave; see README "Rolling out to a fleet".
+
+selector:  line=L (glob), agent ids or globs on them, comma-separated (any term matches)
+waves:     cumulative sizes, a count or a share: 1,25%,100% (the first wave is the canary; the last must be 100%)
+abort-if:  failsafe>N% | reject>N% (absolute) | failsafe>+Npp | reject>+Npp (points above the previous model)
+Resumes from the state file when re-run with the same bundle. Exit: 0 every wave passed; 2 halted, the wave
+rolled back (or bad input); 3 halted and a rollback failed or went unanswered (the table names the agents)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lineguard-deploy", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -340,21 +260,46 @@ def build_parser() -> argparse.ArgumentParser:
     labeller.add_argument("--defect-type", default="", help="for nok: e.g. crack, scratch (a-z, 0-9, _ and -)")
     labeller.add_argument("--by", default=os.environ.get("USER", "operator")[:64] or "operator", help="who labels")
     labeller.add_argument("--timeout", type=float, default=30.0)
-    status = commands.add_parser("status", help="retained status of one agent or all")
+    rollout = commands.add_parser(
+        "rollout",
+        help="push a bundle to a fleet in waves: canary first, soak, halt and roll back a wave on trouble",
+        description=ROLLOUT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rollout.add_argument("bundle", type=Path)
+    rollout.add_argument("--agents", required=True, metavar="SELECTOR", help="line=L, agent ids or globs, comma list")
+    rollout.add_argument("--waves", default="1,25%,100%", help="cumulative wave sizes (default 1,25%%,100%%)")
+    rollout.add_argument("--soak", type=float, default=300.0, metavar="S", help="seconds each wave is watched")
+    rollout.add_argument(
+        "--abort-if",
+        default=DEFAULT_ABORT,
+        metavar="RULES",
+        help=f"halt rules (default {DEFAULT_ABORT.replace('%', '%%')}; '' = none)",
+    )
+    rollout.add_argument(
+        "--min-frames", type=int, default=20, metavar="N", help="rules judge an agent after N verdicts (default 20)"
+    )
+    rollout.add_argument("--canary", default="", metavar="ID", help="the agent of the first wave (default: first id)")
+    rollout.add_argument("--baseline", type=float, default=10.0, metavar="S", help="listen before the first push")
+    rollout.add_argument("--silence", type=float, default=15.0, metavar="S", help="no status this long = not answering")
+    rollout.add_argument("--timeout", type=float, default=600.0, help="per push and per rollback, seconds")
+    rollout.add_argument("--state", type=Path, help=f"state file (default {default_state_path()})")
+    status = commands.add_parser("status", help="the fleet: agents, lines, cameras, models, back ends, fps, failsafes")
     status.add_argument("--agent")
     listing = commands.add_parser("list", help="agents seen on the broker")
     for sub, handler in (
         (push, _cmd_push),
         (rollback, _cmd_rollback),
+        (rollout, _cmd_rollout),
         (labeller, _cmd_label),
         (status, _cmd_status),
         (listing, _cmd_list),
     ):
         _add_broker_arguments(sub)
         sub.set_defaults(handler=handler)
-    for sub in (push, rollback, labeller):
+    for sub in (push, rollback, rollout, labeller):
         sub.add_argument("--operator-key", type=Path, help="Ed25519 key that signs (default LINEGUARD_OPERATOR_KEY)")
-    for sub in (status, listing):
+    for sub in (status, listing, rollout):
         sub.add_argument("--wait", type=float, default=1.5, help="seconds to collect retained messages")
     keygen = commands.add_parser("keygen", help="make an Ed25519 signing key pair")
     keygen.add_argument("key", type=Path)
@@ -376,7 +321,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MqttError as error:
         print(f"lineguard-deploy: broker: {error}", file=sys.stderr)
         return EXIT_TIMEOUT
-    except (BundleError, ArchiveError, KeyFileError, ConfigError, ContractError, OSError) as error:
+    except (
+        BundleError,
+        ArchiveError,
+        KeyFileError,
+        ConfigError,
+        ContractError,
+        PlanError,
+        StateFileError,
+        OSError,
+    ) as error:
         print(f"lineguard-deploy: error: {error}", file=sys.stderr)
         return EXIT_REFUSED
 

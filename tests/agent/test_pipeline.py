@@ -489,7 +489,8 @@ def test_operators_push_models_over_mqtt_and_bad_bundles_are_refused_while_the_o
     assert downgrade.returncode == 0, downgrade.stderr
     assert subscriber.wait_until(lambda: verdicts(subscriber)[-1].model == "brick-test@1.5.0", 30)
     status = deploy_cli(broker, signing_key, "status", "--agent", AGENT)
-    assert status.returncode == 0 and f"{AGENT}: online" in status.stdout
+    row = next(line.split() for line in status.stdout.splitlines() if line.startswith(AGENT))
+    assert status.returncode == 0 and row[:3] == [AGENT, "line-1", "yes"] and "brick-test@1.5.0" in row, status.stdout
     assert stop(agent) == 0
     seqs = sorted(v.seq for v in verdicts(subscriber))
     assert seqs == list(range(1, seqs[-1] + 1)), "a frame was lost or answered twice during the pushes"
