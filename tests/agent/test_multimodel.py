@@ -111,7 +111,7 @@ def test_each_camera_is_scored_by_its_own_model_and_a_push_or_rollback_swaps_onl
     count_top = len(camera_verdicts("top"))
     assert subscriber.wait_until(lambda: len(camera_verdicts("top")) >= count_top + 4, 30)
     shown = deploy_cli(broker, signing_key, "status", "--agent", AGENT, "--wait", "3")
-    rows = {row[5]: row[6] for line in shown.stdout.splitlines() if (row := line.split())[0] == AGENT}
+    rows = {row[5]: row[6] for line in shown.stdout.splitlines() if (row := line.split()) and row[0] == AGENT}
     assert shown.returncode == 0 and rows == {"top": "brick-test@1.0.0", "lid": "cap-test@1.0.0"}, shown.stdout
     assert stop(agent) == 0
 
