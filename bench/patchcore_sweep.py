@@ -38,10 +38,13 @@ def _standardised(images: np.ndarray, mean: float = 128.0, std: float = 40.0) ->
 
 
 def features_of(
-    data: Path, config: PatchCoreConfig, cache: Path, *, standardise: bool = False
+    data: Path, config: PatchCoreConfig, cache: Path, *, standardise: bool = False, flip: bool = False
 ) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
-    """split -> (features (N, D, h, w) float32, labels (N,)); cached as float16 .npz."""
-    key = f"{data.name}-{config.backbone}-{'_'.join(map(str, config.stages))}-{config.input_width}x{config.input_height}-n{config.neighbourhood}{'-std' if standardise else ''}"
+    """split -> (features (N, D, h, w) float32, labels (N,)); cached as float16 .npz.
+
+    flip: features of each image mirrored left to right (the image is flipped, not the feature map).
+    """
+    key = f"{data.name}-{config.backbone}-{'_'.join(map(str, config.stages))}-{config.input_width}x{config.input_height}-n{config.neighbourhood}{'-std' if standardise else ''}{'-flip' if flip else ''}"
     path = cache / f"{key}.npz"
     if path.exists():
         with np.load(path) as saved:
@@ -57,6 +60,8 @@ def features_of(
         )
         if standardise:
             images = _standardised(images)
+        if flip:
+            images = np.ascontiguousarray(images[:, :, ::-1])
         started = time.perf_counter()
         features = extract_features(embedder, images)
         log.info("%s: %d images in %.1f s", split, len(images), time.perf_counter() - started)
@@ -133,6 +138,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.05)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/lineguard-features"))
     parser.add_argument("--standardise", action="store_true", help="each image to grey mean 128, std 40 first")
+    parser.add_argument(
+        "--flip", action="store_true", help="also extract mirrored images' features (flip* variants use them)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = PatchCoreConfig(
@@ -146,6 +154,9 @@ def main() -> None:
     feats = features_of(args.data, config, args.cache, standardise=args.standardise)
     from variants import VARIANTS  # beside this file; imports this module's helpers
 
+    if args.flip:
+        mirrored = features_of(args.data, config, args.cache, standardise=args.standardise, flip=True)
+        feats.update({f"{s}_flip": mirrored[s] for s in SPLITS})
     labels = {s: feats[s][1] for s in SPLITS}
     print(f"# {args.backbone} stages {args.stages} size {args.size} nb {args.neighbourhood} bank {args.bank}")
     for text in args.variants.split(","):

@@ -149,7 +149,41 @@ def padim(feats, bank_size, param):
     return out
 
 
+def _flip_bank(feats, bank_size: int) -> torch.Tensor:
+    """One coreset of bank_size over the training patches of each image and its mirror image."""
+    key = (id(feats["train_flip"][0]), bank_size)
+    if key not in _BANKS:
+        patches = torch.cat([flat(feats["train"][0]), flat(feats["train_flip"][0])])
+        _BANKS[key] = patches[coreset(patches, bank_size)].clone()
+    return _BANKS[key]
+
+
+def _combined(feats, bank: torch.Tensor, how: str) -> dict[str, np.ndarray]:
+    """Image score of each image and its mirror image against one bank, combined by how (none, mean, max)."""
+    out = {}
+    for s in SCORED:
+        plain = nearest(feats[s][0], bank)[0][..., 0].amax(1)
+        if how == "none":
+            out[s] = plain.numpy()
+            continue
+        mirrored = nearest(feats[f"{s}_flip"][0], bank)[0][..., 0].amax(1)
+        out[s] = (torch.maximum(plain, mirrored) if how == "max" else (plain + mirrored) / 2).numpy()
+    return out
+
+
+def fliptta(feats, bank_size, param):
+    """Test-time flip: the image score combined (param mean or max) over the image and its mirror; global bank."""
+    return _combined(feats, _global_bank(feats, bank_size), param or "mean")
+
+
+def flipbank(feats, bank_size, param):
+    """Bank from training images and their mirror images (same bank size); param none, mean or max for test-time flip."""
+    return _combined(feats, _flip_bank(feats, bank_size), param or "none")
+
+
 VARIANTS = {
+    "fliptta": fliptta,
+    "flipbank": flipbank,
     "global": global_max,
     "knn": knn,
     "topmean": topmean,
