@@ -66,7 +66,9 @@ class FleetWatch:
         on_status, on_verdict = records(AgentStatus, self._on_status), records(Verdict, self._on_verdict)
 
         def on_message(topic: str, payload: bytes, properties: object) -> None:
-            (on_status if topic.endswith("/status") else on_verdict)(topic, payload, properties)
+            match = topics.match(topic)
+            is_status = match is not None and match.channel.name == "status"
+            (on_status if is_status else on_verdict)(topic, payload, properties)
 
         self._subscription = Subscription(config.mqtt, f"lineguard-fleet-{uuid.uuid4().hex[:8]}", filters, on_message)
 

@@ -139,7 +139,8 @@ def test_verdicts_and_status_reach_the_plant_in_order_and_a_push_from_the_plant_
     assert late.wait_until(lambda: bool(late.messages), 5), "the agent's retained status is not retained at the plant"
     assert late.records(STATUS, AgentStatus)[0].online is True
     status = deploy_at_plant(plant, signing_key, "status", "--agent", AGENT)
-    assert status.returncode == 0 and f"{AGENT}: online" in status.stdout, status.stdout + status.stderr
+    row = next((line.split() for line in status.stdout.splitlines() if line.startswith(AGENT)), [])
+    assert status.returncode == 0 and row[:3] == [AGENT, "line-1", "yes"], status.stdout + status.stderr
 
     # A push from the plant: meta and chunks go in through the bridge, acks and the model event come back out.
     bundle = bundle_variant(trained_work / "bundle", tmp_path / "v2", signing_key, model_version="2.0.0")

@@ -18,7 +18,7 @@ from broker import MosquittoBroker, find_program
 from bundle_tools import bundle_variant
 from mqtt_subscriber import Subscriber
 
-from lineguard.agent.contract import Topics
+from lineguard.agent.contract import ANY, Topics
 from lineguard.agent.signing import public_key_path
 
 pytestmark = pytest.mark.slow
@@ -101,7 +101,7 @@ def fleet(trained_work, signing_key, replay, tmp_path_factory) -> Iterator[Fleet
     work = tmp_path_factory.mktemp("fleet")
     folder, _ = replay
     broker = MosquittoBroker(work / "broker")
-    subscriber = Subscriber(broker, "lineguard/+/+/cam0/verdict")
+    subscriber = Subscriber(broker, Topics("lineguard").verdict(ANY, ANY, "cam0"))
     agents = []
     for agent, line in AGENTS.items():
         config = _agent_config(folder, agent, line, work, broker, signing_key, trained_work / "bundle")
