@@ -115,6 +115,20 @@ class FleetWatch:
         self.close()
 
 
+def previous_model(status: AgentStatus | None, model_id: str) -> str:
+    """The label ("id@version") an agent serves for `model_id` now, from its status; "" where it serves none.
+
+    With a model per camera, the model of the cameras that use `model_id`; with one model, that model (a push of
+    another id replaces it)."""
+    if status is None:
+        return ""
+    cameras = {each.model for each in status.cameras.values() if each.model}
+    for label in sorted(cameras | ({status.model} if status.model else set())):
+        if label.split("@", 1)[0] == model_id:
+            return label
+    return status.model or ""
+
+
 def serving(view: AgentView) -> str:
     """What an agent serves, as one string: the model of each camera's latest verdict, else what its status says
     (its model, or each camera's where cameras have their own)."""

@@ -25,7 +25,7 @@ from lineguard.agent.rollout.archive import read_model_id
 from lineguard.agent.rollout.wire import TransferError
 from lineguard.deploy.commands import PushRequest, push, rollback
 from lineguard.deploy.config import DeployConfig
-from lineguard.deploy.fleet import FleetWatch, Rates, format_table, serving
+from lineguard.deploy.fleet import FleetWatch, Rates, format_table, previous_model, serving
 from lineguard.deploy.plan import AbortRule, first_breach, parse_abort_rules, parse_waves, plan_waves, select
 from lineguard.deploy.rollout_state import (
     AgentState,
@@ -70,7 +70,8 @@ def run_rollout(config: DeployConfig, key: Ed25519PrivateKey, options: RolloutOp
     rules = parse_abort_rules(options.abort_if)
     sizes = parse_waves(options.waves)
     digest = manifest_digest(options.bundle)
-    model = "@".join(read_model_id(options.bundle))
+    model_id, version = read_model_id(options.bundle)
+    model = f"{model_id}@{version}"
     state = load_state(options.state_path)
     if state is not None:
         check_resumable(state, manifest_sha256=digest, path=options.state_path)
@@ -100,7 +101,7 @@ def run_rollout(config: DeployConfig, key: Ed25519PrivateKey, options: RolloutOp
             soak_s=options.soak_s,
             waves=waves,
             agents={
-                agent: AgentState(wave=index, previous=(views[agent].status.model or "") if views[agent].status else "")  # type: ignore[union-attr]
+                agent: AgentState(wave=index, previous=previous_model(views[agent].status, model_id))
                 for index, wave in enumerate(waves)
                 for agent in wave
             },

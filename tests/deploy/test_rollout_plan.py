@@ -13,7 +13,7 @@ import pytest
 
 from lineguard.agent.contract import AgentStatus, Backend, CameraStatus, Health
 from lineguard.agent.signing import generate_key_pair
-from lineguard.deploy.fleet import TABLE_HEADER, AgentView, Rates, fleet_rows, format_table
+from lineguard.deploy.fleet import TABLE_HEADER, AgentView, Rates, fleet_rows, format_table, previous_model
 from lineguard.deploy.plan import PlanError, WaveSize, first_breach, parse_abort_rules, parse_waves, plan_waves, select
 from lineguard.deploy.rollout_state import (
     AgentState,
@@ -197,3 +197,19 @@ def test_the_fleet_table_has_a_row_per_camera_with_its_model_rate_and_failsafe_s
     table = format_table(TABLE_HEADER, rows).splitlines()
     assert table[0].split() == list(TABLE_HEADER)
     assert len({line.index("line-") for line in table[1:]}) == 1  # columns line up
+
+
+def test_the_model_a_rollback_returns_to_is_the_one_serving_the_bundle_s_model_id():
+    per_camera = AgentStatus(
+        agent_id="press-3",
+        line="line-1",
+        online=True,
+        cameras={"top": CameraStatus(model="brick@2.0.0", fps=2.0), "lid": CameraStatus(model="cap@1.0.0", fps=2.0)},
+        ts=1.0,
+    )
+    assert previous_model(per_camera, "cap") == "cap@1.0.0"
+    assert previous_model(per_camera, "brick") == "brick@2.0.0"
+    single = AgentStatus(agent_id="press-4", line="line-1", online=True, model="brick@2.0.0", ts=1.0)
+    assert previous_model(single, "brick") == "brick@2.0.0"
+    assert previous_model(single, "gear") == "brick@2.0.0"  # one model: a push of another id replaces it
+    assert previous_model(None, "brick") == ""
