@@ -122,21 +122,17 @@ def previous_model(status: AgentStatus | None, model_id: str) -> str:
     another id replaces it)."""
     if status is None:
         return ""
-    cameras = {each.model for each in status.cameras.values() if each.model}
-    for label in sorted(cameras | ({status.model} if status.model else set())):
-        if label.split("@", 1)[0] == model_id:
-            return label
-    return status.model or ""
+    same_id = [label for label in status.serving() if label.split("@", 1)[0] == model_id]
+    return same_id[0] if same_id else status.model or ""
 
 
 def serving(view: AgentView) -> str:
     """What an agent serves, as one string: the model of each camera's latest verdict, else what its status says
     (its model, or each camera's where cameras have their own)."""
-    models = set(view.camera_models.values())
+    models = sorted(set(view.camera_models.values()))
     if not models and view.status is not None:
-        status = view.status
-        models = {status.model} if status.model else {each.model for each in status.cameras.values() if each.model}
-    return ", ".join(sorted(models)) or "—"
+        models = list(view.status.serving())
+    return ", ".join(models) or "—"
 
 
 TABLE_HEADER = ("AGENT", "LINE", "ONLINE", "HEALTH", "BACKEND", "CAMERA", "MODEL", "FPS", "FAILSAFE")

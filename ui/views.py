@@ -126,9 +126,7 @@ def frame_ref(view: CameraView) -> FrameRef | None:
 
 def agent_card(agent: AgentView, thresholds: dict[str, float]) -> AgentCard:
     status = agent.status
-    model = (status.model if status is not None else None) or ""
-    if status is not None and not model:  # a model per camera: name them all (each camera panel shows its own)
-        model = ", ".join(sorted({camera.model for camera in status.cameras.values() if camera.model}))
+    model = ", ".join(status.serving()) if status is not None else ""  # a model per camera: each panel has its own
     return AgentCard(
         agent_id=agent.agent_id,
         line=agent.line,

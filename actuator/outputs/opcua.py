@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from ..config import ActuatorConfig
@@ -37,7 +38,8 @@ class OpcUaOutput(HandshakeOutput):
         self._client_type = Client
         self._client: Any = None
         self._nodes: dict[str, Any] = {}
-        self._method: tuple[Any, Any] | None = None  # (parent object, method) with opcua.method_node
+        self._method: Any = None  # with opcua.method_node: the method node, and the object it is called on
+        self._method_parent: Any = None
 
     def _connected(self) -> Any:
         if self._client is None:
@@ -53,7 +55,7 @@ class OpcUaOutput(HandshakeOutput):
             if self.config.method_node:
                 method = client.get_node(self.config.method_node)
                 try:
-                    self._method = (method.get_parent(), method)
+                    self._method, self._method_parent = method, method.get_parent()
                 except self._errors as error:
                     self._drop()
                     msg = f"{self.config.endpoint}: method {self.config.method_node} has no parent object: {error}"
@@ -61,62 +63,45 @@ class OpcUaOutput(HandshakeOutput):
         return self._client
 
     def _variant(self, value: int, kind: str) -> Any:
-        return self.ua.DataValue(self.ua.Variant(value, getattr(self.ua.VariantType, kind)))
+        return self.ua.Variant(value, getattr(self.ua.VariantType, kind))
 
-    def _write(self, what: str, names: tuple[str, ...], values: list[Any]) -> None:
-        client = self._connected()
+    def _request(self, what: str, request: Callable[[], Any]) -> Any:
+        """Run one request on the connected server; a failure drops the connection and is an OutputFault."""
+        self._connected()
         try:
-            client.write_values([self._nodes[name] for name in names], values)
+            return request()
         except self._errors as error:
             self._drop()
-            msg = f"{self.config.endpoint}: write {what} failed: {error}"
+            msg = f"{self.config.endpoint}: {what} failed: {error}"
             raise OutputFault(msg) from error
 
+    def _write(self, what: str, names: tuple[str, ...], values: list[Any]) -> None:
+        data = [self.ua.DataValue(value) for value in values]
+        self._request(f"write {what}", lambda: self._client.write_values([self._nodes[n] for n in names], data))
+
     def _write_result(self, result: Result) -> None:
-        if self.config.method_node:
-            self._call_result(result)
-            return
         values = [
             self._variant(result.result, "Int16"),
             self._variant(result.reason, "Int16"),
             self._variant(result.part_id, "UInt32"),
             self._variant(result.handshake, "UInt16"),  # last: the PLC acts on a new handshake
         ]
-        self._write("result", ("result", "reason", "part", "handshake"), values)
+        if self.config.method_node:  # one call with the same values, in the same order
+            self._request(f"call {self.config.method_node}", lambda: self._method_call(values))
+        else:
+            self._write("result", ("result", "reason", "part", "handshake"), values)
 
-    def _call_result(self, result: Result) -> None:
-        self._connected()
-        if self._method is None:  # _connected() sets it whenever method_node is set
-            msg = f"{self.config.endpoint}: method {self.config.method_node} is not resolved"
-            raise OutputFault(msg)
-        parent, method = self._method
-        arguments = [
-            self.ua.Variant(result.result, self.ua.VariantType.Int16),
-            self.ua.Variant(result.reason, self.ua.VariantType.Int16),
-            self.ua.Variant(result.part_id, self.ua.VariantType.UInt32),
-            self.ua.Variant(result.handshake, self.ua.VariantType.UInt16),
-        ]
-        try:
-            parent.call_method(method, *arguments)
-        except self._errors as error:
-            self._drop()
-            msg = f"{self.config.endpoint}: call {self.config.method_node} failed: {error}"
-            raise OutputFault(msg) from error
+    def _method_call(self, arguments: list[Any]) -> Any:
+        return self._method_parent.call_method(self._method, *arguments)  # resolved by _connected()
 
     def _read_echo(self) -> int:
-        self._connected()
-        try:
-            return int(self._nodes["echo"].read_value())
-        except self._errors as error:
-            self._drop()
-            msg = f"{self.config.endpoint}: read {self.config.echo_node} failed: {error}"
-            raise OutputFault(msg) from error
+        return int(self._request(f"read {self.config.echo_node}", lambda: self._nodes["echo"].read_value()))
 
     def _write_state(self, code: int) -> None:
         self._write("state", ("state",), [self._variant(code, "Int16")])
 
     def _drop(self) -> None:
-        client, self._client, self._method = self._client, None, None
+        client, self._client, self._method, self._method_parent = self._client, None, None, None
         if client is not None:
             try:
                 client.disconnect()

@@ -142,3 +142,9 @@ class AgentStatus(Record):
         None, gt=0, description="decision.deadline_ms: every frame has its verdict this long after capture."
     )
     ts: UnixTime = Field(description="When this status was written (for the last will: when the agent connected).")
+
+    def serving(self) -> tuple[str, ...]:
+        """The models this agent serves, sorted: its one model, or each camera's where cameras have their own."""
+        if self.model:
+            return (self.model,)
+        return tuple(sorted({camera.model for camera in self.cameras.values() if camera.model}))

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from broker import MosquittoBroker
 from mqtt_subscriber import Subscriber
+from test_pipeline import write_config as pipeline_config
 
 from lineguard.agent.contract import ANY, CHANNELS, AgentStatus, ModelEvent, Topics
-from lineguard.agent.signing import public_key_path
 
 BRIDGE_EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "bridge.conf.example"
 TOPICS = Topics("lineguard")
@@ -67,42 +67,10 @@ def test_the_bridge_example_carries_every_contract_channel_its_way_at_its_qos():
 
 
 def write_config(tmp_path: Path, line: MosquittoBroker, trained_work: Path, signing_key: Path, folder: Path) -> Path:
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        f"""
-agent_id = "{AGENT}"
-line = "line-1"
-run_dir = "{tmp_path / "run"}"
-state_dir = "{tmp_path / "state"}"
-
-[[cameras]]
-name = "cam0"
-source = "folder"
-address = "{folder}"
-pixel_format = "mono8"
-fps = 10
-loop = true
-
-[engine]
-bundle = "{trained_work / "bundle"}"
-trusted_keys = ["{public_key_path(signing_key)}"]
-max_batch = 4
-threads = 1
-
-[rollout]
-operator_keys = ["{public_key_path(signing_key)}"]
-
-[decision]
-deadline_ms = 1000
-
-[mqtt]
-port = {line.port}
-
-[metrics]
-port = 0
-"""
+    """The pipeline tests' agent config, connected to the line broker, under this module's agent id."""
+    return pipeline_config(
+        tmp_path, line, trained_work, signing_key, folder, fps=10, loop=True, deadline_ms=1000, agent_id=AGENT
     )
-    return config
 
 
 def deploy_at_plant(plant: MosquittoBroker, operator_key: Path, *args: str) -> subprocess.CompletedProcess:

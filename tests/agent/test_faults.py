@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from mqtt_subscriber import Subscriber
-from test_pipeline import AGENT, STATUS, VERDICTS, stop, verdicts, write_config
+from test_pipeline import AGENT, STATUS, VERDICTS, stop, use_the_fake_gige_camera, verdicts, write_config
 
 from lineguard.agent.capture.process import ring_name
 from lineguard.agent.contract import AgentStatus
@@ -97,18 +97,6 @@ def test_killing_decision_three_times_mid_stream_loses_no_frame_and_repeats_only
     # engine may fall behind while the new decision process starts on the same cores, but is never called down.
     assert set(causes) <= {"decision-restarted", "ring-full", "engine-late"}, causes
     assert causes["decision-restarted"] > 0
-
-
-def use_the_fake_gige_camera(config: Path, *, acquisition_fps: float | None) -> None:
-    """Point the folder-replay config's camera at the fake GigE camera (640x480; the model sees the middle 480)."""
-    rate = "" if acquisition_fps is None else f"acquisition_fps = {acquisition_fps}\n"
-    camera = (
-        'source = "gige"\naddress = "127.0.0.1"\nwidth_px = 640\nheight_px = 480\nexposure_us = 10000.0\n'
-        f"gain_db = 0.0\n{rate}[cameras.roi]\nx = 80\nwidth = 480"
-    )
-    text = config.read_text()
-    start, end = text.index('source = "folder"'), text.index("loop = false") + len("loop = false")
-    config.write_text(text[:start] + camera + text[end:])
 
 
 def test_killing_decision_three_times_during_a_gige_stream_loses_no_frame(

@@ -52,11 +52,12 @@ def write_config(
     loop: bool,
     deadline_ms: float = 250.0,
     metrics_port: int = 0,
+    agent_id: str = AGENT,
 ) -> Path:
     config = tmp_path / "agent.toml"
     config.write_text(
         f"""
-agent_id = "{AGENT}"
+agent_id = "{agent_id}"
 line = "line-1"
 run_dir = "{tmp_path / "run"}"
 state_dir = "{tmp_path / "state"}"
@@ -262,20 +263,25 @@ def test_an_untrusted_bundle_is_refused_at_start(broker, trained_work, replay, t
     assert result.returncode == 2 and "not trusted here" in result.stderr
 
 
+def use_the_fake_gige_camera(config: Path, *, acquisition_fps: float | None) -> None:
+    """Point the folder-replay config's camera at the fake GigE camera (640x480; the model sees the middle 480)."""
+    rate = "" if acquisition_fps is None else f"acquisition_fps = {acquisition_fps}\n"
+    camera = (
+        'source = "gige"\naddress = "127.0.0.1"\nwidth_px = 640\nheight_px = 480\nexposure_us = 10000.0\n'
+        f"gain_db = 0.0\n{rate}[cameras.roi]\nx = 80\nwidth = 480"
+    )
+    text = config.read_text()
+    start, end = text.index('source = "folder"'), text.index("loop = false") + len("loop = false")
+    config.write_text(text[:start] + camera + text[end:])
+
+
 def test_a_real_gige_stream_gets_one_verdict_per_frame(
     fake_camera, broker, trained_work, signing_key, replay, tmp_path, start_agent
 ):
     folder, _ = replay
     subscriber = Subscriber(broker, VERDICTS)
     config = write_config(tmp_path, broker, trained_work, signing_key, folder, fps=10, loop=False, deadline_ms=2000)
-    camera = (
-        'source = "gige"\naddress = "127.0.0.1"\nwidth_px = 640\nheight_px = 480\nexposure_us = 10000.0\n'
-        "gain_db = 0.0\nacquisition_fps = 10.0\n"  # a rate a loaded 2-core CI machine keeps up with
-        "[cameras.roi]\nx = 80\nwidth = 480"  # the model is square: look at the middle 480x480
-    )
-    text = config.read_text()
-    start, end = text.index('source = "folder"'), text.index("loop = false") + len("loop = false")
-    config.write_text(text[:start] + camera + text[end:])
+    use_the_fake_gige_camera(config, acquisition_fps=10.0)  # a rate a loaded 2-core CI machine keeps up with
     agent = start_agent(config)
     assert subscriber.wait_until(lambda: len(verdicts(subscriber)) >= 30, 60), "the GigE stream produced no verdicts"
     assert stop(agent) == 0
