@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -19,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq
+from agent_process import AgentProcess
 from bundle_tools import with_fake_engine
 from fake_camera import FakeCamera, require_fake_camera
 from fake_gpu import FakeBuilder
@@ -162,18 +161,15 @@ def replay(trained_work: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
 
 @pytest.fixture
 def start_agent() -> Iterator:
-    started: list[subprocess.Popen] = []
+    """start(config) runs `lineguard-agent run` as systemd would: its READY=1 comes to a notify socket, so a test
+    that must not disturb start-up (a worker killed then stops the agent) can `wait_ready()` first."""
+    started: list[AgentProcess] = []
 
-    def start(config: Path) -> subprocess.Popen:
-        agent = subprocess.Popen(
-            [Path(sys.executable).with_name("lineguard-agent"), "run", "--config", str(config)],
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
+    def start(config: Path) -> AgentProcess:
+        agent = AgentProcess(config)
         started.append(agent)
         return agent
 
     yield start
     for agent in started:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait()
+        agent.release()

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from agent_process import AgentProcess
 from mqtt_subscriber import Subscriber
 from test_pipeline import AGENT, STATUS, VERDICTS, stop, use_the_fake_gige_camera, verdicts, write_config
 
@@ -25,12 +26,19 @@ from lineguard.agent.mqtt.publisher import MAX_INFLIGHT
 pytestmark = pytest.mark.slow
 
 
-def worker_pid(tmp_path: Path, role: str) -> int:
-    """The pid of one of the agent's workers (started with --config-json in tmp_path's run folder)."""
-    found = subprocess.run(["pgrep", "-f", f"worker {role} --config-json {tmp_path}"], capture_output=True, text=True)
-    pids = [int(pid) for pid in found.stdout.split()]
-    assert pids, f"no {role} worker is running"
-    return pids[0]
+def worker_pid(tmp_path: Path, role: str, *, other_than: int | None = None, timeout_s: float = 30.0) -> int:
+    """The pid of one of the agent's workers (started with --config-json in tmp_path's run folder), waiting for
+    the supervisor to (re)start it; `other_than` waits for a replacement of that pid."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = subprocess.run(
+            ["pgrep", "-f", f"worker {role} --config-json {tmp_path}"], capture_output=True, text=True
+        )
+        pids = [int(pid) for pid in found.stdout.split() if int(pid) != other_than]
+        if pids:
+            return pids[0]
+        assert time.monotonic() < deadline, f"no {role} worker is running after {timeout_s:.0f} s"
+        time.sleep(0.1)
 
 
 def redelivered_only(received: list, repeated: Counter, *, kills: int) -> str:
@@ -51,12 +59,18 @@ def redelivered_only(received: list, repeated: Counter, *, kills: int) -> str:
 
 
 def kill_worker(tmp_path: Path, role: str) -> None:
-    os.kill(worker_pid(tmp_path, role), signal.SIGKILL)
+    """SIGKILL one worker and wait until the supervisor has started its replacement."""
+    killed = worker_pid(tmp_path, role)
+    os.kill(killed, signal.SIGKILL)
+    worker_pid(tmp_path, role, other_than=killed)
 
 
-def kill_repeatedly(subscriber: Subscriber, tmp_path: Path, role: str, *, times: int, scored_after: int) -> None:
-    """SIGKILL one worker `times` times; each time the supervisor restarts it and `scored_after` scored verdicts
-    must come before the next kill."""
+def kill_repeatedly(
+    agent: AgentProcess, subscriber: Subscriber, tmp_path: Path, role: str, *, times: int, scored_after: int
+) -> None:
+    """Once the agent is ready, SIGKILL one worker `times` times; each time the supervisor restarts it (with a
+    growing backoff) and `scored_after` scored verdicts must come from the replacement before the next kill."""
+    agent.wait_ready()
     for _ in range(times):
         kill_worker(tmp_path, role)
         seen = len(verdicts(subscriber))
@@ -89,7 +103,7 @@ def test_killing_decision_three_times_mid_stream_loses_no_frame_and_repeats_only
     config = write_config(tmp_path, broker, trained_work, signing_key, folder, fps=10, loop=True, deadline_ms=1000)
     agent = start_agent(config)
     assert subscriber.wait_until(lambda: len(verdicts(subscriber)) >= 10, 60)
-    kill_repeatedly(subscriber, tmp_path, "decision", times=3, scored_after=1)
+    kill_repeatedly(agent, subscriber, tmp_path, "decision", times=3, scored_after=1)
     assert stop(agent) == 0
     every_frame_answered(verdicts(subscriber), kills=3, first_seq=1)
     causes = Counter(v.cause for v in verdicts(subscriber) if v.verdict == "failsafe")
@@ -109,13 +123,7 @@ def test_killing_decision_three_times_during_a_gige_stream_loses_no_frame(
     use_the_fake_gige_camera(config, acquisition_fps=None)
     agent = start_agent(config)
     assert subscriber.wait_until(lambda: len(verdicts(subscriber)) >= 20, 60), "the GigE stream produced no verdicts"
-    for _ in range(3):
-        kill_worker(tmp_path, "decision")
-        seen = len(verdicts(subscriber))
-        assert subscriber.wait_until(
-            lambda seen=seen: any(v.verdict != "failsafe" for v in verdicts(subscriber)[seen:]), 60
-        ), "scoring did not resume after decision was restarted"
-        time.sleep(1.0)
+    kill_repeatedly(agent, subscriber, tmp_path, "decision", times=3, scored_after=1)
     assert stop(agent) == 0
     every_frame_answered(verdicts(subscriber), kills=3)
     causes = Counter(v.cause for v in verdicts(subscriber) if v.verdict == "failsafe")
@@ -142,6 +150,7 @@ def test_a_deleted_ring_turns_the_status_failing_and_is_recreated_and_the_stream
     assert subscriber.wait_until(lambda: health_of(subscriber) == "ok", 30)
     assert agent_status(config).returncode == 0
     (Path("/dev/shm") / ring_name(AGENT, "cam0")).unlink()  # a tmpfs clean-up, or an operator
+    agent.wait_ready()
     kill_worker(tmp_path, "engine")  # a restarted engine must find the ring again
     killed_at, seen = time.monotonic(), len(verdicts(subscriber))
     # Within 10 s the retained status stops saying ok, and says why: failing while most frames fail, degraded
@@ -188,7 +197,7 @@ def test_killing_capture_mid_stream_loses_no_frame_and_numbering_continues(
     agent = start_agent(config)
     assert subscriber.wait_until(lambda: len(verdicts(subscriber)) >= 10, 60)
     # The new capture takes the numbering up where the sequence file says.
-    kill_repeatedly(subscriber, tmp_path, "capture cam0", times=2, scored_after=5)
+    kill_repeatedly(agent, subscriber, tmp_path, "capture cam0", times=2, scored_after=5)
     assert stop(agent) == 0
     seqs, repeated = exactly_once(verdicts(subscriber))
     assert seqs == list(range(1, seqs[-1] + 1)), "a sequence number has no verdict"
@@ -208,6 +217,7 @@ def test_a_stalled_engine_is_named_in_the_failsafes_and_the_status_and_is_restar
     agent = start_agent(config)
     assert subscriber.wait_until(lambda: len(verdicts(subscriber)) >= 10, 60)
     assert subscriber.wait_until(lambda: health_of(subscriber) == "ok", 30), health_said(subscriber)
+    agent.wait_ready()
     stalled = worker_pid(tmp_path, "engine")
     os.kill(stalled, signal.SIGSTOP)
     seen = len(verdicts(subscriber))

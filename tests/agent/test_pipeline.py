@@ -184,6 +184,7 @@ def test_killing_the_engine_mid_stream_fails_safe_and_loses_no_frame(
     config = write_config(tmp_path, broker, trained_work, signing_key, folder, fps=20, loop=True)
     agent = start_agent(config)
     assert subscriber.wait_until(lambda: len(verdicts(subscriber)) >= 20, 60)
+    agent.wait_ready()
     engine = subprocess.run(["pgrep", "-f", f"worker engine --config-json {tmp_path}"], capture_output=True, text=True)
     os.kill(int(engine.stdout.split()[0]), signal.SIGKILL)
     killed_at = len(verdicts(subscriber))
