@@ -155,11 +155,32 @@ def test_every_verdict_arrives_in_order_across_a_broker_restart(broker_factory, 
         call_s.append(time.perf_counter() - started)
         time.sleep(0.0005)
     assert pub.flush(15), f"{pub.queued} messages still unacknowledged"
-    arrived = second.wait_until(lambda: len(set(first.seqs(VERDICTS) + second.seqs(VERDICTS))) >= total, 30)
-    missing = sorted(set(range(total)) - set(first.seqs(VERDICTS) + second.seqs(VERDICTS)))
-    assert arrived, f"{len(missing)} verdicts missing, first {missing[:20]}; broker log:\n{broker.log_tail(30)}"
+    sessions = [first, second]
+
+    def received_seqs() -> list[int]:
+        return [seq for each in sessions for seq in each.seqs(VERDICTS)]
+
+    def missing() -> list[int]:
+        return sorted(set(range(total)) - set(received_seqs()))
+
+    arrived = second.wait_until(lambda: not missing(), 30)
+    stalled: list[int] = []
+    if not arrived:
+        # Seen once in a full run on a loaded machine (Mosquitto 2.0.11): the broker had acknowledged every
+        # verdict, but its last ~90 did not reach the online persistent subscriber within 30 s. The publisher's
+        # part ends at the broker's PUBACK; a new connection of the same session tells a publisher's loss (still
+        # missing) from a broker that held them without sending (they arrive now, in order).
+        stalled = missing()
+        second.close()
+        sessions.append(subscribe(broker, persistent=True, client_id=first.client_id))
+        arrived = sessions[-1].wait_until(lambda: not missing(), 30)
+    lost = missing()
+    assert arrived, (
+        f"{len(lost)} verdicts lost, first {lost[:20]} ({len(stalled)} had not arrived after 30 s); "
+        f"broker log:\n{broker.log_tail(30)}"
+    )
     time.sleep(0.2)
-    received = first.seqs(VERDICTS) + second.seqs(VERDICTS)
+    received = received_seqs()
     first_arrivals = list(dict.fromkeys(received))
     # QoS 1 allows redelivery: paho resends what was unacknowledged when the broker went away (at most the
     # in-flight window, 20) and the broker may resend to the subscriber. Dedup by seq; the order must hold.
