@@ -5,9 +5,12 @@ PatchEmbedder, caches them under --cache, then scores the calibration and test s
 several memory-bank searches and image scores, without refitting the backbone. Each line: test
 image AUROC, and recall / false-reject rate on test at the fpr:RATE threshold chosen on
 calibration, exactly as `lineguard-train run --threshold fpr:RATE` would choose it.
+`--seeds` repeats every variant with other coreset seeds: the noise floor a change must beat.
+The `gauss` and `ensemble` variants also read each backbone stage's globally pooled features
+(extracted once, cached beside the patch features).
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/patchcore_sweep.py DATA --size 256 --stages 3,4 \
-        --variants global,knn3,reweight,position:2 --cache /tmp/features
+        --variants global,knn:3,reweight,position:2,gauss:45,ensemble:45 --seeds 0,1,2 --cache /tmp/features
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
+from torch import nn
 
+from lineguard.trainer.backbone import STAGES, EfficientNetLiteFeatures
 from lineguard.trainer.calibrate import ThresholdMethod, choose_threshold
 from lineguard.trainer.coreset import DEFAULT_MAX_CANDIDATES, CoresetSpec, greedy_coreset
 from lineguard.trainer.data import discover_dataset, load_images, read_image
+from lineguard.trainer.models.layers import ImageNetInput
 from lineguard.trainer.models.patchcore import PatchCoreConfig, PatchEmbedder
 from lineguard.trainer.onnx_features import extract_features
 
@@ -74,6 +80,51 @@ def features_of(
 
 
 SPLITS = ("train", "calibration", "test")
+
+
+class PooledStages(nn.Module):
+    """uint8 frames to the global average of every backbone stage's map, concatenated.
+
+    forward(images): (N, H, W, C) uint8 -> (N, sum of C_s) float32, stages 2..5 in order.
+    """
+
+    def __init__(self, config: PatchCoreConfig) -> None:
+        super().__init__()
+        self.features = EfficientNetLiteFeatures(config.backbone, STAGES)
+        self.input = ImageNetInput(config.channels)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.mean(dim=(2, 3)) for m in self.features(self.input(images))], dim=1)
+
+
+def pooled_features_of(
+    data: Path, config: PatchCoreConfig, cache: Path, *, standardise: bool = False
+) -> dict[int, dict[str, np.ndarray]]:
+    """stage -> split -> (N, C_s) float64 globally pooled features of that backbone stage; cached as .npz."""
+    key = f"{data.name}-{config.backbone}-pooled-{config.input_width}x{config.input_height}{'-std' if standardise else ''}"
+    path = cache / f"{key}.npz"
+    if not path.exists():
+        module = PooledStages(config)
+        dataset = discover_dataset(data)
+        source = read_image(dataset.train[0].path).shape[:2]
+        arrays = {}
+        for split in SPLITS:
+            images = load_images(
+                dataset.split(split),
+                height=config.input_height,
+                width=config.input_width,
+                channels=config.channels,
+                source_size=source,
+            )
+            arrays[split] = extract_features(module, _standardised(images) if standardise else images).numpy()
+        cache.mkdir(parents=True, exist_ok=True)
+        np.savez(path, channels=np.array(module.features.channels), **arrays)
+    with np.load(path) as saved:
+        bounds = np.cumsum([0, *saved["channels"].tolist()])
+        return {
+            stage: {s: saved[s][:, bounds[i] : bounds[i + 1]].astype(np.float64) for s in SPLITS}
+            for i, stage in enumerate(STAGES)
+        }
 
 
 def flat(features: torch.Tensor) -> torch.Tensor:
@@ -135,6 +186,9 @@ def main() -> None:
     parser.add_argument("--neighbourhood", type=int, default=3)
     parser.add_argument("--bank", type=int, default=4096)
     parser.add_argument("--variants", default="global")
+    parser.add_argument(
+        "--seeds", default="0", help="coreset seeds, comma-separated: every variant runs once per seed (noise floor)"
+    )
     parser.add_argument("--rate", type=float, default=0.05)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/lineguard-features"))
     parser.add_argument("--standardise", action="store_true", help="each image to grey mean 128, std 40 first")
@@ -152,19 +206,23 @@ def main() -> None:
         neighbourhood=args.neighbourhood,
     )
     feats = features_of(args.data, config, args.cache, standardise=args.standardise)
-    from variants import VARIANTS  # beside this file; imports this module's helpers
+    from variants import VARIANTS, use_seed  # beside this file; imports this module's helpers
 
     if args.flip:
         mirrored = features_of(args.data, config, args.cache, standardise=args.standardise, flip=True)
         feats.update({f"{s}_flip": mirrored[s] for s in SPLITS})
+    if any(text.startswith(("gauss", "ensemble")) for text in args.variants.split(",")):
+        feats["pooled"] = pooled_features_of(args.data, config, args.cache, standardise=args.standardise)
     labels = {s: feats[s][1] for s in SPLITS}
     print(f"# {args.backbone} stages {args.stages} size {args.size} nb {args.neighbourhood} bank {args.bank}")
-    for text in args.variants.split(","):
-        name, _, param = text.partition(":")
-        started = time.perf_counter()
-        scores = VARIANTS[name](feats, args.bank, param)
-        evaluate(text, scores, labels, args.rate)
-        log.info("  (%.1f s)", time.perf_counter() - started)
+    for seed in (int(s) for s in args.seeds.split(",")):
+        use_seed(seed)
+        for text in args.variants.split(","):
+            name, _, param = text.partition(":")
+            started = time.perf_counter()
+            scores = VARIANTS[name](feats, args.bank, param)
+            evaluate(f"{text} seed {seed}", scores, labels, args.rate)
+            log.info("  (%.1f s)", time.perf_counter() - started)
 
 
 if __name__ == "__main__":

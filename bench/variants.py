@@ -7,18 +7,30 @@ import math
 import numpy as np
 import torch
 from patchcore_sweep import coreset, flat, grid_positions, nearest
+from scipy.stats import spearmanr
+from sklearn.covariance import LedoitWolf
 
 SCORED = ("calibration", "test")
 
 
-_BANKS: dict[tuple[int, int], torch.Tensor] = {}
+_BANKS: dict[tuple[int, int, int], torch.Tensor] = {}
+_SEED = {"coreset": 0}  # set by patchcore_sweep.py --seeds through use_seed()
+
+
+def use_seed(seed: int) -> None:
+    """Seed every coreset the variants pick from now on (the projection and the first centre)."""
+    _SEED["coreset"] = seed
+
+
+def _coreset(patches: torch.Tensor, size: int) -> torch.Tensor:
+    return coreset(patches, size, seed=_SEED["coreset"])
 
 
 def _global_bank(feats, bank_size: int) -> torch.Tensor:
-    key = (id(feats["train"][0]), bank_size)
+    key = (id(feats["train"][0]), bank_size, _SEED["coreset"])
     if key not in _BANKS:
         patches = flat(feats["train"][0])
-        _BANKS[key] = patches[coreset(patches, bank_size)].clone()
+        _BANKS[key] = patches[_coreset(patches, bank_size)].clone()
     return _BANKS[key]
 
 
@@ -97,7 +109,7 @@ def position(feats, bank_size, param):
             region = train[:, :, br * block : (br + 1) * block, bc * block : (bc + 1) * block]
             patches = flat(region)
             pos = grid_positions(n_train, region.shape[2], region.shape[3]) + torch.tensor([br * block, bc * block])
-            chosen = coreset(patches, per_block)
+            chosen = _coreset(patches, per_block)
             entries.append(patches[chosen])
             positions.append(pos[chosen])
     bank, bank_pos = torch.cat(entries), torch.cat(positions)
@@ -125,7 +137,7 @@ def posfeat(feats, bank_size, param):
         return torch.cat([features, rows, cols], 1)
 
     augmented = flat(with_pos(train))
-    bank = augmented[coreset(augmented, bank_size)].clone()
+    bank = augmented[_coreset(augmented, bank_size)].clone()
     return {s: nearest(with_pos(feats[s][0]), bank)[0][..., 0].amax(1).numpy() for s in SCORED}
 
 
@@ -151,10 +163,10 @@ def padim(feats, bank_size, param):
 
 def _flip_bank(feats, bank_size: int) -> torch.Tensor:
     """One coreset of bank_size over the training patches of each image and its mirror image."""
-    key = (id(feats["train_flip"][0]), bank_size)
+    key = (id(feats["train_flip"][0]), bank_size, _SEED["coreset"])
     if key not in _BANKS:
         patches = torch.cat([flat(feats["train"][0]), flat(feats["train_flip"][0])])
-        _BANKS[key] = patches[coreset(patches, bank_size)].clone()
+        _BANKS[key] = patches[_coreset(patches, bank_size)].clone()
     return _BANKS[key]
 
 
@@ -181,7 +193,53 @@ def flipbank(feats, bank_size, param):
     return _combined(feats, _flip_bank(feats, bank_size), param or "none")
 
 
+def _stages(param: str) -> list[int]:
+    """'345' -> [3, 4, 5]; empty -> every pooled stage."""
+    return [int(c) for c in param] if param else [2, 3, 4, 5]
+
+
+def _gauss(feats, stages: list[int]) -> dict[str, np.ndarray]:
+    """Sum over stages of the Mahalanobis distance to a Ledoit-Wolf Gaussian of the train pooled features."""
+    out = {s: np.zeros(len(feats[s][1])) for s in SCORED}
+    for stage in stages:
+        pooled = feats["pooled"][stage]
+        model = LedoitWolf().fit(pooled["train"])
+        for s in SCORED:
+            out[s] += np.sqrt(model.mahalanobis(pooled[s]))  # sklearn returns squared distances
+    return out
+
+
+def gauss(feats, bank_size, param):
+    """Rippel et al. 2020: global-average-pooled stage features, one Ledoit-Wolf Gaussian per stage; param stages."""
+    return _gauss(feats, _stages(param))
+
+
+def _z(scores: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Scores normalised by the calibration-good scores' mean and std (as bench/ensemble_scores.py)."""
+    good = scores["calibration"][labels == 0]
+    return {s: (v - good.mean()) / (good.std() + 1e-12) for s, v in scores.items()}
+
+
+def ensemble(feats, bank_size, param):
+    """Today's PatchCore + weight x the Gaussian (param STAGES[:WEIGHT]), each z-normalised; prints correlations."""
+    stages_text, _, weight_text = param.partition(":")
+    weight = float(weight_text or 1.0)
+    labels = feats["calibration"][1]
+    patchcore = _z(global_max(feats, bank_size, ""), labels)
+    gaussian = _z(_gauss(feats, _stages(stages_text)), labels)
+    cal = (patchcore["calibration"], gaussian["calibration"])
+    print(
+        f"  correlation on calibration: pearson {np.corrcoef(*cal)[0, 1]:.3f}, spearman {spearmanr(*cal)[0]:.3f}; "
+        f"good only {np.corrcoef(*(c[labels == 0] for c in cal))[0, 1]:.3f}, "
+        f"defect only {np.corrcoef(*(c[labels == 1] for c in cal))[0, 1]:.3f}",
+        flush=True,
+    )
+    return {s: patchcore[s] + weight * gaussian[s] for s in SCORED}
+
+
 VARIANTS = {
+    "gauss": gauss,
+    "ensemble": ensemble,
     "fliptta": fliptta,
     "flipbank": flipbank,
     "global": global_max,
