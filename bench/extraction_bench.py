@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from lineguard.trainer.data import discover_dataset, load_images
-from lineguard.trainer.models.base import in_batches
 from lineguard.trainer.models.patchcore import PatchCoreConfig, PatchEmbedder
 from lineguard.trainer.onnx_features import extract_features
 
@@ -31,7 +30,8 @@ def main() -> None:
     images = load_images(good, height=args.image_size, width=args.image_size, channels=1)
     embedder = PatchEmbedder(PatchCoreConfig(input_height=args.image_size, input_width=args.image_size, channels=1))
     started = time.perf_counter()
-    eager = torch.cat(in_batches(embedder, images))
+    with torch.inference_mode():  # torch eager mode, batches of 16 as the trainer used to run it
+        eager = torch.cat([embedder(torch.from_numpy(images[i : i + 16])) for i in range(0, len(images), 16)])
     eager_s = time.perf_counter() - started
     started = time.perf_counter()
     onnx = extract_features(embedder, images)

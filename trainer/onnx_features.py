@@ -1,6 +1,7 @@
-"""Training-time feature extraction in ONNX Runtime: the same frozen module, about twice as fast as torch eager on a CPU.
+"""Training-time feature extraction in ONNX Runtime: the same frozen module, faster than torch eager on a CPU.
 
-Fitting a PatchCore is mostly one forward pass of the frozen backbone over every training image.
+Fitting a PatchCore is mostly one forward pass of the frozen backbone over every training image;
+FCDD and FastFlow also extract their frozen features once before training their heads.
 ONNX Runtime runs that graph faster than torch's eager mode on a CPU (fused convolutions, no
 Python per layer), so the module is exported once to a temporary file and run there. The
 features differ from torch's only by float32 rounding (checked in tests/trainer/test_onnx_features.py);
@@ -10,6 +11,7 @@ the exported model is still checked for parity against torch at `export`.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 import warnings
@@ -51,6 +53,31 @@ def extract_features(
         ]
     log.info("features of %d images in %.1f s (ONNX Runtime)", len(images), time.perf_counter() - started)
     return torch.from_numpy(np.concatenate(chunks))
+
+
+def extract_feature_maps(
+    module: nn.Module, images: np.ndarray, *, batch_size: int = 16, progress: bool = False
+) -> list[torch.Tensor]:
+    """Like extract_features, for a module returning several tensors (one per backbone stage): one (N, ...) each."""
+    if images.ndim != 4 or images.dtype != np.uint8 or len(images) == 0:
+        msg = f"feature extraction needs a non-empty (N, H, W, C) uint8 array, got {images.shape} {images.dtype}"
+        raise ModelError(msg)
+    with torch.inference_mode():
+        shapes = [tuple(output.shape[1:]) for output in module.eval()(torch.from_numpy(images[:1]))]
+    flat = extract_features(_Concatenated(module), images, batch_size=batch_size, progress=progress)
+    parts = torch.split(flat, [math.prod(shape) for shape in shapes], dim=1)
+    return [part.reshape(len(images), *shape) for part, shape in zip(parts, shapes, strict=True)]
+
+
+class _Concatenated(nn.Module):
+    """A module's several (N, ...) outputs as one (N, total) tensor: the one output extract_features runs."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([output.flatten(1) for output in self.module(images)], dim=1)
 
 
 def _export(module: nn.Module, example: np.ndarray, path: Path) -> Path:

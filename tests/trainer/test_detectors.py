@@ -23,6 +23,7 @@ from lineguard.trainer.models.fastflow import AffineCoupling, FastFlow, FastFlow
 from lineguard.trainer.models.fcdd import (
     Fcdd,
     FcddConfig,
+    build_fcdd,
     fit_fcdd,
     hsc_loss,
     pixel_hsc_loss,
@@ -105,6 +106,30 @@ def test_receptive_field_upsampling_is_centred_and_keeps_a_flat_map_flat(fitted)
     heat = model.upsample(spot)[0, 0]
     y, x = np.unravel_index(int(heat.argmax()), heat.shape)
     assert 3 * 8 <= y < 4 * 8 and 4 * 8 <= x < 5 * 8  # the cell's own pixels are hottest
+
+
+def test_the_separable_upsampling_is_the_two_dimensional_gaussian_transposed_convolution(fitted):
+    model: Fcdd = fitted["fcdd"]
+    taps, padding = receptive_upsampling_kernel(model.config.stride, model.config.upsample_sigma)
+    kernel = (taps[:, None] * taps[None, :]).view(1, 1, len(taps), len(taps))
+    cells = torch.rand(3, 1, 6, 9, generator=torch.Generator().manual_seed(0))
+    stride = model.config.stride
+
+    def spread(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv_transpose2d(x, kernel, stride=stride, padding=padding)
+
+    np.testing.assert_allclose(
+        model.upsample(cells).numpy(), (spread(cells) / spread(torch.ones_like(cells))).numpy(), rtol=1e-5
+    )
+
+
+def test_an_fcdd_saved_with_its_two_dimensional_upsampling_kernel_still_loads(fitted):
+    model: Fcdd = fitted["fcdd"]
+    taps, _ = receptive_upsampling_kernel(model.config.stride, model.config.upsample_sigma)
+    old_state = {**model.state_dict(), "upsample_kernel": (taps[:, None] * taps[None, :]).view(1, 1, len(taps), -1)}
+    loaded = build_fcdd(model.config, old_state)
+    images = torch.from_numpy(gravel_crops(2, seed=8))
+    np.testing.assert_array_equal(model(images)[0].detach().numpy(), loaded(images)[0].detach().numpy())
 
 
 def test_early_stopping_keeps_the_best_epoch_breaks_ties_by_loss_and_stops_after_patience():

@@ -133,14 +133,6 @@ def restored(model: ModuleT, state: dict[str, torch.Tensor]) -> ModuleT:
     return model.eval()
 
 
-def in_batches(run: Callable[[torch.Tensor], Any], images: np.ndarray, batch_size: int = 16) -> list[Any]:
-    """run(batch) for each batch of (N, H, W, C) uint8 images, without autograd: feature extraction at fit time."""
-    with torch.inference_mode():
-        return [
-            run(torch.from_numpy(images[start : start + batch_size])) for start in range(0, len(images), batch_size)
-        ]
-
-
 class BestWeights:
     """Early stopping: keeps the weights with the best validation metric, stops after `patience` epochs without gain.
 

@@ -21,11 +21,11 @@ from torch import nn
 
 from ..backbone import EfficientNetLiteFeatures
 from ..errors import ModelError
+from ..onnx_features import extract_feature_maps
 from .base import (
     ModelKind,
     TrainingImages,
     check_training_size,
-    in_batches,
     input_problems,
     restored,
     schedule_problems,
@@ -189,10 +189,20 @@ class FastFlow(nn.Module):
         return mean_of_hottest(anomaly_map, self.score_pixels), anomaly_map[:, 0]
 
 
-def _extract(model: FastFlow, images: np.ndarray, batch_size: int = 16) -> list[torch.Tensor]:
+class _RawFeatures(nn.Module):
+    """The frozen part of a FastFlow as a module of its own, so ONNX Runtime can run it at fit time."""
+
+    def __init__(self, model: FastFlow) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.model.features(self.model.input(images))
+
+
+def _extract(model: FastFlow, images: np.ndarray, *, progress: bool = False) -> list[torch.Tensor]:
     """Raw (unstandardised) backbone features of all images, one (N, C, h, w) tensor per stage."""
-    chunks = in_batches(lambda batch: model.features(model.input(batch)), images, batch_size)
-    return [torch.cat(stage) for stage in zip(*chunks, strict=True)]
+    return extract_feature_maps(_RawFeatures(model), images, progress=progress)
 
 
 def fit_fastflow(config: FastFlowConfig, images: TrainingImages, *, progress: bool = False) -> FastFlow:
@@ -203,10 +213,14 @@ def fit_fastflow(config: FastFlowConfig, images: TrainingImages, *, progress: bo
     check_training_size(config, images)
     torch.manual_seed(config.seed)
     model = FastFlow(config)
-    train_features = _extract(model, images.good)
+    train_features = _extract(model, images.good, progress=progress)
     model.set_feature_statistics(train_features)
     train_features = model.standardise(train_features)
-    validation = model.standardise(_extract(model, images.validation)) if images.validation is not None else None
+    validation = (
+        model.standardise(_extract(model, images.validation, progress=progress))
+        if images.validation is not None
+        else None
+    )
 
     def batch_loss(batch: torch.Tensor, _: torch.Generator) -> torch.Tensor:
         return torch.stack([m.mean() for m in model.stage_nll([f[batch] for f in train_features])]).mean()

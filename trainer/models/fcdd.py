@@ -7,8 +7,9 @@ are synthetic (confetti noise of blobs and thin strokes, outlier exposure), whos
 map cell; and, when the train split holds them, a few labelled defects (semi-supervised) with
 the image-level loss, since their masks are usually missing. The low-resolution map is upsampled with a fixed
 Gaussian transposed convolution whose kernel spans a cell's receptive field (the paper's
-receptive-field upsampling), normalised so borders are not darkened. Fully convolutional, so
-the graph scores any input size that is a multiple of 32.
+receptive-field upsampling), normalised so borders are not darkened; the kernel is separable, so it
+runs as two 1-D passes. Fully convolutional, so the graph scores any input size that is a multiple of 32.
+The frozen backbone's features are extracted once per fit, in ONNX Runtime (trainer/onnx_features.py).
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from torch import nn
 
 from ..backbone import EfficientNetLiteFeatures
 from ..errors import ModelError
+from ..onnx_features import extract_features
 from .base import (
     ModelKind,
     TrainingImages,
     check_training_size,
-    in_batches,
     input_problems,
     restored,
     schedule_problems,
@@ -97,9 +98,12 @@ class Fcdd(nn.Module):
     """
 
     config: FcddConfig
-    feature_mean: torch.Tensor  # buffers: (1, C, 1, 1), (1, C, 1, 1), (1, 1, K, K)
+    feature_mean: (
+        torch.Tensor
+    )  # buffers: (1, C, 1, 1), (1, C, 1, 1); derived from the config: (1, 1, K, 1), (1, 1, 1, K)
     feature_inv_std: torch.Tensor
-    upsample_kernel: torch.Tensor
+    upsample_rows: torch.Tensor
+    upsample_columns: torch.Tensor
 
     def __init__(self, config: FcddConfig) -> None:
         super().__init__()
@@ -115,7 +119,9 @@ class Fcdd(nn.Module):
             nn.Conv2d(config.head_channels, 1, 1),
         )
         taps, self.upsample_padding = receptive_upsampling_kernel(config.stride, config.upsample_sigma)
-        self.register_buffer("upsample_kernel", (taps[:, None] * taps[None, :]).view(1, 1, len(taps), len(taps)))
+        # The 2-D kernel is taps x taps: two 1-D passes (2K taps per cell instead of K^2), not saved with the weights.
+        self.register_buffer("upsample_rows", taps.view(1, 1, -1, 1), persistent=False)
+        self.register_buffer("upsample_columns", taps.view(1, 1, 1, -1), persistent=False)
         self.score_pixels = hottest_pixels(config.input_height, config.input_width, config.score_fraction)
         self.eval()
 
@@ -136,10 +142,13 @@ class Fcdd(nn.Module):
 
     def upsample(self, distances: torch.Tensor) -> torch.Tensor:
         """(N, 1, h, w) -> (N, 1, h * stride, w * stride) by the Gaussian transposed convolution, border-normalised."""
+        return self._spread(distances) / self._spread(torch.ones_like(distances))
+
+    def _spread(self, cells: torch.Tensor) -> torch.Tensor:
+        """The Gaussian transposed convolution, rows then columns."""
         stride, padding = self.config.stride, self.upsample_padding
-        spread = F.conv_transpose2d(distances, self.upsample_kernel, stride=stride, padding=padding)
-        weight = F.conv_transpose2d(torch.ones_like(distances), self.upsample_kernel, stride=stride, padding=padding)
-        return spread / weight
+        rows = F.conv_transpose2d(cells, self.upsample_rows, stride=(stride, 1), padding=(padding, 0))
+        return F.conv_transpose2d(rows, self.upsample_columns, stride=(1, stride), padding=(0, padding))
 
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
         """Raw stacked features -> (N,) image scores, as forward scores frames."""
@@ -174,8 +183,23 @@ def pixel_hsc_loss(distances: torch.Tensor, cell_labels: torch.Tensor) -> torch.
     return normal_term + anomalous_term
 
 
-def _extract(model: Fcdd, images: np.ndarray, batch_size: int = 16) -> torch.Tensor:
-    return torch.cat(in_batches(model.stacked_features, images, batch_size))
+class _StackedFeatures(nn.Module):
+    """The frozen part of an FCDD as a module of its own, so ONNX Runtime can run it at fit time."""
+
+    def __init__(self, model: Fcdd) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.stacked_features(images)
+
+
+def _extract(model: Fcdd, *image_sets: np.ndarray | None, progress: bool) -> list[torch.Tensor | None]:
+    """Stacked raw features of each image set (None stays None), from one ONNX Runtime session."""
+    present = [images for images in image_sets if images is not None]
+    features = extract_features(_StackedFeatures(model), np.concatenate(present), progress=progress)
+    parts = iter(torch.split(features, [len(images) for images in present]))
+    return [None if images is None else next(parts) for images in image_sets]
 
 
 def fit_fcdd(config: FcddConfig, images: TrainingImages, *, progress: bool = False) -> Fcdd:
@@ -187,16 +211,17 @@ def fit_fcdd(config: FcddConfig, images: TrainingImages, *, progress: bool = Fal
     check_training_size(config, images)
     torch.manual_seed(config.seed)
     model = Fcdd(config)
-    good = _extract(model, images.good)
-    model.feature_mean.copy_(good.mean(dim=(0, 2, 3), keepdim=True))
-    model.feature_inv_std.copy_(1.0 / good.std(dim=(0, 2, 3), keepdim=True).clamp(min=1e-6))
     n_synthetic = max(1, round(config.outliers_per_image * len(images.good)))
     synthetic, masks = confetti_images(images.good, n_synthetic, seed=config.seed)
-    features = torch.cat([good, _extract(model, synthetic)])
+    good, outliers, defects, validation = _extract(
+        model, images.good, synthetic, images.defects, images.validation, progress=progress
+    )
+    assert good is not None and outliers is not None
+    model.feature_mean.copy_(good.mean(dim=(0, 2, 3), keepdim=True))
+    model.feature_inv_std.copy_(1.0 / good.std(dim=(0, 2, 3), keepdim=True).clamp(min=1e-6))
+    features = torch.cat([good, outliers])
     cell_masks = F.avg_pool2d(torch.from_numpy(masks)[:, None], config.stride)
     cell_labels = torch.cat([torch.zeros(len(good), *cell_masks.shape[1:]), cell_masks])
-    defects = _extract(model, images.defects) if images.defects is not None else None
-    validation = _extract(model, images.validation) if images.validation is not None else None
 
     def batch_loss(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         loss = pixel_hsc_loss(model.distances(features[batch]), cell_labels[batch])
@@ -226,6 +251,8 @@ def fit_fcdd(config: FcddConfig, images: TrainingImages, *, progress: bool = Fal
 
 def build_fcdd(config: FcddConfig, state: dict[str, torch.Tensor]) -> Fcdd:
     """Rebuild a fitted FCDD from its config and state dict."""
+    # Models saved before the upsampling became separable also hold its 2-D kernel, which the config defines.
+    state = {name: value for name, value in state.items() if name != "upsample_kernel"}
     return restored(Fcdd(config), state)
 
 
