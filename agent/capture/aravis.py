@@ -387,13 +387,25 @@ class AravisSource:
             return FrameInfo(ok=False, t_capture_ns=t_capture_ns, camera_frame_id=-1, reason=reason)
         frame_id = buffer.get_frame_id()
         missed = self._ids.good(frame_id)
+        camera_ns = buffer.get_timestamp() or -1  # ns on the camera's clock; 0: the camera sent none
         size = (buffer.get_image_width(), buffer.get_image_height())
         if size != (self.width, self.height):
             reason = f"frame is {size[0]}x{size[1]}, expected {self.width}x{self.height}"
             return FrameInfo(
-                ok=False, t_capture_ns=t_capture_ns, camera_frame_id=frame_id, reason=reason, missed_before=missed
+                ok=False,
+                t_capture_ns=t_capture_ns,
+                camera_frame_id=frame_id,
+                reason=reason,
+                missed_before=missed,
+                camera_timestamp_ns=camera_ns,
             )
-        return FrameInfo(ok=True, t_capture_ns=t_capture_ns, camera_frame_id=frame_id, missed_before=missed)
+        return FrameInfo(
+            ok=True,
+            t_capture_ns=t_capture_ns,
+            camera_frame_id=frame_id,
+            missed_before=missed,
+            camera_timestamp_ns=camera_ns,
+        )
 
     def close(self) -> None:
         """Stop acquisition and release the camera; a lost camera is released in the background."""

@@ -38,6 +38,8 @@ class FrameInfo:
     t_capture_ns: time.monotonic_ns() when the frame was delivered (or the camera's receive time mapped to it).
     camera_frame_id: the camera's own frame counter; replay sources count frames from 0; -1 when unknown.
     missed_before: frames the camera says were lost right before this one (frame-id gap); each needs a failsafe.
+    camera_timestamp_ns: the camera's own clock for this frame (GigE Vision: the stream leader's timestamp),
+        -1 where the source has none (replays, V4L2, RTSP).
     """
 
     ok: bool
@@ -45,6 +47,7 @@ class FrameInfo:
     camera_frame_id: int
     reason: str = ""
     missed_before: int = 0
+    camera_timestamp_ns: int = -1
 
 
 class FrameSource(Protocol):

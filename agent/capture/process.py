@@ -111,6 +111,7 @@ class CaptureLoop:
                 width=self.source.width,
                 channels=self.source.channels,
                 camera_frame_id=info.camera_frame_id,
+                camera_timestamp_ns=info.camera_timestamp_ns,
             )
             self.link.send(ready)
             self.to_engine.send(ready)  # if the engine is away, decision fails the frame at its deadline
@@ -125,6 +126,7 @@ class CaptureLoop:
             reason=reason,
             cause=cause,
             camera_frame_id=info.camera_frame_id if frame_id is None else frame_id,
+            camera_timestamp_ns=info.camera_timestamp_ns if frame_id is None else -1,
         )
         self.link.send(failed)
 

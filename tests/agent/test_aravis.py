@@ -69,7 +69,7 @@ def test_mono8_frames_match_the_fake_camera_pattern_byte_for_byte(fake_camera):
         assert isinstance(source, AravisSource)
         assert (source.height, source.width, source.channels) == (H, W, 1)
         out = np.empty((H, W, 1), np.uint8)
-        frame_ids, not_ok = [], 0
+        frame_ids, camera_times, not_ok = [], [], 0
         for _ in range(50):
             before = time.monotonic_ns()
             info = source.read_into(out, timeout_s=2.0)
@@ -82,8 +82,13 @@ def test_mono8_frames_match_the_fake_camera_pattern_byte_for_byte(fake_camera):
                 f"frame {info.camera_frame_id} is not its pattern"
             )
             frame_ids.append(info.camera_frame_id)
+            camera_times.append(info.camera_timestamp_ns)
     assert not_ok <= 2
     assert all(frame_id_gap(a, b) < 5 and a != b for a, b in itertools.pairwise(frame_ids))
+    # The camera's own clock rides along (a PLC pairs it with its encoder): rising, about 40 ms apart at 25 fps.
+    assert min(camera_times) > 0, camera_times
+    gaps_ms = [(b - a) / 1e6 for a, b in itertools.pairwise(camera_times)]
+    assert all(0 < gap < 1000 for gap in gaps_ms), gaps_ms
 
 
 def test_rgb8_frames_arrive_with_three_channels(fake_camera):

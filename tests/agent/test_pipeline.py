@@ -291,6 +291,11 @@ def test_a_real_gige_stream_gets_one_verdict_per_frame(
     assert seqs == list(range(seqs[0], seqs[-1] + 1)) and len(seqs) == len(set(seqs))
     scored = [v for v in received if v.verdict != "failsafe"]
     assert len(scored) >= 0.9 * len(received), {v.reason for v in received if v.verdict == "failsafe"}
+    # Each scored verdict carries the camera's own frame id and clock, rising with seq (10 fps: ~100 ms apart).
+    by_seq = sorted(scored, key=lambda v: v.seq)
+    assert all(v.camera_frame_id >= 0 and v.camera_timestamp_ns is not None for v in by_seq), by_seq[0]
+    gaps_ms = [(b.camera_timestamp_ns - a.camera_timestamp_ns) / 1e6 for a, b in itertools.pairwise(by_seq)]
+    assert all(0 < gap < 2000 for gap in gaps_ms), gaps_ms
 
 
 def agent_cli(*args: str) -> subprocess.CompletedProcess:
