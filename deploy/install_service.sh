@@ -1,36 +1,40 @@
 #!/usr/bin/env bash
-# Install lineguard-agent as a systemd service on a line machine. Safe to run again (after an upgrade, say):
-# every step is skipped when already done, and an existing configuration is never overwritten.
+# Install a Lineguard service under systemd on a line machine: the agent (default), the reject actuator or the
+# line dashboard. Safe to run again (after an upgrade, say): every step is skipped when already done, and an
+# existing configuration is never overwritten.
 #
-#   sudo deploy/install_service.sh [--prefix DIR] [--dry-run]
+#   sudo deploy/install_service.sh [--service agent|actuator|ui] [--prefix DIR] [--dry-run]
 #
-#   --prefix DIR  where Lineguard is installed: the service runs DIR/.venv/bin/lineguard-agent
+#   --service S   which service: agent (lineguard-agent, the default), actuator (lineguard-actuator) or
+#                 ui (lineguard-ui); run the script once per service the machine runs
+#   --prefix DIR  where Lineguard is installed: the service runs DIR/.venv/bin/lineguard-S
 #                 (default /opt/lineguard; the unit's ExecStart= is rewritten to match)
 #   --dry-run     print what would be done and change nothing (needs no root)
 #
 # Steps:
-#   1. system user and group `lineguard` (home /var/lib/lineguard, no login shell), member of group video
-#      (USB cameras; the unit also grants video itself, this is for running check-config as the user)
-#   2. /etc/lineguard (root:lineguard 0750) with agent.toml (0640) and agent.env (root only, 0600) copied
-#      from systemd/agent.toml.example and systemd/agent.env.example if they are missing
-#   3. /var/lib/lineguard (lineguard, 0750): the model store, so a bundle can be put there before the first start
-#   4. /etc/systemd/system/lineguard-agent.service, then `systemctl daemon-reload` and `systemctl enable`;
+#   1. agent and actuator: system user and group `lineguard` (home /var/lib/lineguard, no login shell), member
+#      of group video (USB cameras; the unit also grants video itself, this is for running check-config as the
+#      user). The dashboard runs as a dynamic user and needs none.
+#   2. /etc/lineguard (root:lineguard 0750) with S.toml and S.env (root only, 0600) copied from
+#      systemd/S.toml.example and systemd/S.env.example where those exist and the files are missing; S.toml is
+#      root:lineguard 0640, except the dashboard's (root 0600: systemd hands it over as a credential)
+#   3. agent: /var/lib/lineguard (lineguard, 0750): the model store, so a bundle can be put there before the
+#      first start
+#   4. /etc/systemd/system/lineguard-S.service, then `systemctl daemon-reload` and `systemctl enable`;
 #      the two systemctl calls are skipped, with a message, where systemd is not PID 1 (a container)
-# It does not start the agent: that needs a bundle and the trainer's public key first (systemd/README.md).
+# It does not start the service: the agent needs a bundle and the trainer's public key first, the others their
+# broker settings (systemd/README.md).
 # Exit codes: 0 done, 2 bad arguments or not root, 1 a step failed (the message above it says which).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-UNIT_NAME=lineguard-agent.service
-UNIT_TEMPLATE=$REPO/systemd/$UNIT_NAME
-# The command as the unit in the repository names it; --prefix replaces its directory.
-TEMPLATE_EXEC=/opt/lineguard/.venv/bin/lineguard-agent
 UNIT_DIR=/etc/systemd/system
 CONFIG_DIR=/etc/lineguard
 STATE_DIR=/var/lib/lineguard
 SERVICE_USER=lineguard
 CAMERA_GROUP=video
 
+SERVICE=agent
 PREFIX=/opt/lineguard
 DRY_RUN=0
 
@@ -62,6 +66,12 @@ parse_arguments() {
                 shift 2
                 ;;
             --prefix=*) PREFIX=${1#--prefix=}; shift ;;
+            --service)
+                [ $# -ge 2 ] || fail "--service needs a name: agent, actuator or ui" 2
+                SERVICE=$2
+                shift 2
+                ;;
+            --service=*) SERVICE=${1#--service=}; shift ;;
             --dry-run) DRY_RUN=1; shift ;;
             -h | --help) usage; exit 0 ;;
             *) fail "unknown argument '$1'; see --help" 2 ;;
@@ -71,6 +81,16 @@ parse_arguments() {
     # The prefix lands in ExecStart= unquoted and in a sed expression: keep it to plain path characters.
     [[ $PREFIX =~ ^/[A-Za-z0-9._/-]*$ ]] ||
         fail "--prefix must be an absolute path of letters, digits and ._-/ (got '$PREFIX')" 2
+    case "$SERVICE" in
+        # SERVICE_ACCOUNT: runs as user lineguard (else a dynamic user); CONFIG_MODE/GROUP: its S.toml.
+        agent | actuator) SERVICE_ACCOUNT=1; CONFIG_MODE=0640; CONFIG_GROUP=$SERVICE_USER ;;
+        ui) SERVICE_ACCOUNT=0; CONFIG_MODE=0600; CONFIG_GROUP=root ;;
+        *) fail "--service must be agent, actuator or ui (got '$SERVICE')" 2 ;;
+    esac
+    UNIT_NAME=lineguard-$SERVICE.service
+    UNIT_TEMPLATE=$REPO/systemd/$UNIT_NAME
+    # The command as the unit in the repository names it; --prefix replaces its directory.
+    TEMPLATE_EXEC=/opt/lineguard/.venv/bin/lineguard-$SERVICE
     if [ "$DRY_RUN" -eq 0 ] && [ "$(id -u)" -ne 0 ]; then
         fail "run it as root (sudo $0 ...), or add --dry-run to see what it would do" 2
     fi
@@ -111,16 +131,27 @@ install_if_missing() {
 }
 
 ensure_directories() {
-    say "directory $CONFIG_DIR (root:$SERVICE_USER 0750)"
-    run install -d -m 0750 -o root -g "$SERVICE_USER" "$CONFIG_DIR"
-    install_if_missing "$REPO/systemd/agent.toml.example" "$CONFIG_DIR/agent.toml" 0640 root "$SERVICE_USER"
-    install_if_missing "$REPO/systemd/agent.env.example" "$CONFIG_DIR/agent.env" 0600 root root
-    say "directory $STATE_DIR ($SERVICE_USER:$SERVICE_USER 0750, the model store)"
-    run install -d -m 0750 -o "$SERVICE_USER" -g "$SERVICE_USER" "$STATE_DIR"
+    if [ "$SERVICE_ACCOUNT" -eq 1 ]; then
+        say "directory $CONFIG_DIR (root:$SERVICE_USER 0750)"
+        run install -d -m 0750 -o root -g "$SERVICE_USER" "$CONFIG_DIR"
+    elif [ -d "$CONFIG_DIR" ]; then
+        say "directory $CONFIG_DIR exists: kept as it is (the dashboard's files reach it as credentials)"
+    else
+        say "directory $CONFIG_DIR (root 0750)"
+        run install -d -m 0750 -o root -g root "$CONFIG_DIR"
+    fi
+    install_if_missing "$REPO/systemd/$SERVICE.toml.example" "$CONFIG_DIR/$SERVICE.toml" "$CONFIG_MODE" root "$CONFIG_GROUP"
+    if [ -f "$REPO/systemd/$SERVICE.env.example" ]; then
+        install_if_missing "$REPO/systemd/$SERVICE.env.example" "$CONFIG_DIR/$SERVICE.env" 0600 root root
+    fi
+    if [ "$SERVICE" = agent ]; then
+        say "directory $STATE_DIR ($SERVICE_USER:$SERVICE_USER 0750, the model store)"
+        run install -d -m 0750 -o "$SERVICE_USER" -g "$SERVICE_USER" "$STATE_DIR"
+    fi
 }
 
 install_unit() {
-    local exec_path=$PREFIX/.venv/bin/lineguard-agent
+    local exec_path=$PREFIX/.venv/bin/lineguard-$SERVICE
     local target=$UNIT_DIR/$UNIT_NAME
     local rendered
     rendered=$(sed "s#^ExecStart=$TEMPLATE_EXEC #ExecStart=$exec_path #" "$UNIT_TEMPLATE")
@@ -154,14 +185,19 @@ enable_unit() {
 main() {
     parse_arguments "$@"
     [ "$DRY_RUN" -eq 0 ] || say "dry run: nothing is changed"
-    ensure_user
+    [ "$SERVICE_ACCOUNT" -eq 0 ] || ensure_user
     ensure_directories
     install_unit
     enable_unit
-    [ -f "$CONFIG_DIR/trainer.pub" ] ||
-        say "next: copy the trainer's public key to $CONFIG_DIR/trainer.pub (lineguard-train keygen wrote it)"
-    say "next: put a bundle at $STATE_DIR/models/active, edit $CONFIG_DIR/agent.toml (and agent.env), check it with"
-    say "  sudo -u $SERVICE_USER $PREFIX/.venv/bin/lineguard-agent check-config --config $CONFIG_DIR/agent.toml"
+    local check_as="sudo -u $SERVICE_USER"
+    if [ "$SERVICE" = agent ]; then
+        [ -f "$CONFIG_DIR/trainer.pub" ] ||
+            say "next: copy the trainer's public key to $CONFIG_DIR/trainer.pub (lineguard-train keygen wrote it)"
+        say "next: put a bundle at $STATE_DIR/models/active"
+    fi
+    [ "$SERVICE_ACCOUNT" -eq 1 ] || check_as=sudo
+    say "next: edit $CONFIG_DIR/$SERVICE.toml (and $SERVICE.env if it has secrets), check it with"
+    say "  $check_as $PREFIX/.venv/bin/lineguard-$SERVICE check-config --config $CONFIG_DIR/$SERVICE.toml"
     say "then: sudo systemctl start $UNIT_NAME && journalctl -fu $UNIT_NAME"
 }
 

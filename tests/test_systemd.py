@@ -219,8 +219,32 @@ def test_install_script_dry_run_describes_the_unit_and_the_user_and_changes_noth
     assert [path.exists() for path in watched] == before
 
 
+@pytest.mark.parametrize(
+    ("service", "config_mode"),
+    [("agent", "0640, root:lineguard"), ("actuator", "0640, root:lineguard"), ("ui", "0600, root:root")],
+)
+def test_install_script_installs_each_service_with_its_unit_config_and_account(service, config_mode):
+    result = _run_install_script("--dry-run", "--service", service, "--prefix", "/srv/lg")
+    assert result.returncode == 0, result.stderr
+    unit = f"lineguard-{service}.service"
+    assert f"{unit} would be written" in result.stdout or "is up to date" in result.stdout
+    assert f"ExecStart=/srv/lg/.venv/bin/lineguard-{service} " in result.stdout
+    config = f"/etc/lineguard/{service}.toml"
+    assert f"installing {config} from systemd/{service}.toml.example (mode {config_mode})" in result.stdout or (
+        f"{config} exists" in result.stdout
+    )
+    # The dashboard runs as a dynamic user: no account, and its files reach it as credentials (root only).
+    assert ("useradd" in result.stdout or "user lineguard exists" in result.stdout) == (service != "ui")
+    assert ("directory /var/lib/lineguard " in result.stdout) == (service == "agent")  # the model store
+    assert f"lineguard-{service} check-config --config {config}" in result.stdout
+
+
 def test_install_script_refuses_an_unknown_argument_or_a_relative_prefix():
-    for arguments in (["--dry-run", "--frobnicate"], ["--dry-run", "--prefix", "opt/lineguard"]):
+    for arguments in (
+        ["--dry-run", "--frobnicate"],
+        ["--dry-run", "--prefix", "opt/lineguard"],
+        ["--dry-run", "--service", "camera"],
+    ):
         result = _run_install_script(*arguments)
         assert result.returncode == 2
         assert "error:" in result.stderr
@@ -268,7 +292,9 @@ def test_the_dashboard_unit_command_line_is_one_lineguard_ui_accepts():
     program, *arguments = shlex.split(exec_start.removeprefix("ExecStart="))
     args = ui_parser().parse_args(arguments)
     assert program == UI_INSTALLED_COMMAND
-    assert (args.command, args.config) == ("run", Path("/etc/lineguard/ui.toml"))
+    # The dynamic user cannot read /etc/lineguard (root:lineguard 0750): systemd hands the file over as root.
+    assert (args.command, args.config) == ("run", Path("%d/ui.toml"))
+    assert "\nLoadCredential=ui.toml:/etc/lineguard/ui.toml\n" in UI_UNIT.read_text()
 
 
 def test_the_dashboard_example_config_is_valid_and_uses_the_unit_directories(monkeypatch):
