@@ -109,6 +109,13 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     return 0 if answer.outcome == "accepted" else EXIT_REFUSED
 
 
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        msg = f"must be a whole number >= 1, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return int(text)
+
+
 def _cmd_rollout(args: argparse.Namespace) -> int:
     config = _config(args)
     options = RolloutOptions(
@@ -121,6 +128,7 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
         baseline_s=args.baseline,
         silence_s=args.silence,
         push_timeout_s=args.timeout,
+        parallel=args.parallel,
         state_path=args.state or default_state_path(),
         wait_s=args.wait,
         min_frames=args.min_frames,
@@ -283,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--baseline", type=float, default=10.0, metavar="S", help="listen before the first push")
     rollout.add_argument("--silence", type=float, default=15.0, metavar="S", help="no status this long = not answering")
     rollout.add_argument("--timeout", type=float, default=600.0, help="per push and per rollback, seconds")
+    rollout.add_argument(
+        "--parallel",
+        type=_at_least_one,
+        default=8,
+        metavar="N",
+        help="pushes of one wave in flight at once (default 8)",
+    )
     rollout.add_argument("--state", type=Path, help=f"state file (default {default_state_path()})")
     status = commands.add_parser("status", help="the fleet: agents, lines, cameras, models, back ends, fps, failsafes")
     status.add_argument("--agent")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from lineguard.agent.mqtt import MqttError
 from lineguard.agent.rollout.archive import read_model_id
 from lineguard.agent.rollout.wire import TransferError
-from lineguard.deploy.commands import PushRequest, push, rollback
+from lineguard.deploy.commands import PushOutcome, PushRequest, push, rollback
 from lineguard.deploy.config import DeployConfig
 from lineguard.deploy.fleet import FleetWatch, Rates, format_table, previous_model, serving
 from lineguard.deploy.plan import AbortRule, first_breach, parse_abort_rules, parse_waves, plan_waves, select
@@ -56,6 +57,7 @@ class RolloutOptions:
     state_path: Path
     wait_s: float  # collect retained statuses this long to see the fleet
     min_frames: int = 20  # abort rules judge an agent once it sent this many verdicts with the new model
+    parallel: int = 8  # pushes of one wave in flight at once
 
 
 Say = Callable[[str], None]
@@ -178,7 +180,13 @@ class _Driver:
             self.save()
 
     def push_wave(self) -> str:
-        """Push to every pending agent of the wave in turn; the reason to halt, "" when all took the bundle."""
+        """Push to the wave's pending agents, `options.parallel` at a time; the reason to halt, "" when all took it.
+
+        Pushes run in worker threads and only send and wait; their outcomes are recorded (and the state file
+        written) here, one at a time. After the first reason to halt no further push starts, and the ones in
+        flight are waited for, so every agent that may have taken the bundle is rolled back with its wave.
+        """
+        to_push = []
         for agent in self.state.waves[self.state.wave]:
             each = self.state.agents[agent]
             if each.outcome != "pending":
@@ -188,18 +196,40 @@ class _Driver:
                 each.outcome, each.serving, each.reason = "accepted", self.state.model, "already serving it"
                 self.save()
                 continue
-            halt = self.push_one(agent, each)
-            self.save()
-            if halt:
-                return halt
-        return ""
+            to_push.append(agent)
+        halt, lost_broker = "", None
+        with ThreadPoolExecutor(max_workers=max(1, self.options.parallel), thread_name_prefix="push") as pool:
+            running = {pool.submit(self.push_one, agent): agent for agent in to_push}
+            for done in as_completed(running):
+                agent = running[done]
+                try:
+                    outcome = done.result()
+                except (OSError, MqttError) as error:  # no broker: that agent stays pending, the rollout stops
+                    lost_broker, reason = lost_broker or error, f"{agent}: push not sent: {error}"
+                else:
+                    reason = self.record_push(agent, self.state.agents[agent], outcome)
+                    self.save()
+                if reason and not halt:
+                    halt = reason
+                    for waiting in running:
+                        waiting.cancel()  # not started yet: stays pending, skipped by the halt
+        if lost_broker is not None:
+            raise lost_broker  # as a single push's failure does; every answer that came is in the state file
+        return halt
 
-    def push_one(self, agent: str, each: AgentState) -> str:
+    def push_one(self, agent: str) -> PushOutcome | TransferError:
+        """One push, in a worker thread: the agent's answer, or the TransferError that says why there is none."""
         self.say(f"wave {self.state.wave + 1}: pushing {self.state.model} to {agent}")
         request = PushRequest(Path(self.state.bundle), agent, self.options.push_timeout_s)
         try:
-            outcome = push(self.config, self.key, request)
+            return push(self.config, self.key, request)
         except TransferError as error:
+            return error
+
+    def record_push(self, agent: str, each: AgentState, outcome: PushOutcome | TransferError) -> str:
+        """What a push did to `agent`'s state; the reason to halt, "" when it took the bundle within the rules."""
+        if isinstance(outcome, TransferError):
+            error = outcome
             if error.timed_out:  # it may have swapped without our hearing it: roll it back with its wave
                 each.outcome, each.reason = "accepted", f"no answer to the push: {error}"
                 return f"{agent} did not answer the push within {self.options.push_timeout_s:g} s"

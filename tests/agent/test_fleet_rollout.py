@@ -175,6 +175,11 @@ def test_a_refusal_in_the_second_wave_rolls_that_wave_back_and_the_canary_keeps_
 
     assert result.returncode == 2, result.stderr
     assert "is not meant for this agent" in result.stderr
+    # The two agents of wave 2 were pushed at once (--parallel, default 8): both pushes began before any answer.
+    lines = result.stderr.splitlines()
+    started = [i for i, line in enumerate(lines) if line.startswith(f"wave 2: pushing brick-test@4.0.0 to {BASE}-")]
+    answered = [i for i, line in enumerate(lines) if line.startswith(f"{BASE}-b: ") or "refused brick-test" in line]
+    assert len(started) == 2 and answered and max(started) < min(answered), result.stderr
     saved = json.loads(state.read_text())
     outcomes = {agent: each["outcome"] for agent, each in saved["agents"].items()}
     assert outcomes == {f"{BASE}-a": "soaked", f"{BASE}-b": "rolled-back", f"{BASE}-c": "refused"}
