@@ -98,9 +98,9 @@ class Fcdd(nn.Module):
     """
 
     config: FcddConfig
-    feature_mean: (
-        torch.Tensor
-    )  # buffers: (1, C, 1, 1), (1, C, 1, 1); derived from the config: (1, 1, K, 1), (1, 1, 1, K)
+    # Buffers: feature statistics (1, C, 1, 1) saved with the weights; the upsampling taps (1, 1, K, 1) and
+    # (1, 1, 1, K), derived from the config.
+    feature_mean: torch.Tensor
     feature_inv_std: torch.Tensor
     upsample_rows: torch.Tensor
     upsample_columns: torch.Tensor
