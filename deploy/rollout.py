@@ -13,6 +13,7 @@ soak, keep the new model. The state file (deploy/rollout_state.py) is rewritten 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -63,8 +64,14 @@ class RolloutOptions:
 Say = Callable[[str], None]
 
 
+_SAYING = threading.Lock()
+
+
 def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    """One whole line to stderr: the pushes of a wave report from several threads."""
+    with _SAYING:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
 
 def run_rollout(config: DeployConfig, key: Ed25519PrivateKey, options: RolloutOptions, say: Say = _stderr) -> int:
