@@ -389,20 +389,12 @@ class AravisSource:
         missed = self._ids.good(frame_id)
         camera_ns = buffer.get_timestamp() or -1  # ns on the camera's clock; 0: the camera sent none
         size = (buffer.get_image_width(), buffer.get_image_height())
-        if size != (self.width, self.height):
-            reason = f"frame is {size[0]}x{size[1]}, expected {self.width}x{self.height}"
-            return FrameInfo(
-                ok=False,
-                t_capture_ns=t_capture_ns,
-                camera_frame_id=frame_id,
-                reason=reason,
-                missed_before=missed,
-                camera_timestamp_ns=camera_ns,
-            )
+        wrong_size = size != (self.width, self.height)
         return FrameInfo(
-            ok=True,
+            ok=not wrong_size,
             t_capture_ns=t_capture_ns,
             camera_frame_id=frame_id,
+            reason=f"frame is {size[0]}x{size[1]}, expected {self.width}x{self.height}" if wrong_size else "",
             missed_before=missed,
             camera_timestamp_ns=camera_ns,
         )
