@@ -214,7 +214,7 @@ class _Driver:
                 except (OSError, MqttError) as error:  # no broker: that agent stays pending, the rollout stops
                     lost_broker, reason = lost_broker or error, f"{agent}: push not sent: {error}"
                 else:
-                    reason = self.record_push(agent, self.state.agents[agent], outcome)
+                    reason = self.record_push(agent, outcome)
                     self.save()
                 if reason and not halt:
                     halt = reason
@@ -233,8 +233,9 @@ class _Driver:
         except TransferError as error:
             return error
 
-    def record_push(self, agent: str, each: AgentState, outcome: PushOutcome | TransferError) -> str:
+    def record_push(self, agent: str, outcome: PushOutcome | TransferError) -> str:
         """What a push did to `agent`'s state; the reason to halt, "" when it took the bundle within the rules."""
+        each = self.state.agents[agent]
         if isinstance(outcome, TransferError):
             error = outcome
             if error.timed_out:  # it may have swapped without our hearing it: roll it back with its wave

@@ -39,9 +39,7 @@ def extract_features(
     module: a frozen nn.Module taking (N, H, W, C) uint8 and returning one float32 tensor (N, ...).
     images: (N, H, W, C) uint8. Returns the concatenated outputs, (N, ...) float32.
     """
-    if images.ndim != 4 or images.dtype != np.uint8 or len(images) == 0:
-        msg = f"feature extraction needs a non-empty (N, H, W, C) uint8 array, got {images.shape} {images.dtype}"
-        raise ModelError(msg)
+    _check_images(images)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lineguard-features-") as folder:
         path = _export(module, images[:1], Path(folder) / "features.onnx")
@@ -59,9 +57,7 @@ def extract_feature_maps(
     module: nn.Module, images: np.ndarray, *, batch_size: int = 16, progress: bool = False
 ) -> list[torch.Tensor]:
     """Like extract_features, for a module returning several tensors (one per backbone stage): one (N, ...) each."""
-    if images.ndim != 4 or images.dtype != np.uint8 or len(images) == 0:
-        msg = f"feature extraction needs a non-empty (N, H, W, C) uint8 array, got {images.shape} {images.dtype}"
-        raise ModelError(msg)
+    _check_images(images)
     with torch.inference_mode():
         shapes = [tuple(output.shape[1:]) for output in module.eval()(torch.from_numpy(images[:1]))]
     flat = extract_features(_Concatenated(module), images, batch_size=batch_size, progress=progress)
@@ -78,6 +74,12 @@ class _Concatenated(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.cat([output.flatten(1) for output in self.module(images)], dim=1)
+
+
+def _check_images(images: np.ndarray) -> None:
+    if images.ndim != 4 or images.dtype != np.uint8 or len(images) == 0:
+        msg = f"feature extraction needs a non-empty (N, H, W, C) uint8 array, got {images.shape} {images.dtype}"
+        raise ModelError(msg)
 
 
 def _export(module: nn.Module, example: np.ndarray, path: Path) -> Path:

@@ -17,9 +17,9 @@ import pytest
 from broker import MosquittoBroker, find_program
 from bundle_tools import bundle_variant
 from mqtt_subscriber import Subscriber
+from test_pipeline import write_config
 
 from lineguard.agent.contract import ANY, Topics
-from lineguard.agent.signing import public_key_path
 
 pytestmark = pytest.mark.slow
 TOPICS = Topics("lineguard")
@@ -50,50 +50,6 @@ class Fleet:
         return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
 
 
-def _agent_config(
-    folder: Path, agent: str, line: str, fleet_dir: Path, broker: MosquittoBroker, key: Path, bundle: Path
-) -> Path:
-    home = fleet_dir / agent
-    home.mkdir()
-    config = home / "agent.toml"
-    config.write_text(
-        f"""
-agent_id = "{agent}"
-line = "{line}"
-run_dir = "{home / "run"}"
-state_dir = "{home / "state"}"
-
-[[cameras]]
-name = "cam0"
-source = "folder"
-address = "{folder}"
-pixel_format = "mono8"
-fps = 2
-loop = true
-
-[engine]
-bundle = "{bundle}"
-trusted_keys = ["{public_key_path(key)}"]
-max_batch = 1
-threads = 1
-
-[rollout]
-operator_keys = ["{public_key_path(key)}"]
-
-[decision]
-deadline_ms = 2000
-heatmap = "none"
-
-[mqtt]
-port = {broker.port}
-
-[metrics]
-port = 0
-"""
-    )
-    return config
-
-
 @pytest.fixture(scope="module")
 def fleet(trained_work, signing_key, replay, tmp_path_factory) -> Iterator[Fleet]:
     if find_program("mosquitto") is None:
@@ -104,7 +60,13 @@ def fleet(trained_work, signing_key, replay, tmp_path_factory) -> Iterator[Fleet
     subscriber = Subscriber(broker, Topics("lineguard").verdict(ANY, ANY, "cam0"))
     agents = []
     for agent, line in AGENTS.items():
-        config = _agent_config(folder, agent, line, work, broker, signing_key, trained_work / "bundle")
+        home = work / agent
+        home.mkdir()
+        # 2 fps, batches of one, no heatmaps: three agents share two cores with the rollout and its broker.
+        config = write_config(
+            home, broker, trained_work, signing_key, folder, fps=2, loop=True, deadline_ms=2000,
+            agent_id=agent, line=line, max_batch=1, heatmap="none",
+        )  # fmt: skip
         agents.append(
             subprocess.Popen(
                 [Path(sys.executable).with_name("lineguard-agent"), "run", "--config", str(config)],

@@ -53,12 +53,15 @@ def write_config(
     deadline_ms: float = 250.0,
     metrics_port: int = 0,
     agent_id: str = AGENT,
+    line: str = "line-1",
+    max_batch: int = 4,
+    heatmap: str = "rejects",
 ) -> Path:
     config = tmp_path / "agent.toml"
     config.write_text(
         f"""
 agent_id = "{agent_id}"
-line = "line-1"
+line = "{line}"
 run_dir = "{tmp_path / "run"}"
 state_dir = "{tmp_path / "state"}"
 
@@ -73,7 +76,7 @@ loop = {str(loop).lower()}
 [engine]
 bundle = "{trained_work / "bundle"}"
 trusted_keys = ["{public_key_path(signing_key)}"]
-max_batch = 4
+max_batch = {max_batch}
 threads = 1
 
 [rollout]
@@ -81,7 +84,7 @@ operator_keys = ["{public_key_path(signing_key)}"]
 
 [decision]
 deadline_ms = {deadline_ms}
-heatmap = "rejects"
+heatmap = "{heatmap}"
 
 [mqtt]
 port = {broker.port}
