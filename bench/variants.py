@@ -237,7 +237,73 @@ def ensemble(feats, bank_size, param):
     return {s: patchcore[s] + weight * gaussian[s] for s in SCORED}
 
 
+def _standardiser(feats) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of the training patches."""
+    patches = flat(feats["train"][0])
+    return patches.mean(0), patches.std(0) + 1e-6
+
+
+def whiten(feats, bank_size, param):
+    """Patch features standardised per channel (training patches' mean and std) before the coreset and search.
+
+    param 'pca': full PCA whitening (Ledoit-Wolf shrunk covariance) instead of per-channel scaling.
+    """
+    patches = flat(feats["train"][0])
+    mean = patches.mean(0)
+    if param == "pca":
+        sub = patches[:: max(1, len(patches) // 50000)].double().numpy()
+        cov = torch.from_numpy(LedoitWolf().fit(sub).covariance_)
+        values, vectors = torch.linalg.eigh(cov)
+        transform = (vectors / values.clamp(min=1e-9).sqrt()).float()
+    else:
+        transform = torch.diag(1 / (patches.std(0) + 1e-6))
+
+    def apply(features):
+        n, _, h, w = features.shape
+        x = (flat(features) - mean) @ transform
+        return x.reshape(n, h, w, -1).permute(0, 3, 1, 2)
+
+    train = flat(apply(feats["train"][0]))
+    bank = train[_coreset(train, bank_size)].clone()
+    return {s: nearest(apply(feats[s][0]), bank)[0][..., 0].amax(1).numpy() for s in SCORED}
+
+
+def smooth(feats, bank_size, param):
+    """Image score = max of the patch-score map after a Gaussian blur of sigma `param` grid cells (paper: sigma 4 px)."""
+    sigma = float(param or 1.0)
+    bank = _global_bank(feats, bank_size)
+    radius = max(1, math.ceil(3 * sigma))
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1).float() / sigma) ** 2)
+    taps = taps / taps.sum()
+    out = {}
+    for s in SCORED:
+        features = feats[s][0]
+        n, _, h, w = features.shape
+        maps = nearest(features, bank)[0][..., 0].reshape(n, 1, h, w)
+        maps = torch.nn.functional.pad(maps, (radius,) * 4, mode="replicate")
+        maps = torch.nn.functional.conv2d(maps, taps.view(1, 1, -1, 1))
+        maps = torch.nn.functional.conv2d(maps, taps.view(1, 1, 1, -1))
+        out[s] = maps.flatten(1).amax(1).numpy()
+    return out
+
+
+def coarse(feats, bank_size, param):
+    """The patch grid pooled 2x2 (param avg or max) before the coreset and search: a fine first stage, the
+    search cost of a grid half as fine."""
+    pool = torch.nn.functional.max_pool2d if param == "max" else torch.nn.functional.avg_pool2d
+    key = ("coarse", param)
+    if key not in feats:
+        feats[key] = {s: pool(feats[s][0], 2) for s in ("train", *SCORED)}
+    pooled = feats[key]
+    train = flat(pooled["train"])
+    bank = train[_coreset(train, bank_size)].clone()
+    return {s: nearest(pooled[s], bank)[0][..., 0].amax(1).numpy() for s in SCORED}
+
+
 VARIANTS = {
+    "coarse": coarse,
+    "whiten": whiten,
+    "smooth": smooth,
     "gauss": gauss,
     "ensemble": ensemble,
     "fliptta": fliptta,

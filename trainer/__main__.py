@@ -270,6 +270,9 @@ def _cmd_run(args: argparse.Namespace) -> None:
             f"{key} {_fmt(test.get(key))}" for key in ("image_auroc", "average_precision", "f1", "pixel_auroc", "aupro")
         )
     )
+    by_type = test.get("by_defect_type")
+    if isinstance(by_type, dict) and len(by_type) > 1:
+        print("escapes  " + ", ".join(f"{name} {entry['escapes']} of {entry['n']}" for name, entry in by_type.items()))
 
 
 def _fmt(value: object) -> str:

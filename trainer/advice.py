@@ -52,6 +52,14 @@ SUGGESTIONS = (
     ),
 )
 
+# Not a model option: where to look first. Measured with bench/elpv_by_confidence.py (BENCHMARKS.md, round five).
+BY_DEFECT_TYPE = (
+    "Which defects escape: with defect images in one folder per kind (test/crack, test/stain, ...), the report's "
+    "\"Defects by type\" gives each kind's recall and AUROC. ELPV cells sorted by the experts' confidence: the "
+    "defects they marked 2/3 likely were caught 45 % of the time on test (AUROC 0.896), the certain ones 87 % "
+    "(AUROC 0.977); relabelling or more examples of one kind can matter more than another model."
+)
+
 
 def advice(kind: str, config: Mapping[str, Any], calibration_auroc: float | None) -> list[str]:
     """Report lines for a model (kind, saved config) whose calibration AUROC is low; [] when it is high or unknown."""
@@ -63,4 +71,4 @@ def advice(kind: str, config: Mapping[str, Any], calibration_auroc: float | None
         "images (defaults 0.915 / 0.964; none beat the defaults on both there, so measure them on your parts with "
         "`lineguard-train compare`):"
     )
-    return [head, *(s.text for s in SUGGESTIONS if s.applies(kind, config))]
+    return [head, *(s.text for s in SUGGESTIONS if s.applies(kind, config)), BY_DEFECT_TYPE]

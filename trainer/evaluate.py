@@ -153,9 +153,44 @@ def _normalised_area(fpr: np.ndarray, pro: np.ndarray, max_fpr: float) -> float:
     return float(area / max_fpr)
 
 
+def defect_type_metrics(
+    scores: np.ndarray, labels: np.ndarray, defect_types: tuple[str, ...], threshold: float
+) -> dict[str, dict[str, object]]:
+    """Which kinds of defect escape: per defect type (sorted), its images, escapes and recall at `threshold`,
+    and the AUROC of that type against every good image of the split (None without goods).
+
+    defect_types: the folder or CSV class of each image; only those of defect images (label 1) are used.
+    """
+    scores, is_defect = _check_image_inputs(scores, labels)
+    types = np.asarray(defect_types, dtype=str)
+    if types.shape != scores.shape:
+        msg = f"defect_types must give one type per score: {types.shape} against {scores.shape}"
+        raise ValueError(msg)
+    goods = scores[~is_defect]
+    out: dict[str, dict[str, object]] = {}
+    for defect_type in sorted(set(types[is_defect].tolist())):
+        these = scores[is_defect & (types == defect_type)]
+        caught = int(np.count_nonzero(these >= threshold))
+        auroc = None
+        if goods.size:
+            both = np.concatenate([goods, these])
+            truth = np.concatenate([np.zeros(goods.size, bool), np.ones(these.size, bool)])
+            auroc = float(roc_auc_score(truth, both))
+        out[defect_type] = {
+            "n": int(these.size),
+            "escapes": int(these.size) - caught,
+            "recall": caught / these.size,
+            "image_auroc": auroc,
+        }
+    return out
+
+
 def split_metrics(split: SplitScores, threshold: float) -> dict[str, object]:
-    """image_metrics of the split, plus "pixel_auroc" and "aupro" when it has masks."""
+    """image_metrics of the split, "by_defect_type" (defect_type_metrics) when it has defects, and
+    "pixel_auroc" and "aupro" when it has masks."""
     metrics = image_metrics(split.scores, split.labels, threshold)
+    if metrics["n_defect"]:
+        metrics["by_defect_type"] = defect_type_metrics(split.scores, split.labels, split.defect_types, threshold)
     if split.masks is not None:
         metrics["pixel_auroc"] = pixel_auroc(split.maps, split.masks)
         metrics["aupro"] = aupro(split.maps, split.masks)

@@ -395,9 +395,33 @@ def _metric_rows(metrics: dict[str, dict[str, object]]) -> list[tuple[str, list[
     """(label, one formatted value per split) for each row; keys this module does not know come last."""
     present = {key for values in metrics.values() for key in values}
     rows = [row for row in _METRIC_ROWS if row[0] not in _OPTIONAL_ROWS or row[0] in present]
-    known = {row[0] for row in _METRIC_ROWS} | {"confusion"}
+    known = {row[0] for row in _METRIC_ROWS} | {"confusion", "by_defect_type"}
     rows += [(key, key.replace("_", " ").capitalize(), "num") for key in sorted(present - known)]
     return [(label, [format_value(split.get(key), kind) for split in metrics.values()]) for key, label, kind in rows]
+
+
+def _defect_type_rows(metrics: dict[str, dict[str, object]]) -> list[tuple[str, list[str]]]:
+    """(defect type, one "caught of n · recall · AUROC" cell per split) when the splits hold 2 or more types, else [].
+
+    One type only repeats the split's recall, so the table is left out.
+    """
+    tables = [split.get("by_defect_type") for split in metrics.values()]
+    per_split = [table if isinstance(table, dict) else {} for table in tables]
+    types = sorted({name for table in per_split for name in table})
+    if len(types) < 2:
+        return []
+
+    def cell(entry: object) -> str:
+        if not isinstance(entry, dict):
+            return DASH
+        n, escapes = entry.get("n"), entry.get("escapes")
+        caught = n - escapes if isinstance(n, int) and isinstance(escapes, int) else None
+        return (
+            f"{format_value(caught)} of {format_value(n)} caught · {format_value(entry.get('recall'), 'pct')}"
+            f" · AUROC {format_value(entry.get('image_auroc'), 'ratio')}"
+        )
+
+    return [(name, [cell(table.get(name)) for table in per_split]) for name in types]
 
 
 def _confusions(metrics: dict[str, dict[str, object]]) -> list[dict[str, str] | None]:
@@ -430,6 +454,7 @@ def _page(inputs: ReportInputs, views: list[_SplitView], ctx: _Context) -> str:
         columns=list(inputs.metrics),
         metric_rows=_metric_rows(inputs.metrics),
         confusions=_confusions(inputs.metrics),
+        defect_type_rows=_defect_type_rows(inputs.metrics),
         splits=views,
         map_range=[format_value(v) for v in ctx.map_range],
         threshold=format_value(ctx.threshold),

@@ -10,6 +10,7 @@ import pytest
 from lineguard.agent.bundle import verify_bundle
 from lineguard.agent.signing import load_public_key, public_key_path
 from lineguard.trainer.__main__ import main
+from lineguard.trainer.sample_data import DEFECT_TYPES
 
 METRIC_KEYS = {"image_auroc", "average_precision", "f1", "precision", "recall", "fpr", "threshold", "confusion"}
 
@@ -21,8 +22,13 @@ def test_run_writes_report_metrics_onnx_and_a_signed_bundle(trained_work: Path, 
         assert set(metrics[split]["confusion"]) == {"tn", "fp", "fn", "tp"}
     assert metrics["test"]["image_auroc"] >= 0.9
     assert metrics["test"]["pixel_auroc"] >= 0.9
+    by_type = metrics["test"]["by_defect_type"]
+    assert set(by_type) == set(DEFECT_TYPES)
+    assert sum(entry["n"] for entry in by_type.values()) == metrics["test"]["n_defect"]
+    assert sum(entry["escapes"] for entry in by_type.values()) == metrics["test"]["confusion"]["fn"]
     html = (trained_work / "report" / "index.html").read_text()
     assert "Image AUROC" in html and "assets/test_roc.png" in html
+    assert 'id="defect-types"' in html
     parity = json.loads((trained_work / "export" / "parity.json").read_text())
     assert parity["max_score_rel_diff"] <= 1e-4
     manifest = verify_bundle(trained_work / "bundle", [load_public_key(public_key_path(signing_key))])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from lineguard.trainer.evaluate import aupro, image_metrics, pixel_auroc, split_metrics
+from lineguard.trainer.evaluate import aupro, defect_type_metrics, image_metrics, pixel_auroc, split_metrics
 from lineguard.trainer.scoring import SplitScores
 
 # --- image_metrics ---------------------------------------------------------------------------------------
@@ -247,3 +247,39 @@ def test_split_metrics_without_masks_has_only_image_metrics():
     assert "pixel_auroc" not in metrics
     assert "aupro" not in metrics
     assert metrics["confusion"] == {"tn": 2, "fp": 0, "fn": 0, "tp": 1}
+
+
+# --- defect_type_metrics ---------------------------------------------------------------------------------
+
+
+def test_each_defect_type_has_its_escapes_recall_and_auroc_against_all_goods():
+    scores = np.array([0.1, 0.3, 0.6, 0.9, 0.8, 0.2, 0.4, 0.7])
+    labels = np.array([0, 0, 0, 1, 1, 1, 1, 1])
+    types = ("good", "good", "good", "crack", "crack", "stain", "stain", "stain")
+    metrics = defect_type_metrics(scores, labels, types, 0.5)
+    assert list(metrics) == ["crack", "stain"]
+    assert metrics["crack"] == {"n": 2, "escapes": 0, "recall": 1.0, "image_auroc": 1.0}
+    # stain 0.2, 0.4, 0.7 against goods 0.1, 0.3, 0.6: 1 + 2 + 3 of 9 pairs ranked right
+    assert metrics["stain"] == {
+        "n": 3,
+        "escapes": 2,
+        "recall": pytest.approx(1 / 3),
+        "image_auroc": pytest.approx(6 / 9),
+    }
+    json.dumps(metrics, allow_nan=False)
+
+
+def test_defect_types_of_goods_are_ignored_and_a_split_without_goods_has_no_auroc():
+    metrics = defect_type_metrics(np.array([0.9, 0.2]), np.array([1, 1]), ("crack", "crack"), 0.5)
+    assert metrics == {"crack": {"n": 2, "escapes": 1, "recall": 0.5, "image_auroc": None}}
+    assert defect_type_metrics(np.array([0.9]), np.array([0]), ("odd",), 0.5) == {}
+
+
+def test_defect_types_must_match_the_scores():
+    with pytest.raises(ValueError, match="one type per score"):
+        defect_type_metrics(np.array([0.1, 0.9]), np.array([0, 1]), ("good",), 0.5)
+
+
+def test_split_metrics_breaks_recall_down_by_defect_type():
+    metrics = split_metrics(make_split(with_masks=False), 0.5)
+    assert metrics["by_defect_type"] == {"crack": {"n": 1, "escapes": 0, "recall": 1.0, "image_auroc": 1.0}}

@@ -192,3 +192,39 @@ def test_a_missing_threshold_is_refused(tmp_path: Path) -> None:
     broken = ReportInputs(inputs.title, inputs.model, {"threshold": None}, inputs.metrics, inputs.splits)
     with pytest.raises(ValueError, match="calibration threshold is None"):
         render_report(tmp_path, broken)
+
+
+def test_defects_by_type_show_what_escapes_per_split(tmp_path: Path) -> None:
+    splits = {
+        "calibration": make_split("calibration", CALIBRATION_SCORES, TEST_LABELS),
+        "test": make_split("test", TEST_SCORES, TEST_LABELS),
+    }
+    by_type = {
+        "calibration": {"crack": {"n": 5, "escapes": 0, "recall": 1.0, "image_auroc": 0.99}},
+        "test": {
+            "crack": {"n": 3, "escapes": 1, "recall": 2 / 3, "image_auroc": 0.9},
+            "stain": {"n": 2, "escapes": 2, "recall": 0.0, "image_auroc": None},
+        },
+    }
+    metrics = {name: split_metrics(by_defect_type=table) for name, table in by_type.items()}
+    html = render_report(tmp_path, make_inputs(splits, metrics)).read_text(encoding="utf-8")
+    start = html.index('id="defect-types"')
+    table = html[start : html.find("</section>", start)]
+    rows = re.findall(r"<tr><td>([^<]+)</td>((?:<td class=\"v\">[^<]*</td>)+)</tr>", table)
+    cells = {name: re.findall(r'<td class="v">([^<]*)</td>', values) for name, values in rows}
+    assert cells == {
+        "crack": ["5 of 5 caught · 100.0\u00a0% · AUROC 0.990", "2 of 3 caught · 66.7\u00a0% · AUROC 0.900"],
+        "stain": ["—", "0 of 2 caught · 0.0\u00a0% · AUROC —"],
+    }
+    assert "By defect type" not in html  # the nested table is not also printed as a metric row
+
+
+def test_one_defect_type_adds_no_table(report: tuple[Path, str], tmp_path: Path) -> None:
+    _, html = report
+    assert 'id="defect-types"' not in html
+    splits = {"test": make_split("test", TEST_SCORES, TEST_LABELS)}
+    metrics = {
+        "test": split_metrics(by_defect_type={"scratch": {"n": 5, "escapes": 1, "recall": 0.8, "image_auroc": 0.9}})
+    }
+    html = render_report(tmp_path, make_inputs(splits, metrics)).read_text(encoding="utf-8")
+    assert 'id="defect-types"' not in html
