@@ -211,7 +211,7 @@ def main() -> None:
     if args.flip:
         mirrored = features_of(args.data, config, args.cache, standardise=args.standardise, flip=True)
         feats.update({f"{s}_flip": mirrored[s] for s in SPLITS})
-    if any(text.startswith(("gauss", "ensemble")) for text in args.variants.split(",")):
+    if any(text.startswith(("gauss", "ensemble", "supervised")) for text in args.variants.split(",")):
         feats["pooled"] = pooled_features_of(args.data, config, args.cache, standardise=args.standardise)
     labels = {s: feats[s][1] for s in SPLITS}
     print(f"# {args.backbone} stages {args.stages} size {args.size} nb {args.neighbourhood} bank {args.bank}")

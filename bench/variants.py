@@ -300,7 +300,51 @@ def coarse(feats, bank_size, param):
     return {s: nearest(pooled[s], bank)[0][..., 0].amax(1).numpy() for s in SCORED}
 
 
+def _map_statistics(maps: torch.Tensor) -> np.ndarray:
+    """(N, h*w) patch scores -> (N, 6): max, mean of the hottest 4, 16 and 64, mean, std."""
+    ranked = maps.sort(1, descending=True).values
+    return torch.stack(
+        [ranked[:, 0], *(ranked[:, :k].mean(1) for k in (4, 16, 64)), maps.mean(1), maps.std(1)], 1
+    ).numpy()
+
+
+def supervised(feats, bank_size, param):
+    """A logistic regression trained on the calibration split's labels (goods and defects), on image features.
+
+    param FEATURES[:C]: FEATURES '+'-joined from pooled2..pooled5 (a stage's pooled features), pc (today's
+    PatchCore score), maps (statistics of its patch-score map); C the inverse L2 strength (default 0.1).
+    Calibration scores are out-of-fold (5 stratified folds), so the fpr threshold is chosen on scores of
+    images the classifier did not train on; test is scored by a classifier trained on all of calibration.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    names, _, c_text = param.partition(":")
+    bank = _global_bank(feats, bank_size)
+    columns: dict[str, list[np.ndarray]] = {s: [] for s in SCORED}
+    for name in names.split("+"):
+        for s in SCORED:
+            if name.startswith("pooled"):
+                columns[s].append(feats["pooled"][int(name[-1])][s])
+            else:
+                maps = nearest(feats[s][0], bank)[0][..., 0]
+                columns[s].append(maps.amax(1, keepdim=True).numpy() if name == "pc" else _map_statistics(maps))
+    x = {s: np.hstack(columns[s]) for s in SCORED}
+    y = feats["calibration"][1]
+
+    def model():
+        return make_pipeline(StandardScaler(), LogisticRegression(C=float(c_text or 0.1), max_iter=5000))
+
+    out_of_fold = np.zeros(len(y))
+    for train, held in StratifiedKFold(5, shuffle=True, random_state=0).split(x["calibration"], y):
+        out_of_fold[held] = model().fit(x["calibration"][train], y[train]).decision_function(x["calibration"][held])
+    return {"calibration": out_of_fold, "test": model().fit(x["calibration"], y).decision_function(x["test"])}
+
+
 VARIANTS = {
+    "supervised": supervised,
     "coarse": coarse,
     "whiten": whiten,
     "smooth": smooth,

@@ -84,12 +84,22 @@ def store_exact_halves(path: Path, *, min_bytes: int = 1 << 14) -> list[str]:
     A float16 memory bank reaches the graph as float32: the exporter folds its Cast to float32
     into the constant. Its values are still exact halves, so storing them as such loses nothing
     and halves the bundle; ONNX Runtime and TensorRT fold the Cast again when they load it.
+    Large Constant nodes (the exporter's form for a module's non-persistent buffers, such as
+    PatchCore's search matrix) become initializers first, so they are considered too.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     model = onnx.load(str(path))
     graph = model.graph
+    promoted = 0
+    for node in list(graph.node):
+        value = node.attribute[0].t if node.op_type == "Constant" and node.attribute[0].name == "value" else None
+        if value is not None and value.data_type == TensorProto.FLOAT and 4 * int(np.prod(value.dims)) >= min_bytes:
+            value.name = node.output[0]
+            graph.initializer.append(value)
+            graph.node.remove(node)
+            promoted += 1
     halved: list[str] = []
     for index, initializer in enumerate(list(graph.initializer)):
         if initializer.data_type != TensorProto.FLOAT or 4 * int(np.prod(initializer.dims)) < min_bytes:
@@ -102,8 +112,9 @@ def store_exact_halves(path: Path, *, min_bytes: int = 1 << 14) -> list[str]:
         graph.initializer[index].CopyFrom(numpy_helper.from_array(half, f"{name}_float16"))
         graph.node.insert(0, helper.make_node("Cast", [f"{name}_float16"], [name], to=TensorProto.FLOAT))
         halved.append(name)
-    if halved:
+    if halved or promoted:
         onnx.save(model, str(path))
+    if halved:
         log.info("stored %d initializer(s) as exact float16: %s", len(halved), ", ".join(halved))
     return halved
 

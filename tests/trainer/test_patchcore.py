@@ -17,7 +17,7 @@ from lineguard.trainer.export import (
     export_onnx,
     store_exact_halves,
 )
-from lineguard.trainer.models.patchcore import PatchCoreConfig, fit_patchcore
+from lineguard.trainer.models.patchcore import PatchCore, PatchCoreConfig, PatchEmbedder, fit_patchcore, to_regions
 from lineguard.trainer.scoring import score_images
 
 
@@ -56,6 +56,29 @@ def test_outputs_have_the_contract_shapes_and_types(grey_model):
     assert scores.shape == (3,) and maps.shape == (3, 64, 64)
     assert scores.dtype == torch.float32 and maps.dtype == torch.float32
     assert torch.all(scores >= 0)
+
+
+@pytest.mark.parametrize("regions", [1, 2])
+def test_the_search_gives_each_patch_its_exact_nearest_distance(regions):
+    config = PatchCoreConfig(input_height=64, input_width=64, channels=1, regions=regions)
+    embedder = PatchEmbedder(config)
+    images = torch.from_numpy(crops(1, 3, seed=4))
+    features = embedder(images)
+    bank = torch.randn(regions * regions * 50, embedder.feature_dim, generator=torch.Generator().manual_seed(1))
+    model = PatchCore(config, embedder, bank)
+    blocks = bank.view(regions * regions, 50, -1)
+    expected = torch.stack(
+        [torch.cdist(patches, blocks).amin(dim=2) for patches in to_regions(features, regions)]
+    )  # (N, R*R, P): each patch against its own region's block, brute force
+    got = to_regions(model.patch_distances(images), regions)[..., 0]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_float16_bank_whose_norms_overflow_half_is_refused():
+    config = PatchCoreConfig(input_height=64, input_width=64, channels=1, bank_dtype="float16")
+    embedder = PatchEmbedder(config)
+    with pytest.raises(ModelError, match="exceeds float16's range"):
+        PatchCore(config, embedder, torch.full((4, embedder.feature_dim), 30.0))
 
 
 def test_the_bank_is_capped_by_count_and_by_ram():
@@ -104,8 +127,10 @@ def test_onnx_export_matches_torch_and_takes_raw_uint8_frames(tmp_path: Path, ch
     assert [o.name for o in session.get_outputs()] == list(OUTPUT_NAMES)
     scores, maps = session.run(None, {"image": images[:1]})
     assert scores.shape == (1,) and maps.shape == (1, 64, 96)
-    # The bank is in the graph once (no second copy for its norms), at the dtype it was kept in.
-    bank_elements = model.memory_bank.numel()
+    # The bank is in the graph once, as the search matrix (a -2 b column per entry over its |b|^2),
+    # at the dtype it was kept in.
+    bank_elements = model.search_matrix.numel()
+    assert bank_elements == model.memory_bank.numel() + model.bank_size
     stored = [t for t in onnx.load(str(onnx_path)).graph.initializer if np.prod(t.dims) == bank_elements]
     expected = onnx.TensorProto.FLOAT16 if bank_dtype == "float16" else onnx.TensorProto.FLOAT
     assert [t.data_type for t in stored] == [expected]

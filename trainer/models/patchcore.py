@@ -130,8 +130,8 @@ class PatchCore(nn.Module):
     """
 
     config: PatchCoreConfig
-    memory_bank: torch.Tensor  # buffers: (K, D) with K = R*R*M, (K,), (taps,)
-    bank_squared_norms: torch.Tensor
+    memory_bank: torch.Tensor  # buffers: (K, D) with K = R*R*M, (R*R, D+1, M), (taps,)
+    search_matrix: torch.Tensor
     blur_kernel: torch.Tensor
 
     def __init__(self, config: PatchCoreConfig, embedder: PatchEmbedder, memory_bank: torch.Tensor) -> None:
@@ -150,10 +150,9 @@ class PatchCore(nn.Module):
         self.embedder = embedder
         bank_dtype = torch.float16 if config.bank_dtype == "float16" else torch.float32
         self.register_buffer("memory_bank", memory_bank.to(bank_dtype).contiguous())
-        # Not saved: derived from the bank. Precomputed so the graph holds the bank once (as the
-        # matrix product's operand) and does not recompute K norms for every frame.
-        bank = self.memory_bank.float()
-        self.register_buffer("bank_squared_norms", (bank * bank).sum(dim=1), persistent=False)
+        check_half_range(self.memory_bank)
+        # Not saved: derived from the bank. The graph holds it (and not the bank) as its one constant.
+        self.register_buffer("search_matrix", search_matrix(self.memory_bank, config.regions), persistent=False)
         self.register_buffer("blur_kernel", gaussian_kernel(config.blur_sigma))
         self.eval()
 
@@ -162,31 +161,17 @@ class PatchCore(nn.Module):
         return int(self.memory_bank.shape[0])
 
     def patch_distances(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, H, W, C) uint8 -> (N, 1, h, w) distance of each patch to its nearest bank entry."""
-        features = self.embedder(images)
-        n, d, h, w = features.shape
-        if self.config.regions > 1:
-            return self._region_distances(features)
-        patches = features.permute(0, 2, 3, 1).reshape(n, h * w, d)
-        squared = (
-            (patches * patches).sum(dim=2, keepdim=True)
-            - 2.0 * torch.matmul(patches, self.memory_bank.float().t())
-            + self.bank_squared_norms.view(1, 1, -1)
-        )
-        nearest = squared.amin(dim=2).clamp(min=0.0).sqrt()
-        return nearest.view(n, 1, h, w)
+        """(N, H, W, C) uint8 -> (N, 1, h, w) distance of each patch to its nearest bank entry (of its region).
 
-    def _region_distances(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, D, h, w) features -> (N, 1, h, w) distances, each patch against its own region's bank block."""
+        |p - b|^2 = |p|^2 + (|b|^2 - 2 p.b): the bracket, for every entry at once, is one matrix product
+        of the patch with a 1 appended and the search matrix; |p|^2 is added after the min, per patch.
+        """
+        features = self.embedder(images)
         r = self.config.regions
         patches = to_regions(features, r)  # (N, R*R, P, D)
-        bank = self.memory_bank.float().view(r * r, -1, features.shape[1])  # (R*R, M, D)
-        squared = (
-            (patches * patches).sum(dim=3, keepdim=True)
-            - 2.0 * torch.matmul(patches, bank.transpose(1, 2))
-            + self.bank_squared_norms.view(1, r * r, 1, -1)
-        )
-        nearest = squared.amin(dim=3).clamp(min=0.0).sqrt()  # (N, R*R, P)
+        inner = torch.matmul(F.pad(patches, (0, 1), value=1.0), self.search_matrix)  # (N, R*R, P, M)
+        squared = inner.amin(dim=3) + (patches * patches).sum(dim=3)
+        nearest = squared.clamp(min=0.0).sqrt()  # (N, R*R, P)
         return from_regions(nearest, r, features.shape[2], features.shape[3])
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,9 +183,34 @@ class PatchCore(nn.Module):
         return scores, anomaly_map[:, 0]
 
 
+def search_matrix(memory_bank: torch.Tensor, regions: int) -> torch.Tensor:
+    """(K, D) bank, R*R blocks of M entries -> (R*R, D+1, M) float32: each block's -2 b columns over its |b|^2 row.
+
+    The graph holds the bank once, as this matrix (ONNX Runtime and TensorRT run the search as one
+    matrix product, with no full-size add). A float16 bank keeps its |b|^2 at float16 too, so every
+    value is an exact half and the export still stores the matrix at half size (store_exact_halves).
+    """
+    bank = memory_bank.float().view(regions * regions, -1, memory_bank.shape[1])  # (R*R, M, D)
+    norms = (bank * bank).sum(dim=2, keepdim=True)  # (R*R, M, 1)
+    if memory_bank.dtype == torch.float16:
+        norms = norms.half().float()
+    return torch.cat([-2.0 * bank, norms], dim=2).transpose(1, 2).contiguous()
+
+
+def check_half_range(memory_bank: torch.Tensor) -> None:
+    """A float16 bank whose squared norms overflow float16 (search_matrix keeps them at half) is refused."""
+    if memory_bank.dtype == torch.float16:
+        largest = float(memory_bank.float().pow(2).sum(dim=1).max())
+        if largest > torch.finfo(torch.float16).max:
+            msg = f"a bank entry's squared norm {largest:.4g} exceeds float16's range: use bank_dtype float32"
+            raise ModelError(msg)
+
+
 def to_regions(features: torch.Tensor, regions: int) -> torch.Tensor:
     """(N, D, h, w) -> (N, R*R, P, D): the patches of each of R x R grid blocks, row-major; P = (h / R) * (w / R)."""
     n, d, h, w = features.shape
+    if regions == 1:  # the same, as a 4-D transpose: ONNX Runtime runs the 6-D one several times slower
+        return features.permute(0, 2, 3, 1).reshape(n, 1, h * w, d)
     blocks = features.reshape(n, d, regions, h // regions, regions, w // regions)
     return blocks.permute(0, 2, 4, 3, 5, 1).reshape(n, regions * regions, -1, d)
 
@@ -208,6 +218,8 @@ def to_regions(features: torch.Tensor, regions: int) -> torch.Tensor:
 def from_regions(values: torch.Tensor, regions: int, h: int, w: int) -> torch.Tensor:
     """(N, R*R, P) per-region patch values -> (N, 1, h, w): the inverse of to_regions for one channel."""
     n = values.shape[0]
+    if regions == 1:
+        return values.reshape(n, 1, h, w)
     blocks = values.reshape(n, regions, regions, h // regions, w // regions)
     return blocks.permute(0, 1, 3, 2, 4).reshape(n, 1, h, w)
 
