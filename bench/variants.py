@@ -343,7 +343,27 @@ def supervised(feats, bank_size, param):
     return {"calibration": out_of_fold, "test": model().fit(x["calibration"], y).decision_function(x["test"])}
 
 
+def density(feats, bank_size, param):
+    """Local density normalisation (as LOF): a patch's nearest distance d(p, m*) against the spread of the bank
+    around m*, r(m*) = mean distance from m* to its k nearest other entries. param MODE:K, MODE ratio (d / r)
+    or minus (d - r); rare but normal patterns sit where the bank is sparse, so their distances count less."""
+    mode, _, k_text = (param or "ratio").partition(":")
+    k = int(k_text or 3)
+    bank = _global_bank(feats, bank_size)
+    norms = (bank * bank).sum(1)
+    squared = (norms[:, None] - 2 * bank @ bank.t() + norms[None]).clamp(min=0)
+    squared.fill_diagonal_(float("inf"))
+    spread = squared.topk(k, dim=1, largest=False).values.sqrt().mean(1)
+    out = {}
+    for s in SCORED:
+        dist, index = nearest(feats[s][0], bank)
+        d, r = dist[..., 0], spread[index[..., 0]]
+        out[s] = (d / r if mode == "ratio" else d - r).amax(1).numpy()
+    return out
+
+
 VARIANTS = {
+    "density": density,
     "supervised": supervised,
     "coarse": coarse,
     "whiten": whiten,

@@ -81,16 +81,17 @@ def test_the_memory_estimate_grows_with_the_batch_and_a_build_over_budget_is_ref
 
 
 def test_the_bank_search_flops_are_counted_exactly_and_its_nodes_found(model):
-    bank = next(t for t in model.graph.initializer if len(t.dims) == 2 and 1024 in t.dims)
-    feature_dim, bank_size = sorted(bank.dims, key=lambda d: d == 1024)  # (D, K) after constant folding
+    matrix = next(t for t in model.graph.initializer if len(t.dims) == 3 and 1024 in t.dims)
+    _, inner, bank_size = matrix.dims  # the search matrix (regions, D + 1, K): -2 b over |b|^2
     cost1, cost8 = graph_cost.graph_cost(model, batch=1), graph_cost.graph_cost(model, batch=8)
-    search = 2 * (256 // 8) ** 2 * feature_dim * bank_size  # stride-8 patches x bank entries x features
+    search = 2 * (256 // 8) ** 2 * inner * bank_size  # stride-8 patches x bank entries x (features + 1)
     blur = 2 * (2 * 256 * 256 * 33)  # the separable 33-tap Gaussian after the search (sigma 4)
     assert cost1.search_flops == search + blur and cost8.search_flops == 8 * (search + blur)
     assert cost1.matmul_flops > search and cost8.matmul_flops == 8 * cost1.matmul_flops
     assert cost1.min_bytes == graph_cost.weights_bytes(model) + 256 * 256 * (1 + 4) + 4
     nodes = graph_cost.bank_search_nodes(model)
     assert {"/MatMul", "/ReduceMin", "/Sqrt", "/ReduceMax"} <= set(nodes)
+    assert {"/ReduceSum", "/Add"} <= set(nodes)  # |p|^2 (from the features above the Pad) and its sum with the min
     assert not [n for n in nodes if n.startswith("/embedder/")]  # the backbone keeps the build precision
 
 

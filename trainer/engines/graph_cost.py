@@ -179,13 +179,17 @@ def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
     return default
 
 
+_LAYOUT_OPS = ("Pad", "Reshape", "Transpose")  # between the patch features and the search
+
+
 def bank_search_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of the nodes of the memory-bank search and everything after it, in graph order.
 
-    The search is the MatMul of patch features with a constant (the bank). Its squared distance
-    is |p|^2 - 2 p.b + |b|^2, a difference of large numbers: in float16 it cancels, so a
-    reduced-precision build keeps these nodes in float32. Found from the MatMul's other input
-    (the patch features) downwards, so the |p|^2 branch is included.
+    The search is the MatMul of patch features (a 1 appended) with a constant (the search matrix).
+    Its squared distance is |p|^2 + min(|b|^2 - 2 p.b), a difference of large numbers: in float16
+    it cancels, so a reduced-precision build keeps these nodes in float32. Found from the MatMul's
+    other input downwards, and from above the Pad, Reshape or Transpose that feed it (the patch
+    features themselves), so the |p|^2 branch is included.
     """
     constants = {t.name for t in model.graph.initializer}
     constants |= {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
@@ -196,7 +200,7 @@ def bank_search_nodes(model: onnx.ModelProto) -> list[str]:
     for node in model.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    queue = deque(i for n in searches for i in n.input if i not in constants)
+    queue = deque(_search_inputs(model, searches, constants))
     seen_tensors, chosen = set(queue), set()
     while queue:
         for node in consumers.get(queue.popleft(), ()):
@@ -208,3 +212,15 @@ def bank_search_nodes(model: onnx.ModelProto) -> list[str]:
                     seen_tensors.add(out)
                     queue.append(out)
     return [node.name for node in model.graph.node if node.name in chosen]
+
+
+def _search_inputs(model: onnx.ModelProto, searches: list[onnx.NodeProto], constants: set[str]) -> list[str]:
+    """The searches' non-constant inputs, and the tensors above each through Pad, Reshape or Transpose."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    seeds = [i for n in searches for i in n.input if i not in constants]
+    for seed in list(seeds):
+        above = producers.get(seed)
+        while above is not None and above.op_type in _LAYOUT_OPS:
+            seeds.append(above.input[0])
+            above = producers.get(above.input[0])
+    return seeds
