@@ -158,3 +158,13 @@ def test_a_tensorrt_model_with_a_frame_plan_folder_reads_ring_slots_and_onnx_run
         cpu.close()
     finally:
         ring.close()
+
+
+def test_onnx_runtime_sessions_keep_their_idle_threads_asleep(trained_work, signing_key):
+    # A second session (another model, a shadow, a swap's incoming model) spinning idle took the
+    # cores from the running one: bench/ort_threads_bench.py. The agent's sessions must not spin.
+    model = ServingModel(trained_work / "bundle", trusted_keys=trusted(signing_key), backend="cpu")
+    options = model.backend._session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    model.close()

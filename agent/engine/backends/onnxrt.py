@@ -19,6 +19,13 @@ from .base import BackendUnavailable, Inference
 
 log = logging.getLogger(__name__)
 
+# Each session owns a pool of intra-op threads that by default spin for a while after every run.
+# The engine runs one inference at a time, but a second session (another model, a shadow or a
+# swap's incoming model) spinning idle takes the cores from the one running: two sessions
+# alternating took about twice as long per frame, and the spin also takes CPU from capture and
+# decision. Sleeping idle threads cost no measurable latency here (bench/ort_threads_bench.py).
+SESSION_CONFIG = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
+
 PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "cpu": "CPUExecutionProvider",
@@ -46,6 +53,8 @@ class OnnxRuntimeBackend:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+        for key, value in SESSION_CONFIG.items():
+            options.add_session_config_entry(key, value)
         providers = [wanted] if device == "cpu" else [wanted, PROVIDERS["cpu"]]
         source = model if isinstance(model, bytes) else str(model)
         self._session = ort.InferenceSession(source, options, providers=providers)
