@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -71,6 +71,7 @@ class ModelRow:
     bundle_bytes: int
     variable_size: bool
     report: str  # the model's report/index.html, relative to OUT
+    recall_by_defect_type: dict[str, float] = field(default_factory=dict)  # test recall per defect kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +139,7 @@ def measure(work: pipeline.Workdir, name: str, kind: ModelKind, out: Path) -> Mo
         bundle_bytes=sum(path.stat().st_size for path in work.bundle_dir.rglob("*") if path.is_file()),
         variable_size=kind.variable_size,
         report=(work.report_dir / "index.html").relative_to(out).as_posix(),
+        recall_by_defect_type={name: entry["recall"] for name, entry in test.get("by_defect_type", {}).items()},
     )
 
 
@@ -210,13 +212,28 @@ def _cell(value: object, kind: str) -> str:
 def _table(rows: Sequence[ModelRow]) -> list[list[tuple[str, bool]]]:
     """Per row, (text, is best in its column) per COLUMNS entry; nothing is best when a column has one value."""
     cells: list[list[tuple[str, bool]]] = [[] for _ in rows]
-    for field, _, kind, better in COLUMNS:
-        values = [getattr(row, field) for row in rows]
+    for name, _, kind, better in COLUMNS:
+        values = [getattr(row, name) for row in rows]
         present = [v for v in values if v is not None]
         best = better(present) if better and len(set(present)) > 1 else None
         for row_cells, value in zip(cells, values, strict=True):
             row_cells.append((_cell(value, kind), best is not None and value == best))
     return cells
+
+
+def _type_table(rows: Sequence[ModelRow]) -> tuple[list[str], list[list[tuple[str, bool]]]]:
+    """(defect kinds, per row (recall text, is best for that kind) per kind); no kinds when there are fewer than 2."""
+    kinds = sorted({kind for row in rows for kind in row.recall_by_defect_type})
+    if len(kinds) < 2:
+        return [], []
+    cells: list[list[tuple[str, bool]]] = [[] for _ in rows]
+    for kind in kinds:
+        values = [row.recall_by_defect_type.get(kind) for row in rows]
+        present = [v for v in values if v is not None]
+        best = max(present) if len(set(present)) > 1 else None
+        for row_cells, value in zip(cells, values, strict=True):
+            row_cells.append((format_value(value, "pct"), best is not None and value == best))
+    return kinds, cells
 
 
 def _overlay_chart(kind: str, rows: Sequence[ModelRow], splits: dict[str, SplitScores], assets: Path) -> str | None:
@@ -265,6 +282,7 @@ def _write_html(result: ComparisonResult, out: Path) -> None:
     splits = {model: load_split_scores(work.scores_file("test")) for model, work in works.items()}
     test = next(iter(splits.values()))
     training = json.loads(works[result.rows[0].model].training_file.read_text())
+    kinds, kind_cells = _type_table(result.rows)
     template = template_environment().get_template("comparison.html.j2")
     html = template.render(
         title=f"{training['dataset']['name']} — model comparison",
@@ -275,6 +293,10 @@ def _write_html(result: ComparisonResult, out: Path) -> None:
             for index, (row, cells) in enumerate(zip(result.rows, _table(result.rows), strict=True))
         ],
         charts=[_overlay_chart(kind, result.rows, splits, out / ASSETS_DIR) for kind in ("roc", "pr")],
+        defect_kinds=kinds,
+        kind_rows=[
+            (row, _colour(index), cells) for index, (row, cells) in enumerate(zip(result.rows, kind_cells, strict=True))
+        ],
         n_good=int(np.sum(test.labels == 0)),
         n_defect=int(np.sum(test.labels == 1)),
         cpu=cpu_facts(),

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from lineguard.trainer.__main__ import main
-from lineguard.trainer.compare import ModelRow, pick_line
+from lineguard.trainer.compare import ModelRow, _type_table, pick_line
+from lineguard.trainer.sample_data import DEFECT_TYPES
 
 MODELS = ("patchcore", "fastflow", "fcdd")
 RATIOS = ("image_auroc", "average_precision", "f1", "pixel_auroc", "aupro", "false_reject_rate", "recall")
@@ -31,6 +32,7 @@ def test_comparison_json_has_one_row_per_model_with_measured_numbers(compared: P
         for key in RATIOS:
             assert isinstance(row[key], float) and math.isfinite(row[key]) and 0.0 <= row[key] <= 1.0, (name, key)
         assert row["cpu_ms_per_image"] > 0 and row["train_s"] > 0
+        assert set(row["recall_by_defect_type"]) == set(DEFECT_TYPES), name
         files = [path for path in (compared / name / "bundle").rglob("*") if path.is_file()]
         assert row["bundle_bytes"] == sum(path.stat().st_size for path in files) > 0
     assert rows["patchcore"]["variable_size"] is False and rows["fcdd"]["variable_size"] is True
@@ -47,6 +49,23 @@ def test_comparison_html_shows_the_table_both_charts_and_links_each_report(compa
     for chart in ("comparison-assets/roc.png", "comparison-assets/pr.png"):
         assert chart in html and (compared / chart).is_file()
     assert 'class="v best"' in html and "Pick " in html
+    start = html.index('id="defect-types"')
+    kinds_table = html[start : html.index("</section>", start)]
+    assert all(f'<th class="v">{kind}</th>' in kinds_table for kind in DEFECT_TYPES)
+    assert kinds_table.count("<tr><td>") == len(MODELS)
+
+
+def test_recall_by_defect_type_marks_the_best_model_per_kind_and_needs_two_kinds():
+    rows = [
+        ModelRow(
+            "a", None, None, None, None, None, None, None, 0.5, 1.0, 1.0, 1, False, "", {"crack": 0.5, "stain": 1.0}
+        ),
+        ModelRow("b", None, None, None, None, None, None, None, 0.5, 1.0, 1.0, 1, False, "", {"crack": 0.75}),
+    ]
+    kinds, cells = _type_table(rows)
+    assert kinds == ["crack", "stain"]
+    assert cells == [[("50.0\u00a0%", False), ("100.0\u00a0%", False)], [("75.0\u00a0%", True), ("—", False)]]
+    assert _type_table(rows[1:]) == ([], [])
 
 
 def test_an_unknown_model_exits_2_and_names_the_valid_ones(sample_root: Path, tmp_path: Path, capsys):
