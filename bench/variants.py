@@ -362,7 +362,59 @@ def density(feats, bank_size, param):
     return out
 
 
+def simplenet(feats, bank_size, param):
+    """SimpleNet (Liu et al. 2023) on the PatchCore patch features: a linear feature adaptor and a 2-layer
+    discriminator trained to tell adapted good patches from the same plus Gaussian noise (truncated L1 loss,
+    margins 0.5); patch score = -discriminator, image score = max. param SIGMA[:EPOCHS], SIGMA in units of the
+    training patches' per-channel std (features are standardised first; the paper's 0.015 is for its scale).
+    """
+    sigma_text, _, epochs_text = (param or "0.5").partition(":")
+    sigma, epochs = float(sigma_text), int(epochs_text or 8)
+    mean, std = _standardiser(feats)
+    train = (flat(feats["train"][0]) - mean) / std
+    d = train.shape[1]
+    generator = torch.Generator().manual_seed(_SEED["coreset"])
+    torch.manual_seed(_SEED["coreset"])
+    adaptor = torch.nn.Linear(d, d, bias=False)
+    torch.nn.init.eye_(adaptor.weight)
+    discriminator = torch.nn.Sequential(
+        torch.nn.Linear(d, 1024), torch.nn.BatchNorm1d(1024), torch.nn.LeakyReLU(0.2), torch.nn.Linear(1024, 1)
+    )
+    optimiser = torch.optim.Adam(
+        [{"params": adaptor.parameters(), "lr": 1e-4}, {"params": discriminator.parameters(), "lr": 2e-4}],
+        weight_decay=1e-5,
+    )
+    batch = 4096
+    for epoch in range(epochs):
+        order = torch.randperm(len(train), generator=generator)
+        total = 0.0
+        for start in range(0, len(train), batch):
+            good = adaptor(train[order[start : start + batch]])
+            noisy = good + sigma * torch.randn(good.shape, generator=generator)
+            loss = (
+                torch.clamp(0.5 - discriminator(good), min=0).mean()
+                + torch.clamp(0.5 + discriminator(noisy), min=0).mean()
+            )
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            total += float(loss.detach()) * len(good)
+        print(f"  simplenet epoch {epoch + 1}/{epochs}: loss {total / len(train):.4f}", flush=True)
+    adaptor.eval()
+    discriminator.eval()
+    out = {}
+    with torch.no_grad():
+        for s in SCORED:
+            features = feats[s][0]
+            n, _, h, w = features.shape
+            patches = (flat(features) - mean) / std
+            scores = torch.cat([-discriminator(adaptor(chunk))[:, 0] for chunk in patches.split(65536)])
+            out[s] = scores.view(n, h * w).amax(1).numpy()
+    return out
+
+
 VARIANTS = {
+    "simplenet": simplenet,
     "density": density,
     "supervised": supervised,
     "coarse": coarse,
