@@ -213,14 +213,14 @@ def fit_fastflow(config: FastFlowConfig, images: TrainingImages, *, progress: bo
     check_training_size(config, images)
     torch.manual_seed(config.seed)
     model = FastFlow(config)
-    train_features = _extract(model, images.good, progress=progress)
+    # One extraction (one export of the backbone) for the good and the validation images together.
+    together = images.good if images.validation is None else np.concatenate([images.good, images.validation])
+    features = _extract(model, together, progress=progress)
+    n_good = len(images.good)
+    train_features = [stage[:n_good] for stage in features]
     model.set_feature_statistics(train_features)
     train_features = model.standardise(train_features)
-    validation = (
-        model.standardise(_extract(model, images.validation, progress=progress))
-        if images.validation is not None
-        else None
-    )
+    validation = model.standardise([stage[n_good:] for stage in features]) if images.validation is not None else None
 
     def batch_loss(batch: torch.Tensor, _: torch.Generator) -> torch.Tensor:
         return torch.stack([m.mean() for m in model.stage_nll([f[batch] for f in train_features])]).mean()
