@@ -249,14 +249,14 @@ def whiten(feats, bank_size, param):
     param 'pca': full PCA whitening (Ledoit-Wolf shrunk covariance) instead of per-channel scaling.
     """
     patches = flat(feats["train"][0])
-    mean = patches.mean(0)
+    mean, std = _standardiser(feats)
     if param == "pca":
         sub = patches[:: max(1, len(patches) // 50000)].double().numpy()
         cov = torch.from_numpy(LedoitWolf().fit(sub).covariance_)
         values, vectors = torch.linalg.eigh(cov)
         transform = (vectors / values.clamp(min=1e-9).sqrt()).float()
     else:
-        transform = torch.diag(1 / (patches.std(0) + 1e-6))
+        transform = torch.diag(1 / std)
 
     def apply(features):
         n, _, h, w = features.shape
@@ -323,14 +323,14 @@ def supervised(feats, bank_size, param):
 
     names, _, c_text = param.partition(":")
     bank = _global_bank(feats, bank_size)
+    maps = {s: nearest(feats[s][0], bank)[0][..., 0] for s in SCORED} if "pc" in names or "maps" in names else {}
     columns: dict[str, list[np.ndarray]] = {s: [] for s in SCORED}
     for name in names.split("+"):
         for s in SCORED:
             if name.startswith("pooled"):
                 columns[s].append(feats["pooled"][int(name[-1])][s])
             else:
-                maps = nearest(feats[s][0], bank)[0][..., 0]
-                columns[s].append(maps.amax(1, keepdim=True).numpy() if name == "pc" else _map_statistics(maps))
+                columns[s].append(maps[s].amax(1, keepdim=True).numpy() if name == "pc" else _map_statistics(maps[s]))
     x = {s: np.hstack(columns[s]) for s in SCORED}
     y = feats["calibration"][1]
 

@@ -10,10 +10,11 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
@@ -213,12 +214,18 @@ def _table(rows: Sequence[ModelRow]) -> list[list[tuple[str, bool]]]:
     """Per row, (text, is best in its column) per COLUMNS entry; nothing is best when a column has one value."""
     cells: list[list[tuple[str, bool]]] = [[] for _ in rows]
     for name, _, kind, better in COLUMNS:
-        values = [getattr(row, name) for row in rows]
-        present = [v for v in values if v is not None]
-        best = better(present) if better and len(set(present)) > 1 else None
-        for row_cells, value in zip(cells, values, strict=True):
-            row_cells.append((_cell(value, kind), best is not None and value == best))
+        _add_column(cells, [getattr(row, name) for row in rows], kind, better)
     return cells
+
+
+def _add_column(
+    cells: list[list[tuple[str, bool]]], values: list[Any], kind: str, better: Callable[[list[Any]], Any] | None
+) -> None:
+    """Append one column to every row's cells: (text, is best); nothing is best when the column has one value."""
+    present = [v for v in values if v is not None]
+    best = better(present) if better and len(set(present)) > 1 else None
+    for row_cells, value in zip(cells, values, strict=True):
+        row_cells.append((_cell(value, kind), best is not None and value == best))
 
 
 def _type_table(rows: Sequence[ModelRow]) -> tuple[list[str], list[list[tuple[str, bool]]]]:
@@ -228,11 +235,7 @@ def _type_table(rows: Sequence[ModelRow]) -> tuple[list[str], list[list[tuple[st
         return [], []
     cells: list[list[tuple[str, bool]]] = [[] for _ in rows]
     for kind in kinds:
-        values = [row.recall_by_defect_type.get(kind) for row in rows]
-        present = [v for v in values if v is not None]
-        best = max(present) if len(set(present)) > 1 else None
-        for row_cells, value in zip(cells, values, strict=True):
-            row_cells.append((format_value(value, "pct"), best is not None and value == best))
+        _add_column(cells, [row.recall_by_defect_type.get(kind) for row in rows], "pct", max)
     return kinds, cells
 
 

@@ -8,6 +8,7 @@ Bad inputs (shapes, labels, NaN) are programming errors of the caller and raise 
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import cv2
 import numpy as np
@@ -166,21 +167,15 @@ def defect_type_metrics(
     if types.shape != scores.shape:
         msg = f"defect_types must give one type per score: {types.shape} against {scores.shape}"
         raise ValueError(msg)
-    goods = scores[~is_defect]
     out: dict[str, dict[str, object]] = {}
     for defect_type in sorted(set(types[is_defect].tolist())):
-        these = scores[is_defect & (types == defect_type)]
-        caught = int(np.count_nonzero(these >= threshold))
-        auroc = None
-        if goods.size:
-            both = np.concatenate([goods, these])
-            truth = np.concatenate([np.zeros(goods.size, bool), np.ones(these.size, bool)])
-            auroc = float(roc_auc_score(truth, both))
+        these = ~is_defect | (types == defect_type)  # every good image, and this type's defects
+        metrics = image_metrics(scores[these], is_defect[these].astype(int), threshold)
         out[defect_type] = {
-            "n": int(these.size),
-            "escapes": int(these.size) - caught,
-            "recall": caught / these.size,
-            "image_auroc": auroc,
+            "n": metrics["n_defect"],
+            "escapes": cast("dict[str, int]", metrics["confusion"])["fn"],
+            "recall": metrics["recall"],
+            "image_auroc": metrics["image_auroc"],
         }
     return out
 

@@ -150,7 +150,6 @@ class PatchCore(nn.Module):
         self.embedder = embedder
         bank_dtype = torch.float16 if config.bank_dtype == "float16" else torch.float32
         self.register_buffer("memory_bank", memory_bank.to(bank_dtype).contiguous())
-        check_half_range(self.memory_bank)
         # Not saved: derived from the bank. The graph holds it (and not the bank) as its one constant.
         self.register_buffer("search_matrix", search_matrix(self.memory_bank, config.regions), persistent=False)
         self.register_buffer("blur_kernel", gaussian_kernel(config.blur_sigma))
@@ -188,22 +187,18 @@ def search_matrix(memory_bank: torch.Tensor, regions: int) -> torch.Tensor:
 
     The graph holds the bank once, as this matrix (ONNX Runtime and TensorRT run the search as one
     matrix product, with no full-size add). A float16 bank keeps its |b|^2 at float16 too, so every
-    value is an exact half and the export still stores the matrix at half size (store_exact_halves).
+    value is an exact half and the export still stores the matrix at half size (store_exact_halves);
+    a float16 bank whose squared norms overflow float16 is refused.
     """
     bank = memory_bank.float().view(regions * regions, -1, memory_bank.shape[1])  # (R*R, M, D)
     norms = (bank * bank).sum(dim=2, keepdim=True)  # (R*R, M, 1)
     if memory_bank.dtype == torch.float16:
-        norms = norms.half().float()
-    return torch.cat([-2.0 * bank, norms], dim=2).transpose(1, 2).contiguous()
-
-
-def check_half_range(memory_bank: torch.Tensor) -> None:
-    """A float16 bank whose squared norms overflow float16 (search_matrix keeps them at half) is refused."""
-    if memory_bank.dtype == torch.float16:
-        largest = float(memory_bank.float().pow(2).sum(dim=1).max())
+        largest = float(norms.max())
         if largest > torch.finfo(torch.float16).max:
             msg = f"a bank entry's squared norm {largest:.4g} exceeds float16's range: use bank_dtype float32"
             raise ModelError(msg)
+        norms = norms.half().float()
+    return torch.cat([-2.0 * bank, norms], dim=2).transpose(1, 2).contiguous()
 
 
 def to_regions(features: torch.Tensor, regions: int) -> torch.Tensor:
