@@ -15,7 +15,9 @@ import math
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,6 +76,24 @@ class _Concatenated(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.cat([output.flatten(1) for output in self.module(images)], dim=1)
+
+
+def in_one_pass(extract: Callable[[np.ndarray], Any], *image_sets: np.ndarray | None) -> list[Any]:
+    """extract run once over several image sets together (one export, one session), its rows handed back per set.
+
+    extract: images -> a tensor (extract_features) or a list of tensors (extract_feature_maps), N rows each.
+    Returns one result per set, of the same form; a set that is None gives None.
+    """
+    present = [images for images in image_sets if images is not None]
+    together = extract(np.concatenate(present))
+    sizes = [len(images) for images in present]
+    parts: list[Any]
+    if isinstance(together, torch.Tensor):
+        parts = list(torch.split(together, sizes))
+    else:
+        parts = [list(stages) for stages in zip(*(torch.split(stage, sizes) for stage in together), strict=True)]
+    remaining = iter(parts)
+    return [None if images is None else next(remaining) for images in image_sets]
 
 
 def _check_images(images: np.ndarray) -> None:

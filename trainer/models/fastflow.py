@@ -21,7 +21,7 @@ from torch import nn
 
 from ..backbone import EfficientNetLiteFeatures
 from ..errors import ModelError
-from ..onnx_features import extract_feature_maps
+from ..onnx_features import extract_feature_maps, in_one_pass
 from .base import (
     ModelKind,
     TrainingImages,
@@ -213,14 +213,12 @@ def fit_fastflow(config: FastFlowConfig, images: TrainingImages, *, progress: bo
     check_training_size(config, images)
     torch.manual_seed(config.seed)
     model = FastFlow(config)
-    # One extraction (one export of the backbone) for the good and the validation images together.
-    together = images.good if images.validation is None else np.concatenate([images.good, images.validation])
-    features = _extract(model, together, progress=progress)
-    n_good = len(images.good)
-    train_features = [stage[:n_good] for stage in features]
+    train_features, validation_features = in_one_pass(
+        lambda batch: _extract(model, batch, progress=progress), images.good, images.validation
+    )
     model.set_feature_statistics(train_features)
     train_features = model.standardise(train_features)
-    validation = model.standardise([stage[n_good:] for stage in features]) if images.validation is not None else None
+    validation = model.standardise(validation_features) if validation_features is not None else None
 
     def batch_loss(batch: torch.Tensor, _: torch.Generator) -> torch.Tensor:
         return torch.stack([m.mean() for m in model.stage_nll([f[batch] for f in train_features])]).mean()

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..backbone import EfficientNetLiteFeatures
 from ..errors import ModelError
-from ..onnx_features import extract_features
+from ..onnx_features import extract_features, in_one_pass
 from .base import (
     ModelKind,
     TrainingImages,
@@ -196,10 +196,8 @@ class _StackedFeatures(nn.Module):
 
 def _extract(model: Fcdd, *image_sets: np.ndarray | None, progress: bool) -> list[torch.Tensor | None]:
     """Stacked raw features of each image set (None stays None), from one ONNX Runtime session."""
-    present = [images for images in image_sets if images is not None]
-    features = extract_features(_StackedFeatures(model), np.concatenate(present), progress=progress)
-    parts = iter(torch.split(features, [len(images) for images in present]))
-    return [None if images is None else next(parts) for images in image_sets]
+    module = _StackedFeatures(model)
+    return in_one_pass(lambda images: extract_features(module, images, progress=progress), *image_sets)
 
 
 def fit_fcdd(config: FcddConfig, images: TrainingImages, *, progress: bool = False) -> Fcdd:
