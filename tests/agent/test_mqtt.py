@@ -197,7 +197,10 @@ def test_every_verdict_arrives_in_order_across_a_broker_restart(broker_factory, 
     assert slow[0] < 0.05 and slow[-1] < 1.0, f"slowest publish calls: {[round(s, 3) for s in slow]}"
     # paho drops QoS 0 messages given to it while disconnected; ours waited in the local queue.
     assert len(heatmaps_while_down) > 50
-    assert set(heatmaps_while_down) <= set(second.seqs(HEATMAPS))
+    # A stalled session (above) loses the QoS 0 heatmaps the broker held for it when it is replaced, as QoS 0
+    # allows: those published before the first verdict that stalled must still have arrived.
+    expected = [seq for seq in heatmaps_while_down if not stalled or seq < stalled[0]]
+    assert set(expected) <= {seq for each in sessions for seq in each.seqs(HEATMAPS)}
 
 
 def late_subscriber_reads(broker: MosquittoBroker, topic: str) -> AgentStatus:
